@@ -1,0 +1,3 @@
+"""cliquejax: CliqueNet and MBCliqueNet in JAX/Flax."""
+
+__version__ = "0.1.0"

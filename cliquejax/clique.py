@@ -1,0 +1,263 @@
+"""One clique block as pure functions (SPEC section 1: Stage I, Stage II, variants).
+
+Parameters of a block are a flat dict whose keys name the pieces of the paper:
+
+  W_{j}to{i}             3x3 (1x1 with bottleneck) kernel from layer j to layer i; j = 0 is
+                         the block input X0 (c0 -> k), otherwise k -> k. Shared by both stages.
+  BN_I_{i}, BN_II_{i}    {"scale", "bias"} of layer i's BN in Stage I / Stage II, over the
+                         channels of that layer's concatenated input.
+  W_bottleneck_{i}       (bottleneck only) the 3x3 k -> k conv after the clique conv, shared
+  BN_I_bottleneck_{i},   by both stages; its BNs are per stage.
+  BN_II_bottleneck_{i}
+
+Batch statistics use the same BN names with {"mean", "var"}.
+
+Two formulations give the same outputs and gradients:
+- unrolled: a Python loop over layers; each update concatenates exactly its inputs.
+- loop: `jax.lax.fori_loop` over layers. The features live in one fixed-size channel buffer
+  (Stage I: [X0, X1..Xn], zeros where a layer is not computed yet; Stage II: [X1..Xn]).
+  Layer i's kernel pieces are concatenated once, before the loop, into a kernel over the
+  whole buffer with zero rows for the channels it must not see (Stage I: layers >= i;
+  Stage II: layer i itself); its BN parameters are padded with zero scale and bias there,
+  so those channels contribute exactly nothing. The loop body is then shape-invariant:
+  BN-ReLU-conv over the buffer, then a dynamic slice update writes X_i in place. It
+  compiles one body per stage instead of n, at the price of convolving over the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from cliquejax import ops
+
+VARIANTS = ("II+II", "I+I", "I+II", "X")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """Static description of one clique block."""
+
+    in_channels: int  # c0
+    channels: int  # k
+    num_layers: int  # n
+    variant: str = "II+II"
+    x: int = 0  # variant X: layers 1..x get a Stage-II update
+    bottleneck: bool = False
+    dropout_rate: float = 0.2
+    unroll: bool = True
+    dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
+
+    @property
+    def kernel_size(self) -> int:
+        return 1 if self.bottleneck else 3
+
+    @property
+    def stage_two_layers(self) -> int:
+        """How many layers get a Stage-II update (and own Stage-II BNs)."""
+        return {"II+II": self.num_layers, "I+II": self.num_layers, "I+I": 0, "X": self.x}[
+            self.variant
+        ]
+
+    def stage_one_inputs(self, i: int) -> list[int]:
+        return list(range(i))  # X0, X1 .. X_{i-1}
+
+    def stage_two_inputs(self, i: int) -> list[int]:
+        return [j for j in range(1, self.num_layers + 1) if j != i]
+
+    def piece_channels(self, j: int) -> int:
+        return self.in_channels if j == 0 else self.channels
+
+
+def kernel_name(j: int, i: int) -> str:
+    return f"W_{j}to{i}"
+
+
+def bn_name(stage: int, i: int, bottleneck: bool = False) -> str:
+    return f"BN_{'I' * stage}_{'bottleneck_' if bottleneck else ''}{i}"
+
+
+def param_layout(spec: BlockSpec) -> dict[str, tuple]:
+    """Every parameter of the block: name -> ("kernel", shape, fan_in) or ("bn", channels)."""
+    n, k, ks = spec.num_layers, spec.channels, spec.kernel_size
+    layout: dict[str, tuple] = {}
+    for i in range(1, n + 1):
+        for j in range(n + 1):
+            if j != i:
+                cin = spec.piece_channels(j)
+                layout[kernel_name(j, i)] = ("kernel", (ks, ks, cin, k))
+    for i in range(1, n + 1):
+        layout[bn_name(1, i)] = ("bn", spec.in_channels + (i - 1) * k)
+        if spec.bottleneck:
+            layout[f"W_bottleneck_{i}"] = ("kernel", (3, 3, k, k))
+            layout[bn_name(1, i, True)] = ("bn", k)
+    for i in range(1, spec.stage_two_layers + 1):
+        layout[bn_name(2, i)] = ("bn", (n - 1) * k)
+        if spec.bottleneck:
+            layout[bn_name(2, i, True)] = ("bn", k)
+    return layout
+
+
+def _layer(x, kernel, bn, bottleneck, rng, train, spec: BlockSpec):
+    """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
+    input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
+    Returns (output, new BN stats, new bottleneck BN stats or None)."""
+    y, new_bn = ops.bn_relu(x, bn[0], bn[1], train)
+    y = ops.conv2d(y, kernel, dtype=spec.dtype)
+    y = ops.dropout(y, spec.dropout_rate, jax.random.fold_in(rng, 0), train)
+    if bottleneck is None:
+        return y, new_bn, None
+    b_params, b_stats, b_kernel = bottleneck
+    y, new_b = ops.bn_relu(y, b_params, b_stats, train)
+    y = ops.conv2d(y, b_kernel, dtype=spec.dtype)
+    return ops.dropout(y, spec.dropout_rate, jax.random.fold_in(rng, 1), train), new_bn, new_b
+
+
+def _layer_rng(rng, stage: int, i):
+    return jax.random.fold_in(jax.random.fold_in(rng, stage), i)
+
+
+# ----------------------------------------------------------------------------- unrolled
+
+
+def _update_unrolled(params, stats, stage, i, pieces, rng, train, spec):
+    """Layer i of `stage` from `pieces` [(source j, X_j)]; writes new BN stats into `stats`."""
+    x = jnp.concatenate([f for _, f in pieces], axis=-1)
+    kernel = jnp.concatenate([params[kernel_name(j, i)] for j, _ in pieces], axis=2)
+    name, b_name = bn_name(stage, i), bn_name(stage, i, True)
+    bott = (params[b_name], stats[b_name], params[f"W_bottleneck_{i}"]) if spec.bottleneck else None
+    y, stats[name], new_b = _layer(
+        x, kernel, (params[name], stats[name]), bott, _layer_rng(rng, stage, i), train, spec
+    )
+    if spec.bottleneck:
+        stats[b_name] = new_b
+    return y
+
+
+def stage_one_unrolled(params, stats, x0, rng, train, spec: BlockSpec):
+    """Stage I: X_i = layer(concat(X0, X_1 .. X_{i-1})). Returns ([X_1..X_n], stats)."""
+    stats = dict(stats)
+    features = [x0]
+    for i in range(1, spec.num_layers + 1):
+        pieces = list(zip(spec.stage_one_inputs(i), features, strict=True))
+        features.append(_update_unrolled(params, stats, 1, i, pieces, rng, train, spec))
+    return features[1:], stats
+
+
+def stage_two_unrolled(params, stats, features, rng, train, spec: BlockSpec):
+    """Stage II for layers 1..spec.stage_two_layers, in place, in order (SPEC section 1)."""
+    stats, features = dict(stats), list(features)
+    for i in range(1, spec.stage_two_layers + 1):
+        pieces = [(j, features[j - 1]) for j in spec.stage_two_inputs(i)]
+        features[i - 1] = _update_unrolled(params, stats, 2, i, pieces, rng, train, spec)
+    return features, stats
+
+
+# ----------------------------------------------------------------------------- lax loop
+
+
+def _insert(a, at: int, size: int, fill: float, axis: int = 0):
+    shape = list(a.shape)
+    shape[axis] = size
+    block = jnp.full(shape, fill, a.dtype)
+    before = jax.lax.slice_in_dim(a, 0, at, axis=axis)
+    after = jax.lax.slice_in_dim(a, at, a.shape[axis], axis=axis)
+    return jnp.concatenate([before, block, after], axis=axis)
+
+
+def _remove(a, at: int, size: int):
+    return jnp.concatenate([a[:at], a[at + size :]])
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _take(tree, idx):
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+def _put(tree, idx, values):
+    return jax.tree.map(lambda a, v: a.at[idx].set(v), tree, values)
+
+
+def _stage_loop(params, stats, buffer, stage, offset, gap_size, rng, train, spec: BlockSpec):
+    """Updates layers 1..L of `stage` in a fixed-size buffer (module docstring).
+
+    Layer i writes channels [at, at + k) with at = offset + (i - 1) * k, and must not see
+    channels [at, at + gap_size(i)): Stage I hides X_i.. X_n, Stage II only X_i itself."""
+    k = spec.channels
+    layers = range(1, spec.num_layers + 1) if stage == 1 else range(1, spec.stage_two_layers + 1)
+    inputs = spec.stage_one_inputs if stage == 1 else spec.stage_two_inputs
+    gaps = [(offset + (i - 1) * k, gap_size(i)) for i in layers]
+    kernels = jnp.stack([
+        _insert(jnp.concatenate([params[kernel_name(j, i)] for j in inputs(i)], 2), at, n, 0, 2)
+        for i, (at, n) in zip(layers, gaps, strict=True)
+    ])
+    fills = {"scale": 0.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
+    pad = lambda tree, at, n: {key: _insert(v, at, n, fills[key]) for key, v in tree.items()}
+    names = [bn_name(stage, i) for i in layers]
+    bn_p = _stack([pad(params[m], *g) for m, g in zip(names, gaps, strict=True)])
+    bn_s = _stack([pad(stats[m], *g) for m, g in zip(names, gaps, strict=True)])
+    b_names = [bn_name(stage, i, True) for i in layers] if spec.bottleneck else []
+    b_p = _stack([params[m] for m in b_names] or [{}])
+    b_s = _stack([stats[m] for m in b_names] or [{}])
+    b_k = jnp.stack([params[f"W_bottleneck_{i}"] for i in layers]) if spec.bottleneck else None
+
+    def body(idx, carry):
+        buffer, bn_s, b_s = carry
+        bott = (_take(b_p, idx), _take(b_s, idx), b_k[idx]) if spec.bottleneck else None
+        y, new_bn, new_b = _layer(buffer, kernels[idx], (_take(bn_p, idx), _take(bn_s, idx)),
+                                  bott, _layer_rng(rng, stage, idx + 1), train, spec)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, y, offset + idx * k, axis=3)
+        b_s = _put(b_s, idx, new_b) if spec.bottleneck else b_s
+        return buffer, _put(bn_s, idx, new_bn), b_s
+
+    buffer, bn_s, b_s = jax.lax.fori_loop(0, len(layers), body, (buffer, bn_s, b_s))
+    stats = dict(stats)
+    for idx, (name, (at, n)) in enumerate(zip(names, gaps, strict=True)):
+        stats[name] = {key: _remove(v[idx], at, n) for key, v in bn_s.items()}
+    for idx, name in enumerate(b_names):
+        stats[name] = _take(b_s, idx)
+    return buffer, stats
+
+
+def _split_channels(x, count: int, size: int, offset: int = 0):
+    return [x[..., offset + i * size : offset + (i + 1) * size] for i in range(count)]
+
+
+def stage_one_loop(params, stats, x0, rng, train, spec: BlockSpec):
+    """Stage I as a `fori_loop` over a [X0, X1..Xn] buffer. Same contract as the unrolled."""
+    n, k, c0 = spec.num_layers, spec.channels, spec.in_channels
+    buffer = jnp.concatenate([x0, jnp.zeros(x0.shape[:3] + (n * k,), x0.dtype)], axis=-1)
+    hidden = lambda i: (n - i + 1) * k  # X_i .. X_n are not inputs of layer i
+    buffer, stats = _stage_loop(params, stats, buffer, 1, c0, hidden, rng, train, spec)
+    return _split_channels(buffer, n, k, c0), stats
+
+
+def stage_two_loop(params, stats, features, rng, train, spec: BlockSpec):
+    """Stage II as a `fori_loop` over a [X1..Xn] buffer. Same contract as the unrolled."""
+    if spec.stage_two_layers == 0:
+        return list(features), dict(stats)
+    buffer = jnp.concatenate(features, axis=-1)
+    k = spec.channels
+    buffer, stats = _stage_loop(params, stats, buffer, 2, 0, lambda i: k, rng, train, spec)
+    return _split_channels(buffer, spec.num_layers, k), stats
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
+    """Runs one block. Returns (block_feature, transit_feature, new_stats) per the variant
+    table of SPEC section 1 (block feature -> head, transit feature -> next block)."""
+    stage_one = stage_one_unrolled if spec.unroll else stage_one_loop
+    stage_two = stage_two_unrolled if spec.unroll else stage_two_loop
+    first, stats = stage_one(params, stats, x0, rng, train, spec)
+    if spec.variant == "I+I":
+        return jnp.concatenate([x0, *first], -1), jnp.concatenate(first, -1), stats
+    second, stats = stage_two(params, stats, first, rng, train, spec)
+    block_input = first if spec.variant == "I+II" else second
+    return jnp.concatenate([x0, *block_input], -1), jnp.concatenate(second, -1), stats

@@ -1,0 +1,151 @@
+"""Thin Flax Linen wrappers: they name and initialise parameters, the math lives in
+`ops` and `clique` (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cliquejax import clique, ops
+
+Initializer = Callable[..., jax.Array]
+
+# SPEC section 1: He init, fan-in per kernel piece, truncated normal (TF variance_scaling).
+he_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+# SPEC section 2 (ImageNet model): N(0, sqrt(2 / (kh * kw * out))).
+he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+xavier = nn.initializers.xavier_uniform()
+
+
+def _bn_param_init(_, channels):
+    return ops.bn_params(channels)
+
+
+class BatchNorm(nn.Module):
+    """BN with the original's decay/epsilon; params {scale, bias}, batch_stats {mean, var}."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        shape = (x.shape[-1],)
+        params = {"scale": self.param("scale", nn.initializers.ones, shape),
+                  "bias": self.param("bias", nn.initializers.zeros, shape)}
+        mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
+        var = self.variable("batch_stats", "var", jnp.ones, shape)
+        y, new_stats = ops.batch_norm(x, params, {"mean": mean.value, "var": var.value}, train)
+        if train and self.is_mutable_collection("batch_stats"):
+            mean.value, var.value = new_stats["mean"], new_stats["var"]
+        return y
+
+
+class Conv(nn.Module):
+    """Bias-free NHWC convolution through `ops.conv2d`."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    kernel_init: Initializer = he_fan_in
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        ks = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (ks, ks, x.shape[-1], self.features))
+        pad = "SAME" if self.stride == 1 else [(ks // 2, (ks - 1) // 2)] * 2
+        return ops.conv2d(x, kernel, self.stride, pad, self.dtype)
+
+
+class Dropout(nn.Module):
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if not train or self.rate == 0.0:
+            return x
+        return ops.dropout(x, self.rate, self.make_rng("dropout"), train)
+
+
+class BNReLUConv(nn.Module):
+    """BN -> ReLU -> conv -> dropout, the unit of transitions and compression."""
+
+    features: int
+    kernel_size: int = 1
+    dropout_rate: float = 0.0
+    kernel_init: Initializer = he_fan_in
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        y = nn.relu(BatchNorm(name="bn")(x, train))
+        y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
+                 name="conv")(y)
+        return Dropout(self.dropout_rate)(y, train)
+
+
+class Attention(nn.Module):
+    """Squeeze-excitation of the attentional transition (SPEC section 1, `if_a`)."""
+
+    reduction: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        dense = lambda n, name: nn.Dense(n, kernel_init=xavier, name=name)
+        squeezed = ops.global_avg_pool(x).astype(jnp.float32)
+        gate = nn.sigmoid(dense(channels, "expand")(nn.relu(
+            dense(channels // self.reduction, "squeeze")(squeezed))))
+        return x * gate[:, None, None, :].astype(x.dtype)
+
+
+class Transition(nn.Module):
+    """BN -> ReLU -> 1x1 conv C -> C -> dropout -> [attention] -> 2x2 average pool."""
+
+    dropout_rate: float = 0.0
+    attention: bool = False
+    kernel_init: Initializer = he_fan_in
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        y = BNReLUConv(x.shape[-1], 1, self.dropout_rate, self.kernel_init, self.dtype,
+                       name="unit")(x, train)
+        if self.attention:
+            y = Attention(name="attention")(y)
+        return ops.avg_pool(y, 2)
+
+
+class PooledFeature(nn.Module):
+    """BN -> ReLU -> global average pool: one block's contribution to the multi-scale head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return ops.global_avg_pool(nn.relu(BatchNorm(name="bn")(x, train)))
+
+
+class CliqueBlock(nn.Module):
+    """Declares the parameters of `clique.param_layout(spec)` and runs `clique.clique_block`.
+    Returns (block_feature, transit_feature)."""
+
+    spec: clique.BlockSpec
+    kernel_init: Initializer = he_fan_in
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        params, stats = {}, {}
+        for name, (kind, arg) in clique.param_layout(self.spec).items():
+            if kind == "kernel":
+                params[name] = self.param(name, self.kernel_init, arg)
+            else:
+                params[name] = self.param(name, _bn_param_init, arg)
+                stats[name] = self.variable("batch_stats", name, ops.bn_stats, arg)
+        use_rng = train and self.spec.dropout_rate > 0
+        rng = self.make_rng("dropout") if use_rng else jax.random.PRNGKey(0)
+        current = {name: v.value for name, v in stats.items()}
+        block, transit, new_stats = clique.clique_block(params, current, x, rng, train, self.spec)
+        if train and self.is_mutable_collection("batch_stats"):
+            for name, variable in stats.items():
+                variable.value = new_stats[name]
+        return block, transit

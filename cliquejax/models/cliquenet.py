@@ -1,0 +1,94 @@
+"""CliqueNet (Yang et al., CVPR 2018), CIFAR/SVHN model: SPEC section 1.
+
+The `CliqueNet` module is shared with the ImageNet model (`cliquenet_imagenet.py`), which
+only changes the stem, the per-block widths and the options."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cliquejax import clique, layers, ops
+from cliquejax.models.common import check_choice, check_range, compute_dtype
+
+
+class CliqueNet(nn.Module):
+    num_classes: int
+    channels: Sequence[int]  # k per block
+    num_layers: Sequence[int]  # n per block
+    variant: str = "II+II"
+    x: int = 0
+    attention: bool = False
+    bottleneck: bool = False
+    compression: bool = False
+    dropout_rate: float = 0.2
+    stem: str = "cifar"  # cifar: 3x3 conv 64 | imagenet: 7x7/2 conv 64, BN, ReLU, 3x3/2 max pool
+    kernel_init: Any = layers.he_fan_in
+    unroll: bool = True
+    dtype: Any = None
+
+    def block_spec(self, b: int, in_channels: int) -> clique.BlockSpec:
+        return clique.BlockSpec(
+            in_channels=in_channels, channels=self.channels[b], num_layers=self.num_layers[b],
+            variant=self.variant, x=self.x, bottleneck=self.bottleneck,
+            dropout_rate=self.dropout_rate, unroll=self.unroll, dtype=self.dtype)
+
+    def _stem(self, x, train):
+        if self.stem == "cifar":
+            return layers.Conv(64, 3, kernel_init=self.kernel_init, dtype=self.dtype,
+                               name="stem")(x)
+        x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, name="stem")(x)
+        x = nn.relu(layers.BatchNorm(name="stem_bn")(x, train))
+        return ops.max_pool(x, 3, 2)
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = self._stem(images.astype(self.dtype or jnp.float32), train)
+        pooled = []
+        for b in range(len(self.channels)):
+            spec = self.block_spec(b, x.shape[-1])
+            block, transit = layers.CliqueBlock(spec, self.kernel_init, name=f"block{b + 1}")(
+                x, train)
+            if self.compression:
+                block = layers.BNReLUConv(block.shape[-1] // 2, 1, self.dropout_rate,
+                                          self.kernel_init, self.dtype,
+                                          name=f"compression{b + 1}")(block, train)
+            pooled.append(layers.PooledFeature(name=f"pool{b + 1}")(block, train))
+            if b < len(self.channels) - 1:
+                x = layers.Transition(self.dropout_rate, self.attention, self.kernel_init,
+                                      self.dtype, name=f"transition{b + 1}")(transit, train)
+        features = jnp.concatenate(pooled, axis=-1).astype(jnp.float32)
+        return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
+
+
+def layers_per_block(model_config) -> int:
+    """n = T // 3, halved again with the bottleneck (SPEC section 1, `if_b`)."""
+    n = model_config.T // 3
+    return n // 2 if model_config.bottleneck else n
+
+
+def validate(model_config) -> None:
+    check_range("model.k", model_config.k, 1)
+    n = layers_per_block(model_config)
+    if n < 1:
+        need = 6 if model_config.bottleneck else 3
+        raise ValueError(f"model.T={model_config.T} gives {n} layers per block; allowed: "
+                         f"T >= {need} (three blocks of T // 3 layers"
+                         f"{', halved by the bottleneck' if model_config.bottleneck else ''})")
+    check_choice("model.variant", model_config.variant, clique.VARIANTS)
+    if model_config.variant == "X":
+        check_range("model.x", model_config.x, 0, n)
+    check_range("model.dropout_rate", model_config.dropout_rate, 0.0, 0.99)
+
+
+def build(config, num_classes: int) -> CliqueNet:
+    m = config.model
+    validate(m)
+    n = layers_per_block(m)
+    return CliqueNet(
+        num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
+        x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
+        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config))

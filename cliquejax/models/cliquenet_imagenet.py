@@ -1,0 +1,35 @@
+"""CliqueNet-S0..S3 for ImageNet: SPEC section 2 (the authors' PyTorch model).
+
+Four blocks with their own k and layer counts, a 7x7/2 stem with BN-ReLU and 3x3/2 max
+pool, bottleneck layers always (1x1 clique kernels + shared 3x3), compression of every block
+feature before the global pool, attentional transitions (default on), no dropout, fan-out
+He init, variant II+II."""
+
+from __future__ import annotations
+
+from cliquejax import layers
+from cliquejax.models.cliquenet import CliqueNet
+from cliquejax.models.common import check_choice, check_lengths, compute_dtype
+
+SETTINGS = {  # name: (k per block, layers per block)
+    "S0": ((36, 64, 100, 80), (5, 6, 6, 6)),
+    "S1": ((36, 80, 120, 100), (5, 6, 6, 6)),
+    "S2": ((36, 80, 150, 120), (5, 5, 6, 6)),
+    "S3": ((40, 80, 160, 160), (6, 6, 6, 6)),
+}
+
+
+def build(config, num_classes: int) -> CliqueNet:
+    m = config.model
+    check_choice("model.setting", m.setting, sorted(SETTINGS))
+    channels, num_layers = SETTINGS[m.setting]
+    if m.get("channels"):
+        channels = tuple(m.channels)
+    if m.get("layers"):
+        num_layers = tuple(m.layers)
+    check_lengths({"model.channels": channels, "model.layers": num_layers})
+    return CliqueNet(
+        num_classes=num_classes, channels=channels, num_layers=num_layers, variant="II+II",
+        attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
+        stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
+        dtype=compute_dtype(config))

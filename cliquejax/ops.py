@@ -1,0 +1,85 @@
+"""Pure building blocks shared by every model: batch norm with explicit statistics,
+convolution, dropout and pooling. Parameters and statistics are plain pytrees
+(`{"scale", "bias"}` and `{"mean", "var"}`), so the clique functions stay pure."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original TF code)
+BN_EPSILON = 1e-3
+
+
+def bn_params(channels: int) -> dict:
+    return {"scale": jnp.ones((channels,)), "bias": jnp.zeros((channels,))}
+
+
+def bn_stats(channels: int) -> dict:
+    return {"mean": jnp.zeros((channels,)), "var": jnp.ones((channels,))}
+
+
+def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM, epsilon=BN_EPSILON):
+    """Per-channel BN over all but the last axis. Returns (y, new_stats).
+
+    In training the batch statistics are those of the whole (global) batch: under `jit`
+    with a sharded batch, `mean` over axis 0 is a cross-device reduction.
+    """
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    if train:
+        mean = jnp.mean(x32, axes)
+        var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+        new_stats = {
+            "mean": momentum * stats["mean"] + (1 - momentum) * mean,
+            "var": momentum * stats["var"] + (1 - momentum) * var,
+        }
+    else:
+        mean, var, new_stats = stats["mean"], stats["var"], stats
+    inv = jax.lax.rsqrt(var + epsilon) * params["scale"]
+    y = (x32 - mean) * inv + params["bias"]
+    return y.astype(x.dtype), new_stats
+
+
+def bn_relu(x, params, stats, train: bool):
+    y, new_stats = batch_norm(x, params, stats, train)
+    return jax.nn.relu(y), new_stats
+
+
+def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None):
+    """NHWC x HWIO convolution. `dtype` (e.g. bfloat16) casts both operands; the result
+    is returned in that dtype."""
+    if dtype is not None:
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def dropout(x, rate: float, rng, train: bool):
+    """Element-wise dropout (inverted scaling), active only in training with rate > 0."""
+    if not train or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def avg_pool(x, size: int = 2):
+    window = (1, size, size, 1)
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID")
+    return summed / (size * size)
+
+
+def max_pool(x, size: int = 3, stride: int = 2):
+    pad = ((0, 0), (size // 2, size // 2), (size // 2, size // 2), (0, 0))
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, stride, stride, 1), pad
+    )
+
+
+def global_avg_pool(x):
+    return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,148 @@
+"""Model summary: parameters, multiply-accumulates and output shape per top-level module.
+
+    python -m cliquejax.summary --config=configs/cliquenet_cifar10.py [--config.model.k=64] [--json]
+
+Parameters are counted from the real parameter tree (`jax.eval_shape`, nothing allocated)
+the way the original code counts them: every trainable variable (conv kernels, BN scale and
+offset, dense weights and biases); BN moving statistics are a separate collection and are not
+counted. MACs are read off the jaxpr of the inference forward pass for one image: every
+`conv_general_dilated` and `dot_general`, attributed to the module in whose name scope it runs.
+FLOPs = 2 x MACs, the convention of the published tables.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cliquejax import models
+
+STATIC_INPUTS = {  # data set -> (image shape, classes); others come from config.data
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "svhn_cropped": ((32, 32, 3), 10),
+    "mnist": ((28, 28, 1), 10),
+    "digits": ((8, 8, 1), 10),
+}
+
+
+def model_input(config) -> tuple[tuple[int, int, int], int]:
+    """(H, W, C) and class count of the configured data set, without reading it if known."""
+    name = config.data.name
+    if name in STATIC_INPUTS:
+        return STATIC_INPUTS[name]
+    if config.data.get("image_size", 0) and config.data.get("num_classes", 0):
+        size = config.data.image_size
+        return (size, size, 3), config.data.num_classes
+    from cliquejax import data  # only needed for user data (npz, image folders)
+
+    info = data.dataset_info(config.data)
+    return tuple(info.image_shape), info.num_classes
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "jaxpr") and hasattr(item, "consts"):
+                yield item.jaxpr
+            elif hasattr(item, "eqns"):
+                yield item
+
+
+def _eqn_macs(eqn) -> int:
+    out = eqn.outvars[0].aval
+    if eqn.primitive.name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval
+        out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+        return math.prod(out.shape) * math.prod(kernel.shape) // kernel.shape[out_dim]
+    if eqn.primitive.name == "dot_general":
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval
+        return math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+    return 0
+
+
+def jaxpr_macs(jaxpr, prefix: str = "", counts=None, times: int = 1) -> dict[str, int]:
+    """MACs per name scope (the scope path below the root module) of a jaxpr, recursing into
+    sub-jaxprs (jit, custom_vjp, remat; scan bodies times their length)."""
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        scope = "/".join(filter(None, [prefix, str(eqn.source_info.name_stack)]))
+        counts[scope] += _eqn_macs(eqn) * times  # zero entries keep the order of first use
+        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in _sub_jaxprs(eqn):
+            jaxpr_macs(sub, scope, counts, times * repeat)
+    return counts
+
+
+def _top_module(scope: str, names) -> str:
+    """The first component of a scope path that names a top-level module (method scopes such
+    as `CliqueNet._stem` are skipped)."""
+    return next((part for part in scope.split("/") if part in names), "(root)")
+
+
+def summarize(config) -> dict:
+    """Per-module rows and totals for `config` (one image of the data set's size)."""
+    image_shape, num_classes = model_input(config)
+    model = models.build_model(config, num_classes)
+    image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image)
+    forward = lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                       mutable=["intermediates"])
+    _, state = jax.eval_shape(forward, variables, image)
+    macs = collections.Counter()
+    for scope, n in jaxpr_macs(jax.make_jaxpr(forward)(variables, image).jaxpr).items():
+        macs[_top_module(scope, variables["params"])] += n
+    order = [name for name in macs if name in variables["params"]]
+    rows = []
+    for name in order + sorted(set(variables["params"]) - set(order)):
+        tree = variables["params"][name]
+        outputs = state["intermediates"].get(name, {}).get("__call__", ())
+        shapes = [tuple(o.shape[1:]) for o in jax.tree.leaves(outputs)]
+        rows.append({"module": name, "params": _count(tree), "macs": int(macs.get(name, 0)),
+                     "output": shapes[0] if len(shapes) == 1 else shapes})
+    total_macs = int(sum(macs.values()))
+    return {"model": config.model.name, "input": list(image_shape), "classes": num_classes,
+            "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
+            "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'module':<16}{'params':>12}{'MACs':>16}  output",
+             "-" * 64]
+    for row in summary["modules"]:
+        lines.append(f"{row['module']:<16}{row['params']:>12,}{row['macs']:>16,}  {row['output']}")
+    lines.append("-" * 64)
+    lines.append(f"{'total':<16}{summary['params']:>12,}{summary['macs']:>16,}")
+    lines.append(f"params {summary['params'] / 1e6:.2f}M  FLOPs (2 x MACs) "
+                 f"{summary['flops'] / 1e9:.2f}G for one {summary['input']} image")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    config = flags.FLAGS.config
+    summary = summarize(config)
+    print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    flags.mark_flags_as_required(["config"])
+    sys.path.insert(0, ".")
+    app.run(main)

@@ -1,0 +1,162 @@
+"""Learning-rate schedules, weight-decay masks and the optimizer (SPEC sections 1-3).
+
+Schedules are functions of the integer optimizer step (jit-able). Weight decay is L2 added
+to the gradient before momentum, which equals adding wd/2 * sum(w^2) to the loss, as the
+original CliqueNet does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULE_NAMES = ("constant", "cosine", "sgdr", "step")
+OPTIMIZER_NAMES = ("sgd",)
+WEIGHT_DECAY_TARGETS = ("all", "kernels")
+KERNEL_LEAF_NAMES = ("kernel", "latent_kernel", "m_filter")
+CLIQUE_KERNEL_PREFIX = "W_"
+
+
+def _not_one_of(field: str, value, allowed) -> ValueError:
+    return ValueError(f"{field}={value!r} is not one of: {', '.join(sorted(allowed))}")
+
+
+def _cosine_between(lr_max: float, lr_min: float, fraction):
+    """lr_max at fraction 0, lr_min at fraction 1; exactly lr_max when fraction is 0."""
+    return lr_max - (lr_max - lr_min) * (1.0 - jnp.cos(jnp.pi * fraction)) / 2.0
+
+
+def _constant_schedule(lr: float) -> optax.Schedule:
+    return lambda step: jnp.full((), lr, jnp.float32)
+
+
+def _step_schedule(lr: float, factor: float, fractions, total_steps: int) -> optax.Schedule:
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise ValueError(f"schedule.boundaries={tuple(fractions)!r} must be fractions in [0, 1]")
+    boundary_steps = jnp.asarray([int(f * total_steps) for f in fractions], jnp.int32)
+
+    def schedule(step):
+        decays_done = jnp.sum(jnp.asarray(step) >= boundary_steps)
+        return jnp.asarray(lr * factor**decays_done, jnp.float32)
+
+    return schedule
+
+
+def _cosine_schedule(lr: float, min_lr: float, total_steps: int) -> optax.Schedule:
+    def schedule(step):
+        fraction = jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 0.0, 1.0)
+        return _cosine_between(lr, min_lr, fraction)
+
+    return schedule
+
+
+def _sgdr_period_start(first_period: float, multiplier: float, index):
+    if multiplier == 1.0:
+        return first_period * index
+    return first_period * (jnp.power(multiplier, index) - 1.0) / (multiplier - 1.0)
+
+
+def _sgdr_schedule(lr: float, min_lr: float, first_period: float, multiplier: float):
+    """Warm restarts: period i lasts first_period * multiplier**i steps."""
+    if first_period <= 0:
+        raise ValueError(f"schedule.first_period_epochs gives {first_period!r} steps, need > 0")
+    if multiplier < 1.0:
+        raise ValueError(f"schedule.period_multiplier={multiplier!r} must be >= 1")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if multiplier == 1.0:
+            index = jnp.floor(step / first_period)
+        else:
+            periods = 1.0 + step * (multiplier - 1.0) / first_period
+            index = jnp.floor(jnp.log(periods) / math.log(multiplier))
+        # The float index can be one off next to a restart; correct it against the starts
+        # themselves so that step == period start always lands at t = 0.
+        index = jnp.where(_sgdr_period_start(first_period, multiplier, index) > step,
+                          index - 1.0, index)
+        index = jnp.where(_sgdr_period_start(first_period, multiplier, index + 1.0) <= step,
+                          index + 1.0, index)
+        start = _sgdr_period_start(first_period, multiplier, index)
+        length = first_period * jnp.power(multiplier, index)
+        since_start = jnp.maximum(step - start, 0.0)
+        return _cosine_between(lr, min_lr, since_start / length)
+
+    return schedule
+
+
+def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate as a function of the optimizer step, from `config.schedule`."""
+    sched = config.schedule
+    lr = float(config.optimizer.lr)
+    total_steps = int(config.train.epochs) * int(steps_per_epoch)
+    if sched.name == "constant":
+        return _constant_schedule(lr)
+    if sched.name == "step":
+        return _step_schedule(lr, float(sched.factor), tuple(sched.boundaries), total_steps)
+    if sched.name == "cosine":
+        return _cosine_schedule(lr, float(sched.min_lr), total_steps)
+    if sched.name == "sgdr":
+        first_period = float(sched.first_period_epochs) * steps_per_epoch
+        return _sgdr_schedule(lr, float(sched.min_lr), first_period,
+                              float(sched.period_multiplier))
+    raise _not_one_of("schedule.name", sched.name, SCHEDULE_NAMES)
+
+
+def _key_name(path_entry) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(path_entry, attribute):
+            return str(getattr(path_entry, attribute))
+    return str(path_entry)
+
+
+def _is_kernel(path) -> bool:
+    leaf_name = _key_name(path[-1]) if path else ""
+    return leaf_name in KERNEL_LEAF_NAMES or leaf_name.startswith(CLIQUE_KERNEL_PREFIX)
+
+
+def weight_decay_mask(params, on: str):
+    """A pytree of bools like `params`: True where weight decay applies."""
+    if on == "all":
+        return jax.tree.map(lambda _: True, params)
+    if on == "kernels":
+        return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
+    raise _not_one_of("optimizer.weight_decay_on", on, WEIGHT_DECAY_TARGETS)
+
+
+def l2_penalty(params, mask):
+    """0.5 * sum of squares of the leaves where `mask` is True."""
+    squares = jax.tree.map(
+        lambda leaf, decayed: jnp.sum(jnp.square(leaf)) if decayed else jnp.zeros(()),
+        params, mask)
+    return 0.5 * sum(jax.tree.leaves(squares), jnp.zeros(()))
+
+
+def _validate_optimizer(opt) -> None:
+    if opt.name not in OPTIMIZER_NAMES:
+        raise _not_one_of("optimizer.name", opt.name, OPTIMIZER_NAMES)
+    if not opt.lr > 0:
+        raise ValueError(f"optimizer.lr={opt.lr!r} must be > 0")
+    if not 0 <= opt.momentum < 1:
+        raise ValueError(f"optimizer.momentum={opt.momentum!r} must be in [0, 1)")
+    if not opt.weight_decay >= 0:
+        raise ValueError(f"optimizer.weight_decay={opt.weight_decay!r} must be >= 0")
+    if opt.weight_decay_on not in WEIGHT_DECAY_TARGETS:
+        raise _not_one_of("optimizer.weight_decay_on", opt.weight_decay_on, WEIGHT_DECAY_TARGETS)
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    """(optax SGD with momentum, Nesterov switch and masked L2 decay, its lr schedule)."""
+    opt = config.optimizer
+    _validate_optimizer(opt)
+    schedule = make_schedule(config, steps_per_epoch)
+    sgd = optax.sgd(schedule, momentum=float(opt.momentum) or None,
+                    nesterov=bool(opt.nesterov))
+    if opt.weight_decay == 0:
+        return sgd, schedule
+    decay_target = opt.weight_decay_on
+    decay = optax.add_decayed_weights(
+        float(opt.weight_decay), mask=lambda params: weight_decay_mask(params, decay_target))
+    return optax.chain(decay, sgd), schedule

@@ -1,0 +1,55 @@
+"""Fields shared by every config. A setting file starts from `get_config()` here and
+overrides what its paper row needs. Every field can be overridden on the command line,
+e.g. `--config.train.epochs=3`."""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "cliquenet"
+
+    config.data = ml_collections.ConfigDict()
+    # digits | cifar10 | cifar100 | svhn_cropped | mnist | npz | image_folder | synthetic
+    config.data.name = "digits"
+    config.data.data_dir = "data/tfds"  # where TFDS data sets live (and the digits builder writes)
+    config.data.path = ""  # npz file or image folder
+    config.data.image_size = 0  # 0: the data set's own size; else resize (image_folder, synthetic)
+    config.data.num_classes = 0  # synthetic only
+    config.data.num_train = 0  # synthetic only
+    config.data.num_test = 0  # synthetic only
+    config.data.svhn_extra = False  # svhn_cropped: train on train+extra (the CliqueNet recipe)
+    config.data.flip = False  # random horizontal flip (p=0.5)
+    config.data.crop_padding = 0  # pad by this many pixels, then random crop back to size
+    config.data.worker_count = 0  # grain worker processes (0: in the main process)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 1
+    config.train.batch_size = 64  # global, over all devices and hosts
+    config.train.eval_batch_size = 256
+    config.train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+    config.train.log_every_steps = 50
+    config.train.eval_every_epochs = 1
+    config.train.checkpoint_every_epochs = 1
+    config.train.keep_checkpoints = 2
+    config.train.max_steps = -1  # >0: stop after this many steps (tests, debugging)
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"
+    config.optimizer.lr = 0.1
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 1e-4  # L2: wd * w added to the gradient (wd/2 w^2 in loss)
+    config.optimizer.weight_decay_on = "all"  # all (trainable, as the originals) | kernels
+
+    config.schedule = ml_collections.ConfigDict()
+    config.schedule.name = "constant"  # constant | step | cosine | sgdr
+    config.schedule.min_lr = 0.0  # cosine, sgdr
+    config.schedule.boundaries = (0.5, 0.75)  # step: fractions of training
+    config.schedule.factor = 0.1  # step: multiply at each boundary
+    config.schedule.first_period_epochs = 2.0  # sgdr
+    config.schedule.period_multiplier = 2.0  # sgdr
+    return config

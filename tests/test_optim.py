@@ -1,0 +1,239 @@
+"""Schedules, weight-decay masks and the SGD optimizer against hand-computed values."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cliquejax.train.optim import l2_penalty, make_optimizer, make_schedule, weight_decay_mask
+from configs.default import get_config
+
+
+def make_config(epochs=10, schedule="constant", **schedule_fields):
+    config = get_config()
+    config.train.epochs = epochs
+    config.optimizer.lr = 0.1
+    config.schedule.name = schedule
+    for name, value in schedule_fields.items():
+        config.schedule[name] = value
+    return config
+
+
+def lr_at(schedule, step):
+    """The schedule under jit at an int32 step, as a Python float."""
+    return float(jax.jit(schedule)(jnp.asarray(step, jnp.int32)))
+
+
+def sgdr_reference(step, starts, lr_max=0.1, lr_min=1e-4):
+    start = max(s for s in starts if s <= step)
+    end = min(s for s in starts if s > step)
+    fraction = (step - start) / (end - start)
+    return lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * fraction)) / 2
+
+
+def test_constant_schedule():
+    schedule = make_schedule(make_config(), steps_per_epoch=10)
+    assert [lr_at(schedule, s) for s in (0, 57, 10_000)] == pytest.approx([0.1] * 3)
+
+
+def test_step_schedule_changes_exactly_at_boundaries():
+    config = make_config(schedule="step", boundaries=(0.5, 0.75), factor=0.1)
+    schedule = make_schedule(config, steps_per_epoch=10)  # 100 steps: boundaries 50, 75
+    expected = {0: 0.1, 49: 0.1, 50: 0.01, 74: 0.01, 75: 0.001, 99: 0.001}
+    for step, lr in expected.items():
+        assert lr_at(schedule, step) == pytest.approx(lr, rel=1e-6), step
+
+
+def test_step_schedule_truncates_fractional_boundary():
+    config = make_config(epochs=3, schedule="step", boundaries=(0.5,), factor=0.1)
+    schedule = make_schedule(config, steps_per_epoch=7)  # int(0.5 * 21) = 10
+    assert lr_at(schedule, 9) == pytest.approx(0.1)
+    assert lr_at(schedule, 10) == pytest.approx(0.01)
+
+
+def test_cosine_schedule_start_middle_end():
+    config = make_config(schedule="cosine", min_lr=0.001)
+    schedule = make_schedule(config, steps_per_epoch=10)  # 100 steps
+    assert lr_at(schedule, 0) == np.float32(0.1)
+    assert lr_at(schedule, 50) == pytest.approx((0.1 + 0.001) / 2, rel=1e-5)
+    assert lr_at(schedule, 25) == pytest.approx(
+        0.001 + 0.099 * (1 + math.cos(math.pi / 4)) / 2, rel=1e-5)
+    assert lr_at(schedule, 100) == pytest.approx(0.001, rel=1e-4)
+    assert lr_at(schedule, 150) == pytest.approx(0.001, rel=1e-4)
+
+
+def sgdr_config(first_period_epochs=2.0, multiplier=2.0):
+    return make_config(epochs=100, schedule="sgdr", min_lr=1e-4,
+                       first_period_epochs=first_period_epochs, period_multiplier=multiplier)
+
+
+def test_sgdr_restarts_are_exact():
+    schedule = make_schedule(sgdr_config(), steps_per_epoch=10)
+    for step in (0, 20, 60, 140, 300, 620):
+        assert lr_at(schedule, step) == np.float32(0.1), step
+
+
+def test_sgdr_within_periods():
+    schedule = make_schedule(sgdr_config(), steps_per_epoch=10)
+    starts = [0, 20, 60, 140, 300]
+    midpoint = (0.1 + 1e-4) / 2
+    assert lr_at(schedule, 10) == pytest.approx(midpoint, rel=1e-5)
+    assert lr_at(schedule, 40) == pytest.approx(midpoint, rel=1e-5)
+    assert lr_at(schedule, 100) == pytest.approx(midpoint, rel=1e-5)
+    for step in (1, 5, 19, 21, 59, 61, 139, 200):
+        assert lr_at(schedule, step) == pytest.approx(sgdr_reference(step, starts), rel=1e-4)
+    assert lr_at(schedule, 19) < 1e-3
+    assert lr_at(schedule, 19) < lr_at(schedule, 18)
+
+
+def test_sgdr_multiplier_one():
+    schedule = make_schedule(sgdr_config(multiplier=1.0), steps_per_epoch=10)
+    for step in (0, 20, 40, 980):
+        assert lr_at(schedule, step) == np.float32(0.1), step
+    assert lr_at(schedule, 30) == pytest.approx((0.1 + 1e-4) / 2, rel=1e-5)
+    assert lr_at(schedule, 39) == pytest.approx(sgdr_reference(39, [20, 40]), rel=1e-4)
+
+
+def test_sgdr_fractional_first_period():
+    schedule = make_schedule(sgdr_config(first_period_epochs=0.5), steps_per_epoch=10)
+    for step in (0, 5, 15, 35, 75):  # periods of 5, 10, 20, 40 steps
+        assert lr_at(schedule, step) == np.float32(0.1), step
+    assert lr_at(schedule, 25) == pytest.approx((0.1 + 1e-4) / 2, rel=1e-5)
+
+
+def test_sgdr_restart_exact_where_float_log_rounds_down():
+    # float32 log(11) / log(10) < 1: the period index needs the correction at step 110.
+    schedule = make_schedule(sgdr_config(first_period_epochs=1.0, multiplier=10.0), 10)
+    for step in (10, 110, 1110, 11110):
+        assert lr_at(schedule, step) == np.float32(0.1), step
+    assert lr_at(schedule, 109) == pytest.approx(sgdr_reference(109, [10, 110]), rel=1e-4)
+
+
+def quadratic_loss(params):
+    curvature = {"kernel": jnp.array([1.0, 3.0]), "bias": jnp.array([2.0])}
+    return sum(0.5 * jnp.sum(curvature[k] * params[k] ** 2) for k in params)
+
+
+def run_two_steps(optimizer, params, loss_fn=quadratic_loss):
+    state = optimizer.init(params)
+    trajectory = [params]
+    for _ in range(2):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(params)
+    return trajectory
+
+
+def hand_sgd(w, curvature, lr, momentum, nesterov, wd):
+    """Two SGD steps in float64: velocity v = m*v + g; step lr*(g + m*v) if Nesterov else lr*v."""
+    velocity = np.zeros_like(w)
+    trajectory = [w]
+    for _ in range(2):
+        grad = curvature * w + wd * w
+        velocity = momentum * velocity + grad
+        w = w - lr * (grad + momentum * velocity if nesterov else velocity)
+        trajectory.append(w)
+    return trajectory
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_sgd_matches_hand_computed_updates(nesterov, weight_decay):
+    config = make_config()
+    config.optimizer.update(momentum=0.9, nesterov=nesterov, weight_decay=weight_decay,
+                            weight_decay_on="all")
+    optimizer, _ = make_optimizer(config, steps_per_epoch=10)
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    trajectory = run_two_steps(optimizer, params)
+    curvature = {"kernel": np.array([1.0, 3.0]), "bias": np.array([2.0])}
+    for name in params:
+        expected = hand_sgd(np.asarray(params[name], np.float64), curvature[name], 0.1, 0.9,
+                            nesterov, weight_decay)
+        for got, want in zip(trajectory, expected, strict=True):
+            np.testing.assert_allclose(got[name], want, rtol=1e-6)
+
+
+def test_nesterov_differs_from_plain_momentum():
+    config = make_config()
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    finals = []
+    for nesterov in (False, True):
+        config.optimizer.nesterov = nesterov
+        finals.append(run_two_steps(make_optimizer(config, 10)[0], params)[-1]["kernel"])
+    assert not np.allclose(finals[0], finals[1])
+
+
+def test_weight_decay_equals_l2_in_loss():
+    config = make_config()
+    config.optimizer.update(weight_decay=0.05, weight_decay_on="kernels", nesterov=True)
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    mask = weight_decay_mask(params, "kernels")
+    with_decay = run_two_steps(make_optimizer(config, 10)[0], params)
+    config.optimizer.weight_decay = 0.0
+    loss_with_l2 = lambda p: quadratic_loss(p) + 0.05 * l2_penalty(p, mask)
+    with_penalty = run_two_steps(make_optimizer(config, 10)[0], params, loss_with_l2)
+    for got, want in zip(with_decay, with_penalty, strict=True):
+        for name in params:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
+    bias_without_decay = run_two_steps(make_optimizer(config, 10)[0], params)[-1]["bias"]
+    np.testing.assert_allclose(with_decay[-1]["bias"], bias_without_decay, rtol=1e-7)
+
+
+def nested_params():
+    leaf = jnp.ones((2,))
+    return {
+        "stem": {"kernel": leaf, "bias": leaf},
+        "block_0": {"W_0to1": leaf, "W_2to1": leaf, "W_bottleneck_1": leaf,
+                    "BN_I_1": {"scale": leaf, "bias": leaf}},
+        "binary": {"latent_kernel": leaf, "m_filter": leaf, "kernel_scale": leaf},
+        "head": {"Dense_0": {"kernel": leaf, "bias": leaf}},
+    }
+
+
+def test_weight_decay_mask_kernels_picks_exactly_the_kernels():
+    mask = weight_decay_mask(nested_params(), "kernels")
+    assert mask == {
+        "stem": {"kernel": True, "bias": False},
+        "block_0": {"W_0to1": True, "W_2to1": True, "W_bottleneck_1": True,
+                    "BN_I_1": {"scale": False, "bias": False}},
+        "binary": {"latent_kernel": True, "m_filter": True, "kernel_scale": False},
+        "head": {"Dense_0": {"kernel": True, "bias": False}},
+    }
+
+
+def test_weight_decay_mask_all():
+    mask = weight_decay_mask(nested_params(), "all")
+    assert jax.tree.leaves(mask) == [True] * len(jax.tree.leaves(nested_params()))
+
+
+def test_l2_penalty_sums_masked_squares():
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([3.0])}
+    assert float(l2_penalty(params, {"kernel": True, "bias": False})) == pytest.approx(2.5)
+    assert float(l2_penalty(params, {"kernel": True, "bias": True})) == pytest.approx(7.0)
+
+
+def test_unknown_schedule_name():
+    with pytest.raises(ValueError, match="schedule.name='foo' is not one of: constant, cosine"):
+        make_schedule(make_config(schedule="foo"), steps_per_epoch=10)
+
+
+def test_unknown_weight_decay_target():
+    with pytest.raises(ValueError, match="'bogus'"):
+        weight_decay_mask(nested_params(), "bogus")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("name", "adam"), ("lr", 0.0), ("lr", -0.1), ("momentum", 1.0), ("momentum", -0.5),
+     ("weight_decay", -1e-4), ("weight_decay_on", "bogus")],
+)
+def test_bad_optimizer_settings(field, value):
+    config = make_config()
+    config.optimizer[field] = value
+    with pytest.raises(ValueError, match=re.escape(f"optimizer.{field}={value!r}")):
+        make_optimizer(config, steps_per_epoch=10)
