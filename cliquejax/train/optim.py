@@ -54,9 +54,14 @@ def _cosine_schedule(lr: float, min_lr: float, total_steps: int) -> optax.Schedu
 
 
 def _sgdr_period_start(first_period: float, multiplier: float, index):
+    """Step at which period `index` starts, snapped to an integer step within float error."""
     if multiplier == 1.0:
-        return first_period * index
-    return first_period * (jnp.power(multiplier, index) - 1.0) / (multiplier - 1.0)
+        start = first_period * index
+    else:
+        start = first_period * (jnp.power(multiplier, index) - 1.0) / (multiplier - 1.0)
+    nearest_step = jnp.round(start)
+    float_error = 1e-6 * jnp.maximum(jnp.abs(start), 1.0)
+    return jnp.where(jnp.abs(start - nearest_step) <= float_error, nearest_step, start)
 
 
 def _sgdr_schedule(lr: float, min_lr: float, first_period: float, multiplier: float):
@@ -80,7 +85,7 @@ def _sgdr_schedule(lr: float, min_lr: float, first_period: float, multiplier: fl
         index = jnp.where(_sgdr_period_start(first_period, multiplier, index + 1.0) <= step,
                           index + 1.0, index)
         start = _sgdr_period_start(first_period, multiplier, index)
-        length = first_period * jnp.power(multiplier, index)
+        length = _sgdr_period_start(first_period, multiplier, index + 1.0) - start
         since_start = jnp.maximum(step - start, 0.0)
         return _cosine_between(lr, min_lr, since_start / length)
 
