@@ -81,6 +81,10 @@ def validate(model_config) -> None:
     check_choice("model.variant", model_config.variant, clique.VARIANTS)
     if model_config.variant == "X":
         check_range("model.x", model_config.x, 0, n)
+    stage_two = model_config.variant != "I+I" and (model_config.variant != "X" or model_config.x)
+    if n < 2 and stage_two:
+        raise ValueError(f"model.T={model_config.T} gives 1 layer per block, which has no "
+                         f"Stage-II inputs; allowed: T giving >= 2 layers, or variant I+I")
     check_range("model.dropout_rate", model_config.dropout_rate, 0.0, 0.99)
 
 

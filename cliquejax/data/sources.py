@@ -1,0 +1,65 @@
+"""`load_source(data_config, split)`: the random-access source that `config.data` names."""
+
+from __future__ import annotations
+
+from cliquejax.data import local_sources, tfds_sources
+
+SOURCE_NAMES = ("digits", *tfds_sources.TFDS_NAMES, "npz", "image_folder", "synthetic")
+SPLITS = ("train", "test")
+_RESIZING_SOURCES = ("image_folder", "synthetic")
+
+
+def config_value(data_config, field: str, default=None):
+    """`data_config.<field>`, or `default` when the config has no such field."""
+    return getattr(data_config, field, default)
+
+
+def _synthetic_source(data_config, split: str) -> local_sources.SyntheticSource:
+    defaults = local_sources.SYNTHETIC_DEFAULTS
+    num_examples_field = "num_train" if split == "train" else "num_test"
+    return local_sources.SyntheticSource(
+        split,
+        image_size=config_value(data_config, "image_size", 0) or defaults["image_size"],
+        num_classes=config_value(data_config, "num_classes", 0) or defaults["num_classes"],
+        num_examples=(
+            config_value(data_config, num_examples_field, 0) or defaults[num_examples_field]
+        ),
+    )
+
+
+def load_source(data_config, split: str):
+    """Opens `split` ('train' or 'test') of the data set named by `data_config.name`.
+
+    Every source has `__len__`, `__getitem__(i) -> {"image": uint8 HxWxC, "label": int}` and
+    a `num_classes` attribute.
+    """
+    name = config_value(data_config, "name")
+    if name not in SOURCE_NAMES:
+        raise ValueError(f"data.name={name!r} is not known; allowed: {', '.join(SOURCE_NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not known; allowed: {', '.join(SPLITS)}")
+    image_size = config_value(data_config, "image_size", 0)
+    if image_size < 0:
+        raise ValueError(f"data.image_size={image_size} is negative; allowed: 0 or a size")
+    if name == "synthetic":
+        source = _synthetic_source(data_config, split)
+    elif name == "npz":
+        source = local_sources.NpzSource(config_value(data_config, "path", ""), split)
+    elif name == "image_folder":
+        path = config_value(data_config, "path", "")
+        source = local_sources.ImageFolderSource(path, split, image_size)
+    else:
+        source = tfds_sources.open_tfds_source(
+            name,
+            split,
+            config_value(data_config, "data_dir", "data/tfds"),
+            svhn_extra=bool(config_value(data_config, "svhn_extra", False)),
+        )
+    if image_size and name not in _RESIZING_SOURCES:
+        native_size = source[0]["image"].shape[0]
+        if image_size != native_size:
+            raise ValueError(
+                f"data.image_size={image_size} differs from {name}'s {native_size}; only "
+                f"{' and '.join(_RESIZING_SOURCES)} resize: use 0 for {name}"
+            )
+    return source
