@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cliquejax import clique, ops
+from cliquejax import binary, clique, ops
 
 Initializer = Callable[..., jax.Array]
 
@@ -132,13 +132,18 @@ class CliqueBlock(nn.Module):
     spec: clique.BlockSpec
     kernel_init: Initializer = he_fan_in
 
+    def kernels(self, shapes: dict[str, tuple]) -> dict:
+        """The kernels the clique functions convolve with. Subclasses override this to keep
+        latent parameters and transform them on use (see `ModulatedCliqueBlock`)."""
+        return {name: self.param(name, self.kernel_init, shape) for name, shape in shapes.items()}
+
     @nn.compact
     def __call__(self, x, train: bool):
-        params, stats = {}, {}
-        for name, (kind, arg) in clique.param_layout(self.spec).items():
-            if kind == "kernel":
-                params[name] = self.param(name, self.kernel_init, arg)
-            else:
+        layout = clique.param_layout(self.spec)
+        params = self.kernels({n: arg for n, (kind, arg) in layout.items() if kind == "kernel"})
+        stats = {}
+        for name, (kind, arg) in layout.items():
+            if kind == "bn":
                 params[name] = self.param(name, _bn_param_init, arg)
                 stats[name] = self.variable("batch_stats", name, ops.bn_stats, arg)
         use_rng = train and self.spec.dropout_rate > 0
@@ -149,3 +154,53 @@ class CliqueBlock(nn.Module):
             for name, variable in stats.items():
                 variable.value = new_stats[name]
         return block, transit
+
+
+# ----------------------------------------------------------------------------- binary
+
+
+class BinaryConv(nn.Module):
+    """A conv whose latent kernel is binarised on use (`quantize`, e.g. `binary.sign_ste`);
+    `quantize=None` gives the full-precision conv with the same latent init."""
+
+    features: int
+    kernel_size: int = 3
+    quantize: Callable | None = binary.sign_ste
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        ks = self.kernel_size
+        shape = (ks, ks, x.shape[-1], self.features)
+        latent = self.param("kernel", binary.binary_kernel_init, shape)
+        kernel = latent if self.quantize is None else self.quantize(latent)
+        return ops.conv2d(x, kernel, 1, "SAME", self.dtype)
+
+
+class ModulatedBinaryConv(nn.Module):
+    """A modulated binary conv (SPEC section 3): `features // K` latent filters, binarised
+    and modulated by the (shared) M-filter passed in: Q = modulate(sign(C), M)."""
+
+    features: int
+    num_planes: int  # K
+    quantize: Callable | None = binary.sign_ste
+    latent_std: float | None = None  # None: He fan-in; u-MBCliqueNet uses 1.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, m_filter):
+        ks = m_filter.shape[-1]
+        shape = (ks, ks, x.shape[-1], self.features // self.num_planes)
+        latent = self.param("kernel", latent_init(self.latent_std), shape)
+        return ops.conv2d(x, modulated_kernel(latent, m_filter, self.quantize), 1, "SAME",
+                          self.dtype)
+
+
+def latent_init(std: float | None):
+    if std is None:
+        return binary.binary_kernel_init
+    return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
+
+
+def modulated_kernel(latent, m_filter, quantize):
+    return binary.modulate(latent if quantize is None else quantize(latent), m_filter)

@@ -108,9 +108,46 @@ def summarize(config) -> dict:
         rows.append({"module": name, "params": _count(tree), "macs": int(macs.get(name, 0)),
                      "output": shapes[0] if len(shapes) == 1 else shapes})
     total_macs = int(sum(macs.values()))
-    return {"model": config.model.name, "input": list(image_shape), "classes": num_classes,
-            "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
-            "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
+    result = {"model": config.model.name, "input": list(image_shape), "classes": num_classes,
+              "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
+              "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
+    if hasattr(models.get_module(config.model.name), "binary_mask"):
+        result.update(storage_report(config, variables, rows))
+    return result
+
+
+def storage_report(config, variables, rows) -> dict:
+    """Bits of the deployable model (larq-style): 1 bit per binary weight, 32 per float
+    parameter and BN statistic; per module and in total, plus the papers' conv-filter ratio."""
+    module = models.get_module(config.model.name)
+    params = variables["params"]
+    binary = module.binary_mask(config.model, params)
+    equivalent = module.conv_filter_equivalent(config.model, params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    flat_binary, flat_equivalent = jax.tree.leaves(binary), jax.tree.leaves(equivalent)
+    packed = collections.Counter()
+    conv_packed = conv_float32 = binary_params = 0
+    for (path, leaf), is_binary, fp_filters in zip(leaves, flat_binary, flat_equivalent,
+                                                   strict=True):
+        size = int(np.prod(leaf.shape))
+        nbytes = (size + 7) // 8 if is_binary else 4 * size
+        packed[str(path[0].key)] += nbytes
+        binary_params += size if is_binary else 0
+        conv_float32 += 4 * fp_filters
+        conv_packed += nbytes if module.is_conv_filter(path) else 0
+    stats = 4 * _count(variables.get("batch_stats", {}))
+    for row in rows:
+        row["bits"] = 8 * packed[row["module"]]
+        row["float32_bits"] = 32 * row["params"]
+        row["ratio"] = round(row["float32_bits"] / max(row["bits"], 1), 2)
+    total_params = _count(params)
+    packed_bytes = sum(packed.values()) + stats
+    float32_bytes = 4 * total_params + stats
+    return {"binary_params": binary_params, "float_params": total_params - binary_params,
+            "packed_bytes": packed_bytes, "float32_bytes": float32_bytes,
+            "latent_compression": float32_bytes / packed_bytes,
+            "conv_float32_bytes": conv_float32, "conv_packed_bytes": conv_packed,
+            "conv_compression": conv_float32 / conv_packed}
 
 
 def _count(tree) -> int:
@@ -118,14 +155,27 @@ def _count(tree) -> int:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'module':<16}{'params':>12}{'MACs':>16}  output",
-             "-" * 64]
+    bits = "packed_bytes" in summary
+    head = f"{'module':<16}{'params':>12}{'MACs':>16}"
+    head += f"{'bits':>13}{'32-bit eq.':>13}{'ratio':>7}" if bits else ""
+    lines = [head + "  output", "-" * (len(head) + 16)]
     for row in summary["modules"]:
-        lines.append(f"{row['module']:<16}{row['params']:>12,}{row['macs']:>16,}  {row['output']}")
-    lines.append("-" * 64)
+        line = f"{row['module']:<16}{row['params']:>12,}{row['macs']:>16,}"
+        if bits:
+            line += f"{row['bits']:>13,}{row['float32_bits']:>13,}{row['ratio']:>7.1f}"
+        lines.append(f"{line}  {row['output']}")
+    lines.append(lines[1])
     lines.append(f"{'total':<16}{summary['params']:>12,}{summary['macs']:>16,}")
     lines.append(f"params {summary['params'] / 1e6:.2f}M  FLOPs (2 x MACs) "
                  f"{summary['flops'] / 1e9:.2f}G for one {summary['input']} image")
+    if bits:
+        lines.append(
+            f"binary params {summary['binary_params']:,}  float params "
+            f"{summary['float_params']:,}  deployable {summary['packed_bytes'] / 1024:.1f} KiB "
+            f"vs float32 {summary['float32_bytes'] / 1024:.1f} KiB "
+            f"({summary['latent_compression']:.1f}x)  conv filters "
+            f"{summary['conv_compression']:.1f}x smaller than the full-precision, unmodulated "
+            "network")
     return "\n".join(lines)
 
 

@@ -1,0 +1,173 @@
+"""MBCliqueNet, the modulated binary CliqueNet (SPEC section 3).
+
+A CliqueNet II+II whose layers are BN-ReLU-1x1 conv (the clique kernels W[j->i], concatenated
+inputs -> width) then BN-ReLU-modulated binary 3x3 conv (width -> width, shared by both
+stages, like CliqueNet's bottleneck). Each block owns one M-filter (K, 3, 3) shared by all its
+modulated convs. Head: multi-scale pooled block features -> 1x1 conv -> BN on the logits.
+
+Open points of the source, as config fields (defaults in `configs/mbclique_cifar10.py`):
+- `binarize`: false gives u-MBCliqueNet (latent filters used as they are, modulation kept).
+- `binarize_1x1` / `binarize_transition` / `binarize_head` / `binarize_stem`: which of the
+  other convs are 1-bit (not modulated; the M-filter is 3x3). Default: all but the stem,
+  the reading of "storage of convolutional filters reduced by at least 32x"; the stem
+  (3 input channels, 0.04% of the filters) stays full precision as in most binary networks.
+- `sign_fn`: ste_sign (clipped STE, default) | identity_ste | approx_sign.
+- `update_order`: simultaneous (one gradient step for C and M, default: the source's eqs. 6-7 are
+  the ordinary gradients) | alternating (C first, then M with the gradient at the new C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cliquejax import binary, clique, layers, ops
+from cliquejax.models.common import check_choice, check_lengths, check_range, compute_dtype
+
+UPDATES = ("simultaneous", "alternating")
+U_LATENT_STD = 1.0  # u-MBCliqueNet: E[C^2] = 1 = E[sign(C)^2], so Q keeps the He scale
+
+
+class ModulatedCliqueBlock(layers.CliqueBlock):
+    """A clique block whose 3x3 convs are modulated binary and whose 1x1 clique kernels are
+    (optionally) binary: latent parameters, transformed on use."""
+
+    num_planes: int = 4
+    quantize: Callable | None = binary.sign_ste
+    binarize_1x1: bool = True
+
+    def kernels(self, shapes):
+        width, K = self.spec.channels, self.num_planes
+        m_filter = self.param("M_filter", binary.m_filter_init(binary.unified_fan_in(3, width)),
+                              (K, 3, 3))
+        latent_std = None if self.quantize else U_LATENT_STD
+        out = {}
+        for name, shape in shapes.items():
+            if name.startswith("W_bottleneck"):
+                latent = self.param(name, layers.latent_init(latent_std), (*shape[:3], width // K))
+                out[name] = layers.modulated_kernel(latent, m_filter, self.quantize)
+            else:
+                latent = self.param(name, binary.binary_kernel_init, shape)
+                use_sign = self.binarize_1x1 and self.quantize is not None
+                out[name] = self.quantize(latent) if use_sign else latent
+        return out
+
+
+class MBCliqueNet(nn.Module):
+    num_classes: int
+    widths: Sequence[int]
+    num_layers: Sequence[int]
+    num_planes: int = 4  # K
+    quantize: Callable | None = binary.sign_ste  # None: u-MBCliqueNet
+    binarize_stem: bool = False
+    binarize_1x1: bool = True
+    binarize_transition: bool = True
+    binarize_head: bool = True
+    dropout_rate: float = 0.0
+    unroll: bool = True
+    dtype: Any = None
+
+    def _quantize_if(self, flag: bool):
+        return self.quantize if flag else None
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = layers.BinaryConv(self.widths[0], 3, self._quantize_if(self.binarize_stem),
+                              self.dtype, name="stem")(images.astype(self.dtype or jnp.float32))
+        pooled = []
+        for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
+            spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
+                                    bottleneck=True, dropout_rate=self.dropout_rate,
+                                    unroll=self.unroll, dtype=self.dtype)
+            block, transit = ModulatedCliqueBlock(
+                spec, num_planes=self.num_planes, quantize=self.quantize,
+                binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
+            pooled.append(layers.PooledFeature(name=f"pool{b + 1}")(block, train))
+            if b + 1 < len(self.widths):
+                x = nn.relu(layers.BatchNorm(name=f"transition{b + 1}_bn")(transit, train))
+                x = layers.BinaryConv(self.widths[b + 1], 1,
+                                      self._quantize_if(self.binarize_transition), self.dtype,
+                                      name=f"transition{b + 1}")(x)
+                x = ops.avg_pool(x, 2)
+        features = jnp.concatenate(pooled, axis=-1)[:, None, None, :]
+        logits = layers.BinaryConv(self.num_classes, 1, self._quantize_if(self.binarize_head),
+                                   self.dtype, name="head_conv")(features)[:, 0, 0, :]
+        return layers.BatchNorm(name="head_bn")(logits.astype(jnp.float32), train)
+
+
+def validate(m) -> None:
+    check_lengths({"model.widths": m.widths, "model.layers": m.layers})
+    check_range("model.K", m.K, 1)
+    for width in m.widths:
+        if width % m.K:
+            raise ValueError(f"model.K={m.K} does not divide model.widths entry {width}; "
+                             f"allowed: K dividing every width in {tuple(m.widths)}")
+    for n in m.layers:
+        check_range("model.layers entry", n, 2)  # Stage II needs two layers
+    binary.get_sign_function(m.sign_fn, field="model.sign_fn")
+    check_choice("model.update_order", m.update_order, UPDATES)
+    check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
+
+
+def build(config, num_classes: int) -> MBCliqueNet:
+    m = config.model
+    validate(m)
+    return MBCliqueNet(
+        num_classes=num_classes, widths=tuple(m.widths), num_layers=tuple(m.layers),
+        num_planes=m.K, quantize=binary.get_sign_function(m.sign_fn) if m.binarize else None,
+        binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
+        binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
+        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config))
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _keys(path) -> list[str]:
+    return [str(getattr(k, "key", k)) for k in path]
+
+
+def binary_mask(model_config, params):
+    """Pytree of bools: which parameters the deployable model stores as 1-bit signs."""
+    m = model_config
+
+    def is_binary(path, _):
+        keys = _keys(path)
+        top, name = keys[0], keys[-1]
+        if not m.binarize:
+            return False
+        if top.startswith("block"):
+            return name.startswith("W_bottleneck") or (name.startswith("W_") and m.binarize_1x1)
+        flags = {"stem": m.binarize_stem, "head_conv": m.binarize_head}
+        if top.startswith("transition") and name == "kernel":
+            return m.binarize_transition
+        return name == "kernel" and flags.get(top, False)
+
+    return _map_with_path(is_binary, params)
+
+
+def conv_filter_equivalent(model_config, params):
+    """Pytree of ints: per leaf, the filter weights of the full-precision network with the same
+    widths and no modulation (K times the latent filters of a modulated conv; 0 for M-filters
+    and any non-conv parameter)."""
+
+    def count(path, leaf):
+        name = _keys(path)[-1]
+        if name.startswith("W_bottleneck"):
+            return leaf.size * model_config.K
+        return leaf.size if name.startswith("W_") or name == "kernel" else 0
+
+    return _map_with_path(count, params)
+
+
+def is_conv_filter(path) -> bool:
+    name = _keys(path)[-1]
+    return name.startswith("W_") or name in ("kernel", "M_filter")
+
+
+def _map_with_path(fn, tree):
+    return jax.tree_util.tree_map_with_path(fn, tree)

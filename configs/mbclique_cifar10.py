@@ -1,0 +1,40 @@
+"""MBCliqueNet on CIFAR-10 (SPEC section 3): 3 blocks x 4 layers, widths 64-128-256, K = 4.
+Recipe: SGD momentum 0.9, weight decay 5e-4, batch 128, flip + pad-4 random crop, SGDR from
+0.1 to 1e-5 (CIFAR) with periods of 2, 4, 8, ... epochs, 256 epochs.
+K ablation (widths 64-64-128): --config.model.widths=64,64,128 --config.model.K=8"""
+
+from configs import default
+
+
+def get_config(arg=None):
+    config = default.get_config()
+    m = config.model
+    m.name = "mbcliquenet"
+    m.widths = (64, 128, 256)
+    m.layers = (4, 4, 4)
+    m.K = 4
+    m.binarize = True  # False: u-MBCliqueNet (full-precision filters, modulation kept)
+    m.binarize_stem = False
+    m.binarize_1x1 = True
+    m.binarize_transition = True
+    m.binarize_head = True
+    m.sign_fn = "ste_sign"  # ste_sign | identity_ste | approx_sign
+    m.update_order = "simultaneous"  # simultaneous | alternating (C first, then M)
+    m.dropout_rate = 0.0
+    m.unroll = True
+
+    config.data.name = "cifar10"
+    config.data.flip = True
+    config.data.crop_padding = 4
+    config.train.epochs = 256
+    config.train.batch_size = 128
+    config.optimizer.lr = 0.1
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.weight_decay_on = "all"
+    config.schedule.name = "sgdr"
+    config.schedule.min_lr = 1e-5
+    config.schedule.first_period_epochs = 2.0
+    config.schedule.period_multiplier = 2.0
+    return config

@@ -1,0 +1,9 @@
+"""MBCliqueNet on CIFAR-100: the CIFAR-10 setting with 100 classes (SPEC section 3)."""
+
+from configs import mbclique_cifar10
+
+
+def get_config(arg=None):
+    config = mbclique_cifar10.get_config(arg)
+    config.data.name = "cifar100"
+    return config

@@ -1,0 +1,19 @@
+"""The default run (`make run`): a small MBCliqueNet on scikit-learn's bundled 8x8 digits,
+offline, a few minutes on a laptop CPU. Same recipe as the paper (SGD 0.9, weight decay
+5e-4, SGDR 0.1 -> 1e-4 with periods 2, 4, 8, 16 epochs); no flip (mirrored digits are other
+digits), pad-1 random crop."""
+
+from configs import mbclique_cifar10
+
+
+def get_config(arg=None):
+    config = mbclique_cifar10.get_config(arg)
+    config.model.widths = (32, 32, 64)
+    config.model.layers = (3, 3, 3)
+    config.data.name = "digits"
+    config.data.flip = False
+    config.data.crop_padding = 1
+    config.train.epochs = 30
+    config.train.batch_size = 64
+    config.schedule.min_lr = 1e-4
+    return config
