@@ -69,7 +69,7 @@ def init_and_step(config, image_shape=(2, 16, 16, 3), num_classes=5):
                                         mutable=["batch_stats"])
             onehot = jax.nn.one_hot(labels, num_classes)
             return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), state
-        return jax.value_and_grad(loss, has_aux=True)(p := params)
+        return jax.value_and_grad(loss, has_aux=True)(params)
 
     (value, state), grads = loss_and_grads(variables["params"], variables["batch_stats"])
     logits = model.apply(variables, images, train=False)
@@ -122,7 +122,8 @@ def test_imagenet_settings_build(setting):
     blocks = [row for row in result["modules"] if row["module"].startswith("block")]
     assert len(blocks) == 4
     k, n = imagenet_model.SETTINGS[setting]
-    assert [row["output"][1][-1] for row in blocks] == [ki * ni for ki, ni in zip(k, n)]
+    widths = [ki * ni for ki, ni in zip(k, n, strict=True)]
+    assert [row["output"][1][-1] for row in blocks] == widths
 
 
 def test_imagenet_model_trains_small():

@@ -67,7 +67,8 @@ class CliquejaxDigits(tfds.core.GeneratorBasedBuilder):
         digits = load_digits()
         scaled = np.rint(digits.images * (255.0 / _SKLEARN_MAX_VALUE)).astype(np.uint8)
         for index in indices:
-            yield int(index), {"image": scaled[index][:, :, None], "label": int(digits.target[index])}
+            example = {"image": scaled[index][:, :, None], "label": int(digits.target[index])}
+            yield int(index), example
 
 
 @contextlib.contextmanager
@@ -80,17 +81,23 @@ def _exclusive_lock(lock_path: str) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+def _is_prepared(data_dir: str) -> bool:
+    # TFDS writes into a temporary folder and renames it when done, so the info file is
+    # there only once the whole data set is.
+    version_dir = os.path.join(data_dir, DIGITS_NAME, str(CliquejaxDigits.VERSION))
+    return os.path.isfile(os.path.join(version_dir, "dataset_info.json"))
+
+
 def ensure_digits_prepared(data_dir: str) -> None:
     """Builds the digits data set into `data_dir` unless it is there already.
 
     Safe when several processes call it at once: they serialise on a lock file, and the
     ones that come second find the finished data set and reuse it.
     """
-    builder = CliquejaxDigits(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
+    if _is_prepared(data_dir):
         return
     os.makedirs(data_dir, exist_ok=True)
     with _exclusive_lock(os.path.join(data_dir, f".{DIGITS_NAME}.lock")):
-        builder = CliquejaxDigits(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
+        if not _is_prepared(data_dir):
+            builder = CliquejaxDigits(data_dir=data_dir, file_format="array_record")
             builder.download_and_prepare(file_format="array_record")

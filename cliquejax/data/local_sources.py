@@ -133,7 +133,7 @@ class ImageFolderSource:
         self.labels: list[int] = []
         for class_name in _class_names(split_dir):
             if class_name not in class_index:
-                raise ValueError(f"class folder {class_name!r} in {split_dir} is not in {train_dir}")
+                raise ValueError(f"class folder {split_dir}/{class_name} is not in {train_dir}")
             class_files = _image_files(os.path.join(split_dir, class_name))
             self.files += class_files
             self.labels += [class_index[class_name]] * len(class_files)

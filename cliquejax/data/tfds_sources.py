@@ -96,6 +96,7 @@ def open_tfds_source(name: str, split: str, data_dir: str, *, svhn_extra: bool =
         tfds_name = name
     else:
         raise ValueError(f"data.name={name!r} is not a TFDS data set; allowed: {TFDS_NAMES}")
-    tfds_split = "train+extra" if (name == "svhn_cropped" and svhn_extra and split == "train") else split
+    with_extra = name == "svhn_cropped" and svhn_extra and split == "train"
+    tfds_split = "train+extra" if with_extra else split
     data_source = _open_data_source(tfds_name, tfds_split, data_dir)
     return TfdsExampleSource(data_source, name=name, split=tfds_split)

@@ -1,0 +1,274 @@
+"""Data sources, dataset info and the grain pipelines, on small data sets made in tmp_path."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from cliquejax import data
+from cliquejax.data import digits_builder
+from configs.default import get_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    config = get_config().data
+    config.update(overrides)
+    return config
+
+
+def assert_one_line_error(error_info, *fragments):
+    message = str(error_info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def write_npz(path, num_train=96, num_test=37, shape=(6, 6, 3), seed=0):
+    """Labels are the example numbers, so batches show exactly which examples they hold."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.integers(0, 256, (num_train, *shape), dtype=np.uint8),
+        "y_train": np.arange(num_train),
+        "x_test": rng.integers(0, 256, (num_test, *shape), dtype=np.uint8),
+        "y_test": np.arange(num_test),
+    }
+    np.savez(path, **arrays)
+    return arrays
+
+
+@pytest.fixture
+def npz_config(tmp_path):
+    write_npz(tmp_path / "data.npz")
+    return data_config(name="npz", path=str(tmp_path / "data.npz"), data_dir=str(tmp_path))
+
+
+def test_digits_builds_once_through_tfds_and_reads_back(tmp_path):
+    config = data_config(name="digits", data_dir=str(tmp_path))
+    info = data.dataset_info(config)
+    assert (info.num_train, info.num_test) == (1437, 360)
+    assert (info.image_shape, info.num_classes) == ((8, 8, 1), 10)
+    train_file = next((tmp_path / "cliquejax_digits" / "1.0.0").glob("*-train.array_record*"))
+    built_at = train_file.stat().st_mtime_ns
+    assert data.dataset_info(config) == info
+    assert train_file.stat().st_mtime_ns == built_at
+
+    stored = tfds.data_source("cliquejax_digits", split="train", data_dir=str(tmp_path))
+    assert len(stored) == 1437
+    source = data.load_source(config, "train")
+    images = np.stack([source[i]["image"] for i in range(len(source))])
+    labels = {source[i]["label"] for i in range(len(source))}
+    assert images.dtype == np.uint8 and images.shape == (1437, 8, 8, 1)
+    assert images.max() == 255 and labels == set(range(10))
+    split = digits_builder.digits_split_indices()
+    assert not set(split["train"]) & set(split["test"])
+
+
+def test_digits_build_is_safe_with_two_processes_at_once(tmp_path):
+    script = (
+        "import sys; from cliquejax.data import digits_builder as d; "
+        "d.ensure_digits_prepared(sys.argv[1])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+    info = data.dataset_info(data_config(name="digits", data_dir=str(tmp_path)))
+    assert (info.num_train, info.num_test) == (1437, 360)
+
+
+def test_cifar10_path_reads_tfds_mock_data(tmp_path):
+    config = data_config(name="cifar10", data_dir=str(tmp_path), flip=True, crop_padding=4)
+    with tfds.testing.mock_data(num_examples=48):
+        info = data.dataset_info(config)
+        assert (info.image_shape, info.num_classes, info.num_train) == ((32, 32, 3), 10, 48)
+        batch = next(data.make_train_iterator(config, global_batch_size=16, seed=0))
+        eval_batches = list(data.make_eval_iterator(config, global_batch_size=32))
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
+    assert sum(b["mask"].sum() for b in eval_batches) == 48
+    assert list((tmp_path / "cliquejax_stats").glob("cifar10-*-train-48.json"))
+
+
+def test_unprepared_tfds_data_set_says_how_to_prepare_it(tmp_path):
+    config = data_config(name="cifar10", data_dir=str(tmp_path))
+    with pytest.raises(data.DatasetNotFoundError) as error_info:
+        data.dataset_info(config)
+    assert_one_line_error(error_info, "tfds build cifar10", "--file_format=array_record")
+
+
+def test_unknown_name_lists_allowed_names():
+    with pytest.raises(ValueError) as error_info:
+        data.load_source(data_config(name="imagenet"), "train")
+    assert_one_line_error(error_info, "'imagenet'", "cifar10", "synthetic")
+
+
+def test_npz_grayscale_images_get_a_channel_axis(tmp_path):
+    arrays = write_npz(tmp_path / "gray.npz", num_train=10, num_test=4, shape=(5, 5))
+    config = data_config(name="npz", path=str(tmp_path / "gray.npz"))
+    info = data.dataset_info(config)
+    assert (info.image_shape, info.num_classes, info.num_train) == ((5, 5, 1), 10, 10)
+    example = data.load_source(config, "test")[3]
+    np.testing.assert_array_equal(example["image"][..., 0], arrays["x_test"][3])
+    assert example["label"] == 3
+
+
+NPZ_DEFECTS = [  # (case, the key the error must name, how to spoil good arrays)
+    ("missing key", "x_train", lambda arrays: arrays.pop("x_train")),
+    ("float images", "x_test", lambda arrays: arrays.update(x_test=arrays["x_test"] / 2.0)),
+    (
+        "two channels",
+        "x_train",
+        lambda arrays: arrays.update(x_train=np.zeros((10, 5, 5, 2), np.uint8)),
+    ),
+    ("short labels", "y_train", lambda arrays: arrays.update(y_train=np.arange(9))),
+    ("negative labels", "y_test", lambda arrays: arrays.update(y_test=-np.arange(4))),
+    ("float labels", "y_test", lambda arrays: arrays.update(y_test=np.arange(4.0))),
+    (
+        "other image size",
+        "x_test",
+        lambda arrays: arrays.update(x_test=np.zeros((4, 6, 6, 3), np.uint8)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "key, spoil", [pytest.param(key, spoil, id=case) for case, key, spoil in NPZ_DEFECTS]
+)
+def test_npz_defects_name_the_key(tmp_path, key, spoil):
+    arrays = write_npz(tmp_path / "good.npz", num_train=10, num_test=4, shape=(5, 5, 3))
+    spoil(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError) as error_info:
+        data.load_source(data_config(name="npz", path=str(tmp_path / "bad.npz")), "train")
+    assert_one_line_error(error_info, repr(key))
+
+
+def test_image_folder_reads_resizes_and_labels_by_sorted_class(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 2)):
+        for class_name in ("zebra", "ant"):
+            folder = tmp_path / split / class_name
+            folder.mkdir(parents=True)
+            for number in range(count):
+                pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{number}.png")
+    config = data_config(name="image_folder", path=str(tmp_path), image_size=8)
+    info = data.dataset_info(config)
+    assert (info.image_shape, info.num_classes) == ((8, 8, 3), 2)
+    assert (info.num_train, info.num_test) == (6, 4)
+    test_source = data.load_source(config, "test")
+    assert [test_source[i]["label"] for i in range(4)] == [0, 0, 1, 1]  # ant, ant, zebra, zebra
+    with pytest.raises(ValueError) as error_info:
+        data.load_source(data_config(name="image_folder", path=str(tmp_path / "no")), "train")
+    assert_one_line_error(error_info, "not found")
+
+
+def test_synthetic_has_configured_shape_and_is_deterministic():
+    config = data_config(name="synthetic", image_size=12, num_classes=5, num_train=40, num_test=8)
+    info = data.dataset_info(config)
+    assert (info.image_shape, info.num_classes) == ((12, 12, 3), 5)
+    assert (info.num_train, info.num_test) == (40, 8)
+    first, again = data.load_source(config, "train"), data.load_source(config, "train")
+    np.testing.assert_array_equal(first[7]["image"], again[7]["image"])
+    assert {first[i]["label"] for i in range(40)} <= set(range(5))
+    assert not np.array_equal(first[7]["image"], data.load_source(config, "test")[7]["image"])
+
+
+def test_train_batches_are_normalised_and_each_epoch_visits_every_example_once(npz_config):
+    iterator = data.make_train_iterator(npz_config, global_batch_size=32, seed=1)
+    epochs = [take(iterator, 3) for _ in range(2)]
+    batch = epochs[0][0]
+    assert batch["image"].shape == (32, 6, 6, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    images = np.concatenate([b["image"] for b in epochs[0]])
+    np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
+    orders = [np.concatenate([b["label"] for b in epoch]) for epoch in epochs]
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(96))
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_resume_at_a_step_equals_the_uninterrupted_run(npz_config):
+    npz_config.update(flip=True, crop_padding=2)
+    uninterrupted = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=4), 14)
+    resumed = take(
+        data.make_train_iterator(npz_config, global_batch_size=16, seed=4, start_step=5), 9
+    )
+    for expected, batch in zip(uninterrupted[5:], resumed, strict=True):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(expected[key], batch[key])
+    unaugmented = data.make_train_iterator(
+        data_config(name="npz", path=npz_config.path), global_batch_size=16, seed=4
+    )
+    assert not np.array_equal(next(unaugmented)["image"], uninterrupted[0]["image"])
+
+
+def test_two_processes_together_see_the_one_process_batches(npz_config):
+    npz_config.update(flip=True, crop_padding=3)
+    kwargs = dict(global_batch_size=32, seed=7, start_step=1)
+    single = take(data.make_train_iterator(npz_config, **kwargs, process_count=1), 5)
+    halves = [
+        take(data.make_train_iterator(npz_config, **kwargs, process_index=p, process_count=2), 5)
+        for p in range(2)
+    ]
+    for step, expected in enumerate(single):
+        assert halves[0][step]["image"].shape[0] == 16
+        for key in ("image", "label"):
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, expected[key])
+
+
+def test_worker_processes_yield_the_in_process_batches(npz_config):
+    npz_config.update(flip=True, crop_padding=2)
+    in_process = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=2), 4)
+    npz_config.worker_count = 1
+    with_worker = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=2), 4)
+    for expected, batch in zip(in_process, with_worker, strict=True):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(expected[key], batch[key])
+
+
+def test_eval_covers_every_test_example_once_across_processes(npz_config):
+    seen = []
+    for process in range(2):
+        batches = list(
+            data.make_eval_iterator(
+                npz_config, global_batch_size=16, process_index=process, process_count=2
+            )
+        )
+        assert len(batches) == 3  # ceil(37 / 16)
+        for batch in batches:
+            assert batch["image"].shape == (8, 6, 6, 3) and batch["mask"].dtype == np.float32
+            seen += list(batch["label"][batch["mask"] == 1])
+    assert sorted(seen) == list(range(37))
+
+
+def test_batch_size_errors_are_one_line(npz_config):
+    with pytest.raises(ValueError) as error_info:
+        data.make_train_iterator(npz_config, global_batch_size=128, seed=0)
+    assert_one_line_error(error_info, "larger than", "96")
+    with pytest.raises(ValueError) as error_info:
+        data.make_train_iterator(npz_config, global_batch_size=30, seed=0, process_count=4)
+    assert_one_line_error(error_info, "not divisible")
