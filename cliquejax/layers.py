@@ -173,8 +173,7 @@ class BinaryConv(nn.Module):
         ks = self.kernel_size
         shape = (ks, ks, x.shape[-1], self.features)
         latent = self.param("kernel", binary.binary_kernel_init, shape)
-        kernel = latent if self.quantize is None else self.quantize(latent)
-        return ops.conv2d(x, kernel, 1, "SAME", self.dtype)
+        return ops.conv2d(x, binary_kernel(latent, self.quantize), 1, "SAME", self.dtype)
 
 
 class ModulatedBinaryConv(nn.Module):
@@ -200,6 +199,16 @@ def latent_init(std: float | None):
     if std is None:
         return binary.binary_kernel_init
     return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
+
+
+def binary_kernel(latent, quantize):
+    """sign(C) times the constant He std sqrt(2 / fan_in) (as the 1-bit WRN of McDonnell
+    2018, the source's [14]): a 1-bit filter with the scale of a He-initialised one, at no
+    storage cost. Modulated convs need no constant: the M-filter carries the scale."""
+    if quantize is None:
+        return latent
+    fan_in = latent.shape[0] * latent.shape[1] * latent.shape[2]
+    return quantize(latent) * jnp.asarray((2.0 / fan_in) ** 0.5, latent.dtype)
 
 
 def modulated_kernel(latent, m_filter, quantize):

@@ -52,8 +52,8 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
                 out[name] = layers.modulated_kernel(latent, m_filter, self.quantize)
             else:
                 latent = self.param(name, binary.binary_kernel_init, shape)
-                use_sign = self.binarize_1x1 and self.quantize is not None
-                out[name] = self.quantize(latent) if use_sign else latent
+                out[name] = layers.binary_kernel(latent, self.quantize if self.binarize_1x1
+                                                 else None)
         return out
 
 

@@ -1,0 +1,145 @@
+"""The training state and the jitted, sharded train / eval steps.
+
+The state is a plain dict `{"step", "params", "batch_stats", "opt_state"}` (what Orbax
+saves). Steps are pure: the loop around them owns every side effect. The mesh has one
+`data` axis over every device of every host; the batch is sharded on it and the state is
+replicated, so BatchNorm sees the statistics of the global batch (the mean over the
+sharded batch axis is a cross-device reduction inserted by XLA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cliquejax import binary, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+    mesh: jax.sharding.Mesh
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
+def make_shardings(global_batch_size: int) -> Shardings:
+    devices = jax.device_count()
+    if global_batch_size % devices:
+        raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the "
+                         f"{devices} devices; allowed: a multiple of {devices}")
+    mesh = jax.make_mesh((devices,), ("data",))
+    return Shardings(mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
+
+
+def global_batch(local_batch: dict, shardings: Shardings) -> dict:
+    """Process-local numpy batch -> global arrays sharded over the `data` axis."""
+    return {key: jax.make_array_from_process_local_data(shardings.batch, np.asarray(value))
+            for key, value in local_batch.items()}
+
+
+def partition_masks(config, params):
+    """(m_filter_mask, binary_mask or None) for the model's update rule and flip metric."""
+    module = models.get_module(config.model.name)
+    m_mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: str(getattr(path[-1], "key", "")) == "M_filter", params)
+    b_mask = module.binary_mask(config.model, params) if hasattr(module, "binary_mask") else None
+    return m_mask, b_mask
+
+
+def make_transforms(config, tx: optax.GradientTransformation, params):
+    """One transform, or two (latent filters first, then M-filters) for the alternating
+    update of MBCliqueNet (SPEC section 3)."""
+    if config.model.get("update_order", "simultaneous") != "alternating":
+        return (tx,)
+    m_mask, _ = partition_masks(config, params)
+    not_m = jax.tree.map(lambda b: not b, m_mask)
+    only = lambda mask, other: optax.chain(optax.masked(tx, mask),
+                                           optax.masked(optax.set_to_zero(), other))
+    return only(not_m, m_mask), only(m_mask, not_m)
+
+
+def init_state(model, transforms, image_shape, seed: int) -> dict:
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(seed), images, train=False)
+    params = variables["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "batch_stats": variables.get("batch_stats", {}),
+            "opt_state": tuple(t.init(params) for t in transforms)}
+
+
+def cross_entropy(logits, labels):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
+def _loss_fn(model, state, batch, rng):
+    def loss(params):
+        logits, new_vars = model.apply(
+            {"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
+            train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+        ce = jnp.mean(cross_entropy(logits, batch["label"]))
+        return ce, (logits, new_vars["batch_stats"])
+    return loss
+
+
+def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int,
+               binary_mask=None):
+    """One SGD step. A non-finite loss or gradient leaves the state unchanged and reports
+    `finite = 0`, so a bad update is never kept (or saved)."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    loss = _loss_fn(model, state, batch, rng)
+    params, opt_states, finite = state["params"], [], jnp.array(True)
+    for idx, tx in enumerate(transforms):  # one pass, or C then M (alternating update)
+        (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        if idx == 0:
+            first = ce, logits, batch_stats, optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"][idx], params)
+        params = optax.apply_updates(params, updates)
+        opt_states.append(opt_state)
+        finite &= jnp.isfinite(ce) & jnp.isfinite(optax.global_norm(grads))
+    ce, logits, batch_stats, grad_norm = first
+    new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
+                 "opt_state": tuple(opt_states)}
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {"loss": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+               "lr": schedule(state["step"]), "grad_norm": grad_norm,
+               "finite": finite.astype(jnp.float32)}
+    if binary_mask is not None:
+        binary_leaves = lambda tree: [leaf for leaf, is_binary in zip(
+            jax.tree.leaves(tree), jax.tree.leaves(binary_mask), strict=True) if is_binary]
+        if binary_leaves(state["params"]):
+            metrics["flip_ratio"] = binary.flip_ratio(binary_leaves(state["params"]),
+                                                      binary_leaves(new_state["params"]))
+    return new_state, metrics
+
+
+def eval_step(state, batch, *, model):
+    """Sums over the real (mask = 1) examples: loss, correct, count."""
+    logits = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                         batch["image"], train=False)
+    mask = batch["mask"]
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+            "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+def jit_steps(model, transforms, schedule, config, shardings: Shardings, state):
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+    state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
+    _, b_mask = partition_masks(config, state["params"])
+    train = jax.jit(
+        lambda s, b: train_step(s, b, model=model, transforms=transforms, schedule=schedule,
+                                seed=config.seed, binary_mask=b_mask),
+        in_shardings=(state_sharding, shardings.batch),
+        out_shardings=(state_sharding, shardings.replicated), donate_argnums=(0,))
+    evaluate = jax.jit(lambda s, b: eval_step(s, b, model=model),
+                       in_shardings=(state_sharding, shardings.batch),
+                       out_shardings=shardings.replicated)
+    return train, evaluate

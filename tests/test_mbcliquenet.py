@@ -1,0 +1,172 @@
+"""MBCliqueNet: modulated binary convs, initialisation scales, u-MBCliqueNet identity,
+storage accounting, the alternating update and learning on learnable data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cliquejax import binary, layers, ops, summary
+from cliquejax.models import build_model, mbcliquenet
+from cliquejax.train import step
+from configs import mbclique_cifar10
+
+
+def small_config(**model):
+    config = mbclique_cifar10.get_config()
+    config.model.update(dict(widths=(8, 8, 16), layers=(2, 2, 2), K=4))
+    config.model.update(model)
+    return config
+
+
+def test_modulated_binary_conv_module():
+    conv = layers.ModulatedBinaryConv(features=8, num_planes=4)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 3))
+    m_filter = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 3))
+    variables = conv.init(jax.random.PRNGKey(2), x, m_filter)
+    latent = variables["params"]["kernel"]
+    assert latent.shape == (3, 3, 3, 2)  # width / K binary filters are all that is stored
+    expected = ops.conv2d(x, binary.modulate(jnp.where(latent >= 0, 1.0, -1.0), m_filter))
+    np.testing.assert_allclose(conv.apply(variables, x, m_filter), expected, atol=1e-5)
+
+
+def test_cifar10_storage_is_at_least_32x_smaller():
+    report = summary.summarize(mbclique_cifar10.get_config())
+    assert report["conv_compression"] >= 32
+    assert report["binary_params"] + report["float_params"] == report["params"]
+    assert report["float32_bytes"] == 4 * (report["params"] + report["batch_stats"])
+    assert report["latent_compression"] == pytest.approx(
+        report["float32_bytes"] / report["packed_bytes"])
+    blocks = {row["module"]: row for row in report["modules"]}
+    assert blocks["transition1"]["ratio"] == 32.0  # a binary 1x1 conv: 1 bit per weight
+    assert blocks["stem"]["ratio"] == 1.0  # kept in float by default
+
+
+def test_storage_counts_by_hand():
+    """Block 1 of widths (8, 8, 16), 2 layers, K = 4: 1x1 pieces W_0to1, W_0to2 (8 -> 8) and
+    W_1to2, W_2to1 (8 -> 8) binary, two modulated 3x3 convs of 8/4 = 2 latent filters each,
+    one M-filter (4 x 3 x 3) and BNs in float."""
+    report = summary.summarize(small_config())
+    block1 = next(r for r in report["modules"] if r["module"] == "block1")
+    binary_bits = 4 * 64 + 2 * (9 * 8 * 2)
+    bn_channels = (8 + 16) + 2 * 8 + 2 * 8 + 2 * 8  # BN_I_1/2, BN_II_1/2, 4 bottleneck BNs
+    float_bits = 32 * (36 + 2 * bn_channels)
+    assert block1["bits"] == binary_bits + float_bits
+
+
+def effective_binary_weights(config, params):
+    """The weights a binary net convolves with: sign(C) for modulated latents (the M-filter
+    scales them), sign(C) * sqrt(2 / fan_in) for the other 1-bit kernels."""
+    def effective(path, leaf, is_binary):
+        if not is_binary:
+            return leaf
+        signs = jnp.where(leaf >= 0, 1.0, -1.0)
+        if str(path[-1].key).startswith("W_bottleneck"):
+            return signs
+        return signs * (2.0 / np.prod(leaf.shape[:3])) ** 0.5
+    mask = mbcliquenet.binary_mask(config.model, params)
+    return jax.tree_util.tree_map_with_path(effective, params, mask)
+
+
+def test_u_mbcliquenet_is_mbcliquenet_with_signs_as_latents():
+    binary_config, u_config = small_config(), small_config(binarize=False)
+    binary_net, u_net = build_model(binary_config, 10), build_model(u_config, 10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    variables = binary_net.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        u_net.init(jax.random.PRNGKey(1), x))
+    signed = dict(variables, params=effective_binary_weights(binary_config, variables["params"]))
+    for train in (False, True):
+        kwargs = dict(train=train, mutable=["batch_stats"]) if train else {}
+        out_binary = binary_net.apply(variables, x, **kwargs)
+        out_u = u_net.apply(signed, x, **kwargs)
+        np.testing.assert_allclose(jax.tree.leaves(out_binary)[0], jax.tree.leaves(out_u)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_reconstructed_filters_have_he_std_at_init():
+    config = mbclique_cifar10.get_config()
+    net = build_model(config, 10)
+    x = jnp.zeros((1, 32, 32, 3))
+    for block, width in zip(("block1", "block2", "block3"), config.model.widths, strict=True):
+        qs = []
+        for seed in range(8):
+            params = net.init(jax.random.PRNGKey(seed), x)["params"][block]
+            qs += [binary.reconstructed_filters(params[f"W_bottleneck_{i}"], params["M_filter"])
+                   for i in (1, 2, 3, 4)]
+        std = float(jnp.std(jnp.stack(qs)))
+        assert std == pytest.approx((2.0 / (9 * width)) ** 0.5, rel=0.10)
+
+
+def test_activation_scale_matches_full_precision_through_depth():
+    """The initialisation makes binary and full-precision (u-) nets propagate activations at
+    the same scale (inference mode at init, where nothing renormalises)."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
+    scales = {}
+    for binarize in (True, False):
+        net = build_model(small_config(binarize=binarize, widths=(16, 32, 64), layers=(3, 3, 3)),
+                          10)
+        variables = net.init(jax.random.PRNGKey(0), x)
+        _, state = net.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        scales[binarize] = [float(jnp.std(state["intermediates"][b]["__call__"][0][1]))
+                            for b in ("block1", "block2", "block3")]
+    ratios = np.array(scales[True]) / np.array(scales[False])
+    assert np.all((ratios > 0.67) & (ratios < 1.5)), (scales, ratios)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("K", 3, "model.K=3"), ("layers", (2, 2), "model.layers has 2"),
+    ("sign_fn", "tanh", "model.sign_fn='tanh'"), ("update_order", "both", "model.update_order")])
+def test_bad_config_is_a_one_line_error(field, value, message):
+    config = small_config(**{field: value})
+    with pytest.raises(ValueError) as error:
+        build_model(config, 10)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_alternating_update_uses_the_gradient_at_the_new_filters():
+    config = small_config(update_order="alternating")
+    config.optimizer.momentum, config.optimizer.weight_decay = 0.0, 0.0
+    net = build_model(config, 10)
+    lr = 0.05
+    tx = optax.sgd(lr)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+    batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
+    state = step.init_state(net, step.make_transforms(config, tx, net.init(
+        jax.random.PRNGKey(0), x)["params"]), (8, 8, 3), 0)
+    transforms = step.make_transforms(config, tx, state["params"])
+    new, _ = step.train_step(state, batch, model=net, transforms=transforms,
+                             schedule=lambda s: lr, seed=0)
+    loss = step._loss_fn(net, state, batch, jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    grads = jax.grad(lambda p: loss(p)[0])(state["params"])
+    is_m = lambda path: str(path[-1].key) == "M_filter"
+    filters_first = jax.tree_util.tree_map_with_path(
+        lambda path, p, g: p if is_m(path) else p - lr * g, state["params"], grads)
+    grads_at_new = jax.grad(lambda p: loss(p)[0])(filters_first)
+    expected = jax.tree_util.tree_map_with_path(
+        lambda path, p, g: p - lr * g if is_m(path) else p, filters_first, grads_at_new)
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_short_run_learns_learnable_data():
+    """Labels are the brightest quadrant of random images: the loss must fall."""
+    config = small_config()
+    config.train.epochs, config.optimizer.lr = 1, 0.05
+    net = build_model(config, 4)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (256, 8, 8, 3))
+    labels = jnp.arange(256) % 4
+    offsets = [(0, 0), (0, 4), (4, 0), (4, 4)]
+    for q, (dy, dx) in enumerate(offsets):
+        images = images.at[labels == q, dy:dy + 4, dx:dx + 4, :].add(0.6)
+    tx, schedule = optax.sgd(0.05, momentum=0.9), lambda s: 0.05
+    state = step.init_state(net, (tx,), (8, 8, 3), 0)
+    train = jax.jit(lambda s, b: step.train_step(s, b, model=net, transforms=(tx,),
+                                                 schedule=schedule, seed=0))
+    losses = []
+    for i in range(60):
+        idx = slice((i % 8) * 32, (i % 8 + 1) * 32)
+        state, metrics = train(state, {"image": images[idx], "label": labels[idx]})
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), losses
