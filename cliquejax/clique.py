@@ -47,6 +47,7 @@ class BlockSpec:
     x: int = 0  # variant X: layers 1..x get a Stage-II update
     bottleneck: bool = False
     dropout_rate: float = 0.2
+    bn_momentum: float = ops.BN_MOMENTUM
     unroll: bool = True
     dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
 
@@ -104,13 +105,13 @@ def _layer(x, kernel, bn, bottleneck, rng, train, spec: BlockSpec):
     """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
     input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
     Returns (output, new BN stats, new bottleneck BN stats or None)."""
-    y, new_bn = ops.bn_relu(x, bn[0], bn[1], train)
+    y, new_bn = ops.bn_relu(x, bn[0], bn[1], train, spec.bn_momentum)
     y = ops.conv2d(y, kernel, dtype=spec.dtype)
     y = ops.dropout(y, spec.dropout_rate, jax.random.fold_in(rng, 0), train)
     if bottleneck is None:
         return y, new_bn, None
     b_params, b_stats, b_kernel = bottleneck
-    y, new_b = ops.bn_relu(y, b_params, b_stats, train)
+    y, new_b = ops.bn_relu(y, b_params, b_stats, train, spec.bn_momentum)
     y = ops.conv2d(y, b_kernel, dtype=spec.dtype)
     return ops.dropout(y, spec.dropout_rate, jax.random.fold_in(rng, 1), train), new_bn, new_b
 

@@ -26,7 +26,9 @@ def _bn_param_init(_, channels):
 
 
 class BatchNorm(nn.Module):
-    """BN with the original's decay/epsilon; params {scale, bias}, batch_stats {mean, var}."""
+    """BN (epsilon 1e-3); params {scale, bias}, batch_stats {mean, var}."""
+
+    momentum: float = ops.BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -35,7 +37,8 @@ class BatchNorm(nn.Module):
                   "bias": self.param("bias", nn.initializers.zeros, shape)}
         mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
         var = self.variable("batch_stats", "var", jnp.ones, shape)
-        y, new_stats = ops.batch_norm(x, params, {"mean": mean.value, "var": var.value}, train)
+        y, new_stats = ops.batch_norm(x, params, {"mean": mean.value, "var": var.value}, train,
+                                      self.momentum)
         if train and self.is_mutable_collection("batch_stats"):
             mean.value, var.value = new_stats["mean"], new_stats["var"]
         return y
@@ -76,10 +79,11 @@ class BNReLUConv(nn.Module):
     dropout_rate: float = 0.0
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
+    bn_momentum: float = ops.BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = nn.relu(BatchNorm(name="bn")(x, train))
+        y = nn.relu(BatchNorm(self.bn_momentum, name="bn")(x, train))
         y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
                  name="conv")(y)
         return Dropout(self.dropout_rate)(y, train)
@@ -107,11 +111,12 @@ class Transition(nn.Module):
     attention: bool = False
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
+    bn_momentum: float = ops.BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = BNReLUConv(x.shape[-1], 1, self.dropout_rate, self.kernel_init, self.dtype,
-                       name="unit")(x, train)
+                       self.bn_momentum, name="unit")(x, train)
         if self.attention:
             y = Attention(name="attention")(y)
         return ops.avg_pool(y, 2)
@@ -120,9 +125,11 @@ class Transition(nn.Module):
 class PooledFeature(nn.Module):
     """BN -> ReLU -> global average pool: one block's contribution to the multi-scale head."""
 
+    bn_momentum: float = ops.BN_MOMENTUM
+
     @nn.compact
     def __call__(self, x, train: bool):
-        return ops.global_avg_pool(nn.relu(BatchNorm(name="bn")(x, train)))
+        return ops.global_avg_pool(nn.relu(BatchNorm(self.bn_momentum, name="bn")(x, train)))
 
 
 class CliqueBlock(nn.Module):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original TF code)
+BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original TF code);
+# the PyTorch-based models (MBCliqueNet, CliqueNet ImageNet) use PyTorch's 0.9 (momentum 0.1)
 BN_EPSILON = 1e-3
 
 
@@ -41,8 +42,8 @@ def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM, epsilon=BN_E
     return y.astype(x.dtype), new_stats
 
 
-def bn_relu(x, params, stats, train: bool):
-    y, new_stats = batch_norm(x, params, stats, train)
+def bn_relu(x, params, stats, train: bool, momentum=BN_MOMENTUM):
+    y, new_stats = batch_norm(x, params, stats, train, momentum)
     return jax.nn.relu(y), new_stats
 
 

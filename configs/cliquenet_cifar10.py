@@ -16,6 +16,7 @@ def get_config(arg=None):
     config.model.bottleneck = False  # --if_b
     config.model.compression = False  # --if_c
     config.model.dropout_rate = 0.2
+    config.model.bn_momentum = 0.999  # the original TF code's batch_norm decay
     config.model.unroll = True  # Python-unrolled layers (faster here, README "Speed")
 
     config.data.name = "cifar10"

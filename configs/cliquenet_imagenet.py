@@ -14,6 +14,7 @@ def get_config(arg="S3"):
     config.model.channels = ()  # () takes the setting's k per block
     config.model.layers = ()  # () takes the setting's layers per block
     config.model.attention = True
+    config.model.bn_momentum = 0.9  # the authors' PyTorch model: BatchNorm2d defaults
     config.model.unroll = True
 
     config.data.name = "image_folder"

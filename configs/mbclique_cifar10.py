@@ -21,6 +21,7 @@ def get_config(arg=None):
     m.sign_fn = "ste_sign"  # ste_sign | identity_ste | approx_sign
     m.update_order = "simultaneous"  # simultaneous | alternating (C first, then M)
     m.dropout_rate = 0.0
+    m.bn_momentum = 0.9  # the source is PyTorch: BatchNorm2d(momentum=0.1) keeps 0.9
     m.unroll = True
 
     config.data.name = "cifar10"

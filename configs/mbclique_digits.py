@@ -15,5 +15,6 @@ def get_config(arg=None):
     config.data.crop_padding = 1
     config.train.epochs = 30
     config.train.batch_size = 64
+    config.train.log_every_steps = 5
     config.schedule.min_lr = 1e-4
     return config

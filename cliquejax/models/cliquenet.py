@@ -29,19 +29,21 @@ class CliqueNet(nn.Module):
     kernel_init: Any = layers.he_fan_in
     unroll: bool = True
     dtype: Any = None
+    bn_momentum: float = ops.BN_MOMENTUM
 
     def block_spec(self, b: int, in_channels: int) -> clique.BlockSpec:
         return clique.BlockSpec(
             in_channels=in_channels, channels=self.channels[b], num_layers=self.num_layers[b],
             variant=self.variant, x=self.x, bottleneck=self.bottleneck,
-            dropout_rate=self.dropout_rate, unroll=self.unroll, dtype=self.dtype)
+            dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum, unroll=self.unroll,
+            dtype=self.dtype)
 
     def _stem(self, x, train):
         if self.stem == "cifar":
             return layers.Conv(64, 3, kernel_init=self.kernel_init, dtype=self.dtype,
                                name="stem")(x)
         x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, name="stem")(x)
-        x = nn.relu(layers.BatchNorm(name="stem_bn")(x, train))
+        x = nn.relu(layers.BatchNorm(self.bn_momentum, name="stem_bn")(x, train))
         return ops.max_pool(x, 3, 2)
 
     @nn.compact
@@ -54,12 +56,14 @@ class CliqueNet(nn.Module):
                 x, train)
             if self.compression:
                 block = layers.BNReLUConv(block.shape[-1] // 2, 1, self.dropout_rate,
-                                          self.kernel_init, self.dtype,
+                                          self.kernel_init, self.dtype, self.bn_momentum,
                                           name=f"compression{b + 1}")(block, train)
-            pooled.append(layers.PooledFeature(name=f"pool{b + 1}")(block, train))
+            pooled.append(layers.PooledFeature(self.bn_momentum, name=f"pool{b + 1}")(block,
+                                                                                   train))
             if b < len(self.channels) - 1:
                 x = layers.Transition(self.dropout_rate, self.attention, self.kernel_init,
-                                      self.dtype, name=f"transition{b + 1}")(transit, train)
+                                      self.dtype, self.bn_momentum,
+                                      name=f"transition{b + 1}")(transit, train)
         features = jnp.concatenate(pooled, axis=-1).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
 
@@ -95,4 +99,5 @@ def build(config, num_classes: int) -> CliqueNet:
     return CliqueNet(
         num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
         x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
-        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config))
+        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
+        bn_momentum=m.get("bn_momentum", ops.BN_MOMENTUM))

@@ -32,4 +32,4 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=channels, num_layers=num_layers, variant="II+II",
         attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
         stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
-        dtype=compute_dtype(config))
+        dtype=compute_dtype(config), bn_momentum=m.bn_momentum)

@@ -70,6 +70,7 @@ class MBCliqueNet(nn.Module):
     dropout_rate: float = 0.0
     unroll: bool = True
     dtype: Any = None
+    bn_momentum: float = 0.9
 
     def _quantize_if(self, flag: bool):
         return self.quantize if flag else None
@@ -82,13 +83,16 @@ class MBCliqueNet(nn.Module):
         for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
                                     bottleneck=True, dropout_rate=self.dropout_rate,
-                                    unroll=self.unroll, dtype=self.dtype)
+                                    bn_momentum=self.bn_momentum, unroll=self.unroll,
+                                    dtype=self.dtype)
             block, transit = ModulatedCliqueBlock(
                 spec, num_planes=self.num_planes, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
-            pooled.append(layers.PooledFeature(name=f"pool{b + 1}")(block, train))
+            pooled.append(layers.PooledFeature(self.bn_momentum, name=f"pool{b + 1}")(block,
+                                                                                   train))
             if b + 1 < len(self.widths):
-                x = nn.relu(layers.BatchNorm(name=f"transition{b + 1}_bn")(transit, train))
+                x = nn.relu(layers.BatchNorm(self.bn_momentum, name=f"transition{b + 1}_bn")(
+                    transit, train))
                 x = layers.BinaryConv(self.widths[b + 1], 1,
                                       self._quantize_if(self.binarize_transition), self.dtype,
                                       name=f"transition{b + 1}")(x)
@@ -96,7 +100,8 @@ class MBCliqueNet(nn.Module):
         features = jnp.concatenate(pooled, axis=-1)[:, None, None, :]
         logits = layers.BinaryConv(self.num_classes, 1, self._quantize_if(self.binarize_head),
                                    self.dtype, name="head_conv")(features)[:, 0, 0, :]
-        return layers.BatchNorm(name="head_bn")(logits.astype(jnp.float32), train)
+        return layers.BatchNorm(self.bn_momentum, name="head_bn")(logits.astype(jnp.float32),
+                                                                   train)
 
 
 def validate(m) -> None:
@@ -111,6 +116,7 @@ def validate(m) -> None:
     binary.get_sign_function(m.sign_fn, field="model.sign_fn")
     check_choice("model.update_order", m.update_order, UPDATES)
     check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
+    check_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0)
 
 
 def build(config, num_classes: int) -> MBCliqueNet:
@@ -121,7 +127,8 @@ def build(config, num_classes: int) -> MBCliqueNet:
         num_planes=m.K, quantize=binary.get_sign_function(m.sign_fn) if m.binarize else None,
         binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
         binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
-        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config))
+        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
+        bn_momentum=m.bn_momentum)
 
 
 # ----------------------------------------------------------------------------- storage

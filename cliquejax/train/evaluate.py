@@ -1,0 +1,27 @@
+"""`--mode=eval`: the test metrics of the latest checkpoint in a workdir."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from cliquejax import report
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+    from cliquejax.train.loop import Trainer
+
+    trainer = Trainer(config, workdir)
+    step = trainer.checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}; train first "
+                                f"(--mode=train) or point --workdir at a run")
+    trainer.restore_latest()
+    test = trainer.evaluate()
+    results = {"step": step, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+               "examples": test["examples"], "params_fingerprint": trainer.fingerprint()}
+    if jax.process_index() == 0:
+        report.write_results(os.path.join(workdir, "eval.json"), results)
+    trainer.checkpoints.close()
+    return results
