@@ -72,7 +72,20 @@ def main(argv):
         print(json.dumps(results, sort_keys=True))
 
 
+def run_app() -> None:
+    """app.run, with config-override mistakes (raised while absl parses the flags) turned
+    into one-line errors."""
+    try:
+        app.run(main)
+    except (AttributeError, KeyError, TypeError, flags.Error) as error:
+        text = " ".join(str(error).replace("\\n", " ").replace("\\", "").split())
+        text = text[1:-1] if text[:1] in "'\"" and text[-1:] == text[:1] else text
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        print(f"error: bad config override {' '.join(overrides)}: {text}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     platform.configure_xla()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(main)
+    run_app()

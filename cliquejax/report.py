@@ -116,6 +116,8 @@ def plot_curves(metrics_jsonl_path: str, png_path: str, title: str | None = None
         figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
     ):
         _plot_panel(axes, records, keys, ylabel, panel_x_key, splits)
+        if ylabel == "loss" and axes.has_data():
+            axes.set_yscale("log")  # an untrained net's test loss can be 1000x the final one
     if title:
         figure.suptitle(title)
     figure.savefig(png_path, dpi=100)

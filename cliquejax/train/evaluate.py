@@ -9,18 +9,23 @@ import jax
 from cliquejax import report
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
+def restore_trainer(config, workdir: str):
+    """A Trainer holding the latest checkpoint of `workdir` (error if there is none)."""
     from cliquejax.train.loop import Trainer
 
     trainer = Trainer(config, workdir)
-    step = trainer.checkpoints.latest_step()
-    if step is None:
+    if not trainer.restore_latest():
         raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}; train first "
                                 f"(--mode=train) or point --workdir at a run")
-    trainer.restore_latest()
+    return trainer
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+    trainer = restore_trainer(config, workdir)
     test = trainer.evaluate()
-    results = {"step": step, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-               "examples": test["examples"], "params_fingerprint": trainer.fingerprint()}
+    results = {"step": int(trainer.state["step"]), "test_accuracy": test["accuracy"],
+               "test_loss": test["loss"], "examples": test["examples"],
+               "params_fingerprint": trainer.fingerprint()}
     if jax.process_index() == 0:
         report.write_results(os.path.join(workdir, "eval.json"), results)
     trainer.checkpoints.close()

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from cliquejax import checkpoint, data, models, report
+from cliquejax.models.common import check_range
 from cliquejax.train import optim, run_dir, step
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -55,10 +56,17 @@ class SignalFlag:
         return bool(np.max(multihost_utils.process_allgather(mine)))
 
 
+def validate_train(train) -> None:
+    for field in ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
+                  "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
+        check_range(f"train.{field}", train[field], 1)
+
+
 class Trainer:
     """Everything a run needs, built once from the config."""
 
     def __init__(self, config, workdir: str):
+        validate_train(config.train)
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.info = data.dataset_info(config.data)
@@ -187,6 +195,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns results."""
     run_dir.prepare(config, workdir, overwrite)
     trainer = Trainer(config, workdir)
+    run_dir.write_config(config, workdir)
     resumed = trainer.restore_latest()
     writer = report.MetricWriter(workdir, enabled=trainer.is_main)
     start = int(trainer.state["step"])

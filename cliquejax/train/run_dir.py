@@ -54,7 +54,7 @@ def _check_writable(workdir: str) -> None:
 
 def prepare(config, workdir: str, overwrite: bool) -> None:
     """Refuses a workdir whose config.json describes another model (unless `overwrite`,
-    which moves the old run aside, never deletes it); then writes config.json."""
+    which moves the old run aside, never deletes it)."""
     _check_writable(workdir)
     path = os.path.join(workdir, "config.json")
     new = _config_dict(config)
@@ -72,9 +72,13 @@ def prepare(config, workdir: str, overwrite: bool) -> None:
             for name in os.listdir(workdir):
                 if not name.startswith("previous-"):
                     shutil.move(os.path.join(workdir, name), aside)
+
+
+def write_config(config, workdir: str) -> None:
+    """config.json, once the config has been validated (the model and data built)."""
     if jax.process_index() == 0:
-        with open(path, "w") as handle:
-            json.dump(new, handle, indent=2, sort_keys=True)
+        with open(os.path.join(workdir, "config.json"), "w") as handle:
+            json.dump(_config_dict(config), handle, indent=2, sort_keys=True)
 
 
 def results(trainer, resumed: bool, start_step: int, wall_seconds: float) -> dict:

@@ -34,7 +34,9 @@ def make_shardings(global_batch_size: int) -> Shardings:
     if global_batch_size % devices:
         raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the "
                          f"{devices} devices; allowed: a multiple of {devices}")
-    mesh = jax.make_mesh((devices,), ("data",))
+    # Auto axes: XLA propagates the batch sharding (the default Explicit axes of recent JAX
+    # would make every op's sharding part of its type).
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     return Shardings(mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
 
 

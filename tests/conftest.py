@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny configs and one short trained run on the bundled digits."""
+
+import os
+
+import pytest
+
+from configs import mbclique_digits
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tfds")
+
+
+def tiny_digits_config(**train):
+    """A small MBCliqueNet on the digits: a few seconds per epoch on 2 cores."""
+    config = mbclique_digits.get_config()
+    config.model.widths, config.model.layers = (16, 16, 32), (2, 2, 2)
+    config.data.data_dir = DATA_DIR
+    config.train.update(dict(epochs=2, batch_size=64, eval_batch_size=128, log_every_steps=5))
+    config.train.update(train)
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory):
+    """(config, workdir, results) of a finished six-epoch run (SGDR periods 2 + 4)."""
+    from cliquejax.train import loop
+
+    workdir = str(tmp_path_factory.mktemp("digits_run"))
+    config = tiny_digits_config(epochs=6)
+    results = loop.train_and_evaluate(config, workdir)
+    return config, workdir, results
