@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cliquejax import conv
+
 BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original TF code);
 # the PyTorch-based models (MBCliqueNet, CliqueNet ImageNet) use PyTorch's 0.9 (momentum 0.1)
 BN_EPSILON = 1e-3
@@ -49,7 +51,12 @@ def bn_relu(x, params, stats, train: bool, momentum=BN_MOMENTUM):
 
 def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None):
     """NHWC x HWIO convolution. `dtype` (e.g. bfloat16) casts both operands; the result
-    is returned in that dtype."""
+    is returned in that dtype. Stride-1 bfloat16 convolutions (but RGB stems) run as bfloat16
+    matrix products (`conv.conv2d_matmul`): XLA's CPU backend computes a bfloat16
+    convolution in float32."""
+    bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+    if bf16 and stride == 1 and conv.matmul_pays(kernel.shape):
+        return conv.conv2d_matmul(x, kernel, padding, dtype)
     if dtype is not None:
         x, kernel = x.astype(dtype), kernel.astype(dtype)
     return jax.lax.conv_general_dilated(
