@@ -1,0 +1,88 @@
+"""Every device, every host: 8 CPU devices give the 1-device result; two processes on
+localhost (jax.distributed, gloo) give the one-process result."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import DATA_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "scripts", "sharded_steps.py")
+
+
+def run_steps(model: str, devices: int, out: str, steps: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    done = subprocess.run([sys.executable, SCRIPT, model, out, str(steps)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(np.load(out))
+
+
+# The global batch's BN statistics and gradients are reduced across devices in another order
+# than on one device: float32 rounding (~1e-7 relative; the first losses differ by 2e-6).
+# CliqueNet stays within 1e-5 for several steps. MBCliqueNet does not, binary or not
+# (measured, u-MBCliqueNet at lr 0.01: 7e-5 apart in the second loss, 8e-3 in the fourth;
+# the binary net also flips the signs of latent weights near 0). We attribute it to the
+# M-filter, shared by every filter of a block: one step moves the whole block at once.
+# So MBCliqueNet is compared over one step, whose updated parameters carry the global BN
+# statistics, the gradients through the STE and the modulation, their reduction and the
+# optimizer update.
+@pytest.mark.parametrize("model,steps", [("cliquenet", 4), ("mbcliquenet", 1)])
+def test_eight_devices_equal_one(model, steps, tmp_path):
+    one = run_steps(model, 1, str(tmp_path / "one.npz"), steps)
+    eight = run_steps(model, 8, str(tmp_path / "eight.npz"), steps)
+    assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    for name in one:
+        if name not in ("losses", "devices"):
+            np.testing.assert_allclose(eight[name], one[name], rtol=1e-5, atol=1e-5,
+                                       err_msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TINY = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
+        "--config.model.layers=2,2,2", f"--config.data.data_dir={DATA_DIR}",
+        "--config.train.epochs=1", "--config.train.batch_size=32",
+        "--config.train.eval_batch_size=64"]
+
+
+def test_two_processes_equal_one(tmp_path):
+    # The one-process reference has the same 2 devices: each device then gets the same shard
+    # of every global batch in both runs, and an all-reduce of two values is exact whatever
+    # carries it (XLA in one process, gloo across two), so the runs must agree bitwise.
+    single = subprocess.run(
+        [sys.executable, "launch.py", *TINY, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port, workdir = free_port(), tmp_path / "two"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen(
+        [sys.executable, "launch.py", *TINY, f"--workdir={workdir}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    two = json.loads(outputs[0][0].strip().splitlines()[-1])
+    # Only process 0 reports (gloo may print its own connection lines on either process).
+    assert not [line for line in outputs[1][0].splitlines() if line.startswith("{")]
+    assert (one["processes"], one["devices"]) == (1, 2)
+    assert (two["processes"], two["devices"]) == (2, 2)
+    assert two["steps"] == one["steps"] > 0
+    assert two["params_fingerprint"] == one["params_fingerprint"]
+    assert two["final_test_loss"] == one["final_test_loss"]
+    assert json.loads((workdir / "results.json").read_text())["processes"] == 2
