@@ -162,6 +162,7 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
             test = end_epoch(trainer, history, done, writer, last)
             history = []
         if flag.any_process() and not last:
+            _check_finite(pending, current + 1, trainer)  # never save after a bad step
             trainer.save(done // spe, -1.0)
             trainer.checkpoints.wait()
             raise Preempted(f"stopped by signal at step {done}: checkpoint saved in "
@@ -195,8 +196,8 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns results."""
     run_dir.prepare(config, workdir, overwrite)
     trainer = Trainer(config, workdir)
+    resumed = trainer.restore_latest()  # a checkpoint that does not fit leaves DIR untouched
     run_dir.write_config(config, workdir)
-    resumed = trainer.restore_latest()
     writer = report.MetricWriter(workdir, enabled=trainer.is_main)
     start = int(trainer.state["step"])
     bar = report.ProgressBar(trainer.total_steps, initial=start, desc="train",
