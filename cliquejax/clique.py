@@ -22,11 +22,20 @@ Two formulations give the same outputs and gradients:
   so those channels contribute exactly nothing. The loop body is then shape-invariant:
   BN-ReLU-conv over the buffer, then a dynamic slice update writes X_i in place. It
   compiles one body per stage instead of n, at the price of convolving over the padding.
+
+Rematerialisation (`BlockSpec.remat`, `config.train.remat`): "layer" wraps each layer update
+in `jax.checkpoint` (unrolled: the concatenation of its inputs too, so only the features
+X_j it reads are kept; loop: the loop body), "block" wraps the whole block. The backward
+pass then recomputes those activations instead of storing them; values are unchanged. On
+XLA:CPU this only saves memory with --xla_disable_hlo_passes=cse_barrier_expander (which
+`platform.configure_xla` sets): otherwise that pass removes the optimization barriers and
+CSE merges the recomputation back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +43,7 @@ import jax.numpy as jnp
 from cliquejax import ops
 
 VARIANTS = ("II+II", "I+I", "I+II", "X")
+REMAT_POLICIES = ("none", "layer", "block")  # what `jax.checkpoint` wraps (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +60,7 @@ class BlockSpec:
     bn_momentum: float = ops.BN_MOMENTUM
     unroll: bool = True
     dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
+    remat: str = "none"  # none | layer | block (module docstring)
 
     @property
     def kernel_size(self) -> int:
@@ -120,18 +131,29 @@ def _layer_rng(rng, stage: int, i):
     return jax.random.fold_in(jax.random.fold_in(rng, stage), i)
 
 
+def _remat_if(enabled: bool, fn, **static):
+    """`fn` with its static (non-array) arguments bound, under `jax.checkpoint` if enabled."""
+    bound = functools.partial(fn, **static)
+    return jax.checkpoint(bound) if enabled else bound
+
+
 # ----------------------------------------------------------------------------- unrolled
+
+
+def _concat_layer(features, kernels, bn, bottleneck, rng, train, spec):
+    """`_layer` on the concatenation of `features`, with the matching kernel pieces."""
+    x, kernel = jnp.concatenate(features, axis=-1), jnp.concatenate(kernels, axis=2)
+    return _layer(x, kernel, bn, bottleneck, rng, train, spec)
 
 
 def _update_unrolled(params, stats, stage, i, pieces, rng, train, spec):
     """Layer i of `stage` from `pieces` [(source j, X_j)]; writes new BN stats into `stats`."""
-    x = jnp.concatenate([f for _, f in pieces], axis=-1)
-    kernel = jnp.concatenate([params[kernel_name(j, i)] for j, _ in pieces], axis=2)
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
     bott = (params[b_name], stats[b_name], params[f"W_bottleneck_{i}"]) if spec.bottleneck else None
-    y, stats[name], new_b = _layer(
-        x, kernel, (params[name], stats[name]), bott, _layer_rng(rng, stage, i), train, spec
-    )
+    layer = _remat_if(spec.remat == "layer", _concat_layer, train=train, spec=spec)
+    y, stats[name], new_b = layer([f for _, f in pieces],
+                                  [params[kernel_name(j, i)] for j, _ in pieces],
+                                  (params[name], stats[name]), bott, _layer_rng(rng, stage, i))
     if spec.bottleneck:
         stats[b_name] = new_b
     return y
@@ -216,6 +238,8 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, rng, train, spec
         b_s = _put(b_s, idx, new_b) if spec.bottleneck else b_s
         return buffer, _put(bn_s, idx, new_bn), b_s
 
+    if spec.remat == "layer":  # prevent_cse=False is safe (and faster) inside a loop
+        body = jax.checkpoint(body, prevent_cse=False)
     buffer, bn_s, b_s = jax.lax.fori_loop(0, len(layers), body, (buffer, bn_s, b_s))
     stats = dict(stats)
     for idx, (name, (at, n)) in enumerate(zip(names, gaps, strict=True)):
@@ -254,6 +278,11 @@ def stage_two_loop(params, stats, features, rng, train, spec: BlockSpec):
 def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
     """Runs one block. Returns (block_feature, transit_feature, new_stats) per the variant
     table of SPEC section 1 (block feature -> head, transit feature -> next block)."""
+    block = _remat_if(spec.remat == "block", _block, train=train, spec=spec)
+    return block(params, stats, x0, rng)
+
+
+def _block(params, stats, x0, rng, train: bool, spec: BlockSpec):
     stage_one = stage_one_unrolled if spec.unroll else stage_one_loop
     stage_two = stage_two_unrolled if spec.unroll else stage_two_loop
     first, stats = stage_one(params, stats, x0, rng, train, spec)

@@ -21,6 +21,13 @@ he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 xavier = nn.initializers.xavier_uniform()
 
 
+def checkpointed(target, remat: str):
+    """`target` (a module class, or a function `(module, x, train)`) rematerialised in the
+    backward pass unless `remat` is "none" (`config.train.remat`). `train`, argument 2
+    counting the module, stays static; mutable batch stats and dropout rngs are lifted."""
+    return target if remat == "none" else nn.remat(target, static_argnums=(2,))
+
+
 def _bn_param_init(_, channels):
     return ops.bn_params(channels)
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import clique, layers, ops
-from cliquejax.models.common import check_choice, check_range, compute_dtype
+from cliquejax.models.common import check_choice, check_range, compute_dtype, remat_policy
 
 
 class CliqueNet(nn.Module):
@@ -30,13 +30,14 @@ class CliqueNet(nn.Module):
     unroll: bool = True
     dtype: Any = None
     bn_momentum: float = ops.BN_MOMENTUM
+    remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
 
     def block_spec(self, b: int, in_channels: int) -> clique.BlockSpec:
         return clique.BlockSpec(
             in_channels=in_channels, channels=self.channels[b], num_layers=self.num_layers[b],
             variant=self.variant, x=self.x, bottleneck=self.bottleneck,
             dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum, unroll=self.unroll,
-            dtype=self.dtype)
+            dtype=self.dtype, remat=self.remat)
 
     def _stem(self, x, train):
         if self.stem == "cifar":
@@ -48,22 +49,23 @@ class CliqueNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = self._stem(images.astype(self.dtype or jnp.float32), train)
+        unit = lambda cls: layers.checkpointed(cls, self.remat)  # remat inside the blocks: spec
+        x = unit(type(self)._stem)(self, images.astype(self.dtype or jnp.float32), train)
         pooled = []
         for b in range(len(self.channels)):
             spec = self.block_spec(b, x.shape[-1])
             block, transit = layers.CliqueBlock(spec, self.kernel_init, name=f"block{b + 1}")(
                 x, train)
             if self.compression:
-                block = layers.BNReLUConv(block.shape[-1] // 2, 1, self.dropout_rate,
-                                          self.kernel_init, self.dtype, self.bn_momentum,
-                                          name=f"compression{b + 1}")(block, train)
-            pooled.append(layers.PooledFeature(self.bn_momentum, name=f"pool{b + 1}")(block,
-                                                                                   train))
+                block = unit(layers.BNReLUConv)(
+                    block.shape[-1] // 2, 1, self.dropout_rate, self.kernel_init, self.dtype,
+                    self.bn_momentum, name=f"compression{b + 1}")(block, train)
+            pooled.append(unit(layers.PooledFeature)(self.bn_momentum, name=f"pool{b + 1}")(
+                block, train))
             if b < len(self.channels) - 1:
-                x = layers.Transition(self.dropout_rate, self.attention, self.kernel_init,
-                                      self.dtype, self.bn_momentum,
-                                      name=f"transition{b + 1}")(transit, train)
+                x = unit(layers.Transition)(self.dropout_rate, self.attention, self.kernel_init,
+                                            self.dtype, self.bn_momentum,
+                                            name=f"transition{b + 1}")(transit, train)
         features = jnp.concatenate(pooled, axis=-1).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
 
@@ -100,4 +102,4 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
         x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn_momentum=m.get("bn_momentum", ops.BN_MOMENTUM))
+        bn_momentum=m.get("bn_momentum", ops.BN_MOMENTUM), remat=remat_policy(config))

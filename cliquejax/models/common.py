@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from cliquejax.clique import REMAT_POLICIES
+
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
@@ -31,3 +33,11 @@ def compute_dtype(config):
     name = config.train.get("compute_dtype", "float32") if "train" in config else "float32"
     check_choice("train.compute_dtype", name, COMPUTE_DTYPES)
     return COMPUTE_DTYPES[name]
+
+
+def remat_policy(config) -> str:
+    """What the backward pass recomputes, from `config.train.remat` (see `clique`):
+    none | layer (each clique layer and conv unit) | block (each whole block)."""
+    name = config.train.get("remat", "none") if "train" in config else "none"
+    check_choice("train.remat", name, REMAT_POLICIES)
+    return name

@@ -5,13 +5,14 @@ head BN-ReLU-global average pool of the last block and a dense layer."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import layers, ops
-from cliquejax.models.common import check_range, compute_dtype
+from cliquejax.models.common import check_range, compute_dtype, remat_policy
 
 
 class DenseNet(nn.Module):
@@ -20,22 +21,33 @@ class DenseNet(nn.Module):
     layers_per_block: int
     dropout_rate: float = 0.2
     dtype: Any = None
+    remat: str = "none"  # none | layer (each conv unit) | block (each dense block; transitions)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         x = layers.Conv(16, 3, dtype=self.dtype, name="stem")(
             images.astype(self.dtype or jnp.float32))
+        unit = layers.checkpointed(layers.BNReLUConv, self.remat)
         for b in range(3):
-            for i in range(self.layers_per_block):
-                new = layers.BNReLUConv(self.growth_rate, 3, self.dropout_rate, dtype=self.dtype,
-                                        name=f"block{b + 1}_layer{i + 1}")(x, train)
-                x = jnp.concatenate([x, new], axis=-1)
+            block = functools.partial(_dense_block, index=b + 1)
+            x = layers.checkpointed(block, "block" if self.remat == "block" else "none")(
+                self, x, train)
             if b < 2:
-                x = layers.BNReLUConv(x.shape[-1], 1, self.dropout_rate, dtype=self.dtype,
-                                      name=f"transition{b + 1}")(x, train)
+                x = unit(x.shape[-1], 1, self.dropout_rate, dtype=self.dtype,
+                         name=f"transition{b + 1}")(x, train)
                 x = ops.avg_pool(x, 2)
         pooled = layers.PooledFeature(name="pool")(x, train).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(pooled)
+
+
+def _dense_block(model: DenseNet, x, train: bool, *, index: int):
+    """Dense block `index`: each layer's output is concatenated to its input."""
+    unit = layers.checkpointed(layers.BNReLUConv, "layer" if model.remat == "layer" else "none")
+    for i in range(model.layers_per_block):
+        new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype,
+                   name=f"block{index}_layer{i + 1}")(x, train)
+        x = jnp.concatenate([x, new], axis=-1)
+    return x
 
 
 def build(config, num_classes: int) -> DenseNet:
@@ -44,4 +56,5 @@ def build(config, num_classes: int) -> DenseNet:
     if m.T // 3 < 1:
         raise ValueError(f"model.T={m.T} gives 0 layers per block; allowed: T >= 3")
     check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
-    return DenseNet(num_classes, m.k, m.T // 3, m.dropout_rate, compute_dtype(config))
+    return DenseNet(num_classes, m.k, m.T // 3, m.dropout_rate, compute_dtype(config),
+                    remat_policy(config))

@@ -18,6 +18,7 @@ Open points of the source, as config fields (defaults in `configs/mbclique_cifar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from cliquejax import binary, clique, layers, ops
-from cliquejax.models.common import check_choice, check_lengths, check_range, compute_dtype
+from cliquejax.models.common import (
+    check_choice,
+    check_lengths,
+    check_range,
+    compute_dtype,
+    remat_policy,
+)
 
 UPDATES = ("simultaneous", "alternating")
 U_LATENT_STD = 1.0  # u-MBCliqueNet: E[C^2] = 1 = E[sign(C)^2], so Q keeps the He scale
@@ -71,6 +78,7 @@ class MBCliqueNet(nn.Module):
     unroll: bool = True
     dtype: Any = None
     bn_momentum: float = 0.9
+    remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
 
     def _quantize_if(self, flag: bool):
         return self.quantize if flag else None
@@ -84,24 +92,28 @@ class MBCliqueNet(nn.Module):
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
                                     bottleneck=True, dropout_rate=self.dropout_rate,
                                     bn_momentum=self.bn_momentum, unroll=self.unroll,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, remat=self.remat)
             block, transit = ModulatedCliqueBlock(
                 spec, num_planes=self.num_planes, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
-            pooled.append(layers.PooledFeature(self.bn_momentum, name=f"pool{b + 1}")(block,
-                                                                                   train))
+            pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
+                self.bn_momentum, name=f"pool{b + 1}")(block, train))
             if b + 1 < len(self.widths):
-                x = nn.relu(layers.BatchNorm(self.bn_momentum, name=f"transition{b + 1}_bn")(
-                    transit, train))
-                x = layers.BinaryConv(self.widths[b + 1], 1,
-                                      self._quantize_if(self.binarize_transition), self.dtype,
-                                      name=f"transition{b + 1}")(x)
-                x = ops.avg_pool(x, 2)
+                transition = functools.partial(_transition, index=b + 1)
+                x = layers.checkpointed(transition, self.remat)(self, transit, train)
         features = jnp.concatenate(pooled, axis=-1)[:, None, None, :]
         logits = layers.BinaryConv(self.num_classes, 1, self._quantize_if(self.binarize_head),
                                    self.dtype, name="head_conv")(features)[:, 0, 0, :]
         return layers.BatchNorm(self.bn_momentum, name="head_bn")(logits.astype(jnp.float32),
                                                                    train)
+
+
+def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
+    """BN -> ReLU -> (binary) 1x1 conv -> 2x2 average pool, from block `index` to the next."""
+    x = nn.relu(layers.BatchNorm(model.bn_momentum, name=f"transition{index}_bn")(x, train))
+    x = layers.BinaryConv(model.widths[index], 1, model._quantize_if(model.binarize_transition),
+                          model.dtype, name=f"transition{index}")(x)
+    return ops.avg_pool(x, 2)
 
 
 def validate(m) -> None:
@@ -128,7 +140,7 @@ def build(config, num_classes: int) -> MBCliqueNet:
         binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
         binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn_momentum=m.bn_momentum)
+        bn_momentum=m.bn_momentum, remat=remat_policy(config))
 
 
 # ----------------------------------------------------------------------------- storage
