@@ -4,6 +4,8 @@ convolution, dropout and pooling. Parameters and statistics are plain pytrees
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -69,11 +71,32 @@ def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None
 
 
 def dropout(x, rate: float, rng, train: bool):
-    """Element-wise dropout (inverted scaling), active only in training with rate > 0."""
+    """Element-wise dropout (inverted scaling), active only in training with rate > 0.
+
+    The keep mask comes from `dropout_bits`, a counter-based hash that XLA fuses into the
+    masking: `jax.random.bernoulli` (threefry) made a CliqueNet training step on CPU
+    1.5x slower than the same step without dropout (README, "Speed on CPU")."""
     if not train or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+    keep = dropout_bits(rng, x.shape) >= jnp.uint32(threshold)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
+
+
+def dropout_bits(rng, shape) -> jax.Array:
+    """Uniform uint32 bits of `shape` for the key `rng`: one 32-bit seed drawn from the key
+    (threefry, a scalar), then each element's flat index passed through a Weyl step and
+    the `lowbias32` integer hash (C. Wellons). Same key, same bits; on any sharding, the
+    same bits as unsharded (they depend only on the index)."""
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(f"dropout over {size} elements: at most 2**32 - 1 are allowed")
+    seed = jax.random.bits(rng, (), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    h = index * jnp.uint32(0x9E3779B9) + seed
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
 
 
 def avg_pool(x, size: int = 2):
