@@ -26,6 +26,8 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
+flags.DEFINE_string("compilation_cache", platform.default_compilation_cache(),
+                    "Directory where compiled steps are kept for later runs ('' disables).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -56,6 +58,7 @@ def main(argv):
     from cliquejax.train import loop, run_dir
 
     logging.set_verbosity(logging.WARNING)
+    platform.use_compilation_cache(FLAGS.compilation_cache)
     try:
         start_distributed()
         results = run(FLAGS.config, FLAGS.workdir)

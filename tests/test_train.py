@@ -110,3 +110,26 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path):
     done = launch("--config=configs/mbclique_digits.py", f"--workdir={blocker}/run")
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1 and "cannot be written" in lines[0]
+
+
+def test_compilation_cache_is_reused_with_the_same_result(tmp_path):
+    """launch.py keeps compiled programs in --compilation_cache: a second process with the
+    same config adds no entry (it loaded every program) and trains to the same parameters;
+    '' keeps nothing."""
+    cache = tmp_path / "cache"
+    overrides = ["--config.model.widths=8,8,16", "--config.model.layers=2,2,2",
+                 f"--config.data.data_dir={DATA_DIR}", "--config.train.epochs=1",
+                 "--config.train.max_steps=3", "--config.train.eval_batch_size=128"]
+    runs = []
+    for name in ("first", "second"):
+        done = launch("--config=configs/mbclique_digits.py", f"--workdir={tmp_path / name}",
+                      f"--compilation_cache={cache}", *overrides)
+        assert done.returncode == 0, done.stderr
+        runs.append((json.loads(done.stdout.strip().splitlines()[-1]), sorted(os.listdir(cache))))
+    (first, entries), (second, entries_after) = runs
+    assert any(name.startswith("jit_") for name in entries) and entries_after == entries
+    assert second["params_fingerprint"] == first["params_fingerprint"]
+    done = launch("--config=configs/mbclique_digits.py", f"--workdir={tmp_path / 'off'}",
+                  "--compilation_cache=", *overrides)
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])[
+        "params_fingerprint"] == first["params_fingerprint"]
