@@ -1,6 +1,7 @@
 """Our training step against the PyTorch baseline, for one model, in one invocation.
 
-Each side (ours: config.train.compute_dtype float32 / bfloat16; PyTorch: float32,
+Each side (ours: config.train.compute_dtype float32 / bfloat16 with the default
+config.train.remat=layer, and float32 with remat=none; PyTorch: float32,
 channels_last, bf16_autocast, bf16_channels_last) runs in its own process
 (benchmarks/jax_step.py, benchmarks/torch_step.py), the sides alternating round by round
 (A B C ... A B C ...) for --repeats rounds; each value is the median over rounds.
@@ -22,7 +23,7 @@ Models: cliquenet_k36_T12 (batch 64, 32x32; PyTorch: torch_reference.py), mbcliq
 override them (for quick trials). Without torch installed the PyTorch side is reported null.
 
     python benchmarks/compare.py --model=cliquenet_k36_T12 [--json] [--steps 10] [--warmup 2]
-        [--repeats 3] [--budget_s SECONDS] [--our_modes float32,bfloat16]
+        [--repeats 3] [--budget_s SECONDS] [--our_modes float32,bfloat16,float32_no_remat]
         [--torch_modes float32,channels_last,bf16_autocast,bf16_channels_last]
         [--out benchmarks/results/compare_MODEL.json]
 
@@ -43,7 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
 
-OUR_MODES = ("float32", "bfloat16")
+OUR_MODES = ("float32", "bfloat16", "float32_no_remat")
+OUR_MODE_FLAGS = {"float32": ["--dtype=float32"], "bfloat16": ["--dtype=bfloat16"],
+                  "float32_no_remat": ["--dtype=float32", "--remat=none"]}
 TORCH_MODES = ("float32", "channels_last", "bf16_autocast", "bf16_channels_last")  # as
 # torch_reference.MODES (not imported here: this process loads neither framework)
 SHORT = {"float32": "f32", "channels_last": "cl", "bf16_autocast": "bf16",
@@ -64,7 +67,7 @@ def make_sides(args, torch_available: bool) -> dict[str, list[str]]:
     """Worker command per side, keyed "ours MODE" / "torch MODE"."""
     timing = [f"--warmup={args.warmup}", f"--steps={args.steps}", f"--budget_s={args.budget_s}"]
     worker = lambda name: os.path.join(harness.BENCHMARKS, name)
-    sides = {label("ours", mode): [worker("jax_step.py"), f"--dtype={mode}",
+    sides = {label("ours", mode): [worker("jax_step.py"), *OUR_MODE_FLAGS[mode],
                                    *model_flags(args), *timing]
              for mode in args.our_modes}
     for mode in args.torch_modes if torch_available else ():

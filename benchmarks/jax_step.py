@@ -8,7 +8,8 @@ and placed before timing, so only the step is timed. compile_s is `lower + compi
 step, first_step_s the first call of the compiled step; then --warmup untimed and --steps
 timed steps. peak_rss_mb is the process's peak RSS (VmHWM) at the end.
 
-    python benchmarks/jax_step.py --model=cliquenet_k36_T12 [--dtype=bfloat16] [--unroll=0]
+    python benchmarks/jax_step.py --model=cliquenet_k36_T12 [--dtype=bfloat16] [--remat=layer]
+                                                           [--unroll=0]
     python benchmarks/jax_step.py --model=mbclique_cifar10 --flops_only
 """
 
@@ -42,6 +43,8 @@ def build_config(args):
     if args.unroll is not None:
         config.model.unroll = bool(args.unroll)
     config.train.compute_dtype = args.dtype
+    if args.remat:
+        config.train.remat = args.remat
     config.train.batch_size = batch
     config.data.update(name="synthetic", image_size=size, num_classes=spec["num_classes"],
                        num_train=PLACED_BATCHES * batch, num_test=batch, flip=False,
@@ -102,9 +105,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(harness.MODELS), required=True)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--remat", choices=("none", "layer", "block"), default=None,
+                        help="config.train.remat (default: the config's own)")
     parser.add_argument("--unroll", type=int, choices=(0, 1), default=None,
                         help="config.model.unroll (default: the config's own)")
     harness.add_step_args(parser)
+    parser.add_argument("--compilation_cache", default="",
+                        help="a directory as launch.py's --compilation_cache; '' (default): "
+                        "none, compile_s is a cold compile")
     parser.add_argument("--flops_only", action="store_true",
                         help="print the forward FLOPs per image and exit")
     args = parser.parse_args(argv)
@@ -112,6 +120,7 @@ def main(argv=None) -> None:
     from cliquejax import platform
 
     platform.configure_xla()  # as launch.py, before JAX is imported
+    platform.use_compilation_cache(args.compilation_cache)
     config = build_config(args)
     if args.flops_only:
         harness.emit({"model": args.model, "forward_flops_per_image": forward_flops(config)})
