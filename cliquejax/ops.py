@@ -74,8 +74,9 @@ def dropout(x, rate: float, rng, train: bool):
     """Element-wise dropout (inverted scaling), active only in training with rate > 0.
 
     The keep mask comes from `dropout_bits`, a counter-based hash that XLA fuses into the
-    masking: `jax.random.bernoulli` (threefry) made a CliqueNet training step on CPU
-    1.5x slower than the same step without dropout (README, "Speed on CPU")."""
+    masking: with `jax.random.bernoulli` (threefry) a CliqueNet k=36 T=12 training step on
+    CPU ran at 10.8 img/s, against 17.5 without dropout and 16.8 with this mask (README,
+    "Speed on CPU")."""
     if not train or rate == 0.0:
         return x
     threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
