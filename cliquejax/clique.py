@@ -112,69 +112,69 @@ def param_layout(spec: BlockSpec) -> dict[str, tuple]:
     return layout
 
 
-def _layer(x, kernel, bn, bottleneck, rng, train, spec: BlockSpec):
+def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
     input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
     Returns (output, new BN stats, new bottleneck BN stats or None)."""
     y, new_bn = ops.bn_relu(x, bn[0], bn[1], train, spec.bn_momentum)
     y = ops.conv2d(y, kernel, dtype=spec.dtype)
-    y = ops.dropout(y, spec.dropout_rate, jax.random.fold_in(rng, 0), train)
+    y = ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 0), train)
     if bottleneck is None:
         return y, new_bn, None
     b_params, b_stats, b_kernel = bottleneck
     y, new_b = ops.bn_relu(y, b_params, b_stats, train, spec.bn_momentum)
     y = ops.conv2d(y, b_kernel, dtype=spec.dtype)
-    return ops.dropout(y, spec.dropout_rate, jax.random.fold_in(rng, 1), train), new_bn, new_b
+    return ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 1), train), new_bn, new_b
 
 
-def _layer_rng(rng, stage: int, i):
-    return jax.random.fold_in(jax.random.fold_in(rng, stage), i)
+def _layer_seed(seed, stage: int, i):
+    return ops.fold_seed(ops.fold_seed(seed, stage), i)
 
 
 def _remat_if(enabled: bool, fn, **static):
     """`fn` with its static (non-array) arguments bound, under `jax.checkpoint` if enabled."""
     bound = functools.partial(fn, **static)
-    return jax.checkpoint(bound) if enabled else bound
+    return jax.checkpoint(bound, policy=ops.REMAT_SAVED) if enabled else bound
 
 
 # ----------------------------------------------------------------------------- unrolled
 
 
-def _concat_layer(features, kernels, bn, bottleneck, rng, train, spec):
+def _concat_layer(features, kernels, bn, bottleneck, seed, train, spec):
     """`_layer` on the concatenation of `features`, with the matching kernel pieces."""
     x, kernel = jnp.concatenate(features, axis=-1), jnp.concatenate(kernels, axis=2)
-    return _layer(x, kernel, bn, bottleneck, rng, train, spec)
+    return _layer(x, kernel, bn, bottleneck, seed, train, spec)
 
 
-def _update_unrolled(params, stats, stage, i, pieces, rng, train, spec):
+def _update_unrolled(params, stats, stage, i, pieces, seed, train, spec):
     """Layer i of `stage` from `pieces` [(source j, X_j)]; writes new BN stats into `stats`."""
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
     bott = (params[b_name], stats[b_name], params[f"W_bottleneck_{i}"]) if spec.bottleneck else None
     layer = _remat_if(spec.remat == "layer", _concat_layer, train=train, spec=spec)
     y, stats[name], new_b = layer([f for _, f in pieces],
                                   [params[kernel_name(j, i)] for j, _ in pieces],
-                                  (params[name], stats[name]), bott, _layer_rng(rng, stage, i))
+                                  (params[name], stats[name]), bott, _layer_seed(seed, stage, i))
     if spec.bottleneck:
         stats[b_name] = new_b
     return y
 
 
-def stage_one_unrolled(params, stats, x0, rng, train, spec: BlockSpec):
+def stage_one_unrolled(params, stats, x0, seed, train, spec: BlockSpec):
     """Stage I: X_i = layer(concat(X0, X_1 .. X_{i-1})). Returns ([X_1..X_n], stats)."""
     stats = dict(stats)
     features = [x0]
     for i in range(1, spec.num_layers + 1):
         pieces = list(zip(spec.stage_one_inputs(i), features, strict=True))
-        features.append(_update_unrolled(params, stats, 1, i, pieces, rng, train, spec))
+        features.append(_update_unrolled(params, stats, 1, i, pieces, seed, train, spec))
     return features[1:], stats
 
 
-def stage_two_unrolled(params, stats, features, rng, train, spec: BlockSpec):
+def stage_two_unrolled(params, stats, features, seed, train, spec: BlockSpec):
     """Stage II for layers 1..spec.stage_two_layers, in place, in order (SPEC section 1)."""
     stats, features = dict(stats), list(features)
     for i in range(1, spec.stage_two_layers + 1):
         pieces = [(j, features[j - 1]) for j in spec.stage_two_inputs(i)]
-        features[i - 1] = _update_unrolled(params, stats, 2, i, pieces, rng, train, spec)
+        features[i - 1] = _update_unrolled(params, stats, 2, i, pieces, seed, train, spec)
     return features, stats
 
 
@@ -206,7 +206,7 @@ def _put(tree, idx, values):
     return jax.tree.map(lambda a, v: a.at[idx].set(v), tree, values)
 
 
-def _stage_loop(params, stats, buffer, stage, offset, gap_size, rng, train, spec: BlockSpec):
+def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spec: BlockSpec):
     """Updates layers 1..L of `stage` in a fixed-size buffer (module docstring).
 
     Layer i writes channels [at, at + k) with at = offset + (i - 1) * k, and must not see
@@ -233,13 +233,13 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, rng, train, spec
         buffer, bn_s, b_s = carry
         bott = (_take(b_p, idx), _take(b_s, idx), b_k[idx]) if spec.bottleneck else None
         y, new_bn, new_b = _layer(buffer, kernels[idx], (_take(bn_p, idx), _take(bn_s, idx)),
-                                  bott, _layer_rng(rng, stage, idx + 1), train, spec)
+                                  bott, _layer_seed(seed, stage, idx + 1), train, spec)
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, y, offset + idx * k, axis=3)
         b_s = _put(b_s, idx, new_b) if spec.bottleneck else b_s
         return buffer, _put(bn_s, idx, new_bn), b_s
 
     if spec.remat == "layer":  # prevent_cse=False is safe (and faster) inside a loop
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = jax.checkpoint(body, prevent_cse=False, policy=ops.REMAT_SAVED)
     buffer, bn_s, b_s = jax.lax.fori_loop(0, len(layers), body, (buffer, bn_s, b_s))
     stats = dict(stats)
     for idx, (name, (at, n)) in enumerate(zip(names, gaps, strict=True)):
@@ -253,22 +253,22 @@ def _split_channels(x, count: int, size: int, offset: int = 0):
     return [x[..., offset + i * size : offset + (i + 1) * size] for i in range(count)]
 
 
-def stage_one_loop(params, stats, x0, rng, train, spec: BlockSpec):
+def stage_one_loop(params, stats, x0, seed, train, spec: BlockSpec):
     """Stage I as a `fori_loop` over a [X0, X1..Xn] buffer. Same contract as the unrolled."""
     n, k, c0 = spec.num_layers, spec.channels, spec.in_channels
     buffer = jnp.concatenate([x0, jnp.zeros(x0.shape[:3] + (n * k,), x0.dtype)], axis=-1)
     hidden = lambda i: (n - i + 1) * k  # X_i .. X_n are not inputs of layer i
-    buffer, stats = _stage_loop(params, stats, buffer, 1, c0, hidden, rng, train, spec)
+    buffer, stats = _stage_loop(params, stats, buffer, 1, c0, hidden, seed, train, spec)
     return _split_channels(buffer, n, k, c0), stats
 
 
-def stage_two_loop(params, stats, features, rng, train, spec: BlockSpec):
+def stage_two_loop(params, stats, features, seed, train, spec: BlockSpec):
     """Stage II as a `fori_loop` over a [X1..Xn] buffer. Same contract as the unrolled."""
     if spec.stage_two_layers == 0:
         return list(features), dict(stats)
     buffer = jnp.concatenate(features, axis=-1)
     k = spec.channels
-    buffer, stats = _stage_loop(params, stats, buffer, 2, 0, lambda i: k, rng, train, spec)
+    buffer, stats = _stage_loop(params, stats, buffer, 2, 0, lambda i: k, seed, train, spec)
     return _split_channels(buffer, spec.num_layers, k), stats
 
 
@@ -279,15 +279,15 @@ def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
     """Runs one block. Returns (block_feature, transit_feature, new_stats) per the variant
     table of SPEC section 1 (block feature -> head, transit feature -> next block)."""
     block = _remat_if(spec.remat == "block", _block, train=train, spec=spec)
-    return block(params, stats, x0, rng)
+    return block(params, stats, x0, ops.dropout_seed(rng))
 
 
-def _block(params, stats, x0, rng, train: bool, spec: BlockSpec):
+def _block(params, stats, x0, seed, train: bool, spec: BlockSpec):
     stage_one = stage_one_unrolled if spec.unroll else stage_one_loop
     stage_two = stage_two_unrolled if spec.unroll else stage_two_loop
-    first, stats = stage_one(params, stats, x0, rng, train, spec)
+    first, stats = stage_one(params, stats, x0, seed, train, spec)
     if spec.variant == "I+I":
         return jnp.concatenate([x0, *first], -1), jnp.concatenate(first, -1), stats
-    second, stats = stage_two(params, stats, first, rng, train, spec)
+    second, stats = stage_two(params, stats, first, seed, train, spec)
     block_input = first if spec.variant == "I+II" else second
     return jnp.concatenate([x0, *block_input], -1), jnp.concatenate(second, -1), stats

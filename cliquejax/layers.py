@@ -25,7 +25,8 @@ def checkpointed(target, remat: str):
     """`target` (a module class, or a function `(module, x, train)`) rematerialised in the
     backward pass unless `remat` is "none" (`config.train.remat`). `train`, argument 2
     counting the module, stays static; mutable batch stats and dropout rngs are lifted."""
-    return target if remat == "none" else nn.remat(target, static_argnums=(2,))
+    return target if remat == "none" else nn.remat(target, static_argnums=(2,),
+                                                   policy=ops.REMAT_SAVED)
 
 
 def _bn_param_init(_, channels):

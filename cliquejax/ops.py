@@ -8,12 +8,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from cliquejax import conv
 
 BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original TF code);
 # the PyTorch-based models (MBCliqueNet, CliqueNet ImageNet) use PyTorch's 0.9 (momentum 0.1)
 BN_EPSILON = 1e-3
+BN_MOMENTS = "bn_moments"
+# What `jax.checkpoint` keeps when the backward pass rematerialises (config.train.remat):
+# the batch moments, per channel, so only the elementwise work and the convs are redone.
+REMAT_SAVED = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS)
 
 
 def bn_params(channels: int) -> dict:
@@ -33,8 +38,12 @@ def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM, epsilon=BN_E
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     if train:
-        mean = jnp.mean(x32, axes)
-        var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+        # named so that rematerialisation keeps these two vectors instead of recomputing
+        # two reductions over x (`REMAT_SAVED`)
+        count = math.prod(x.shape[:-1])
+        mean = checkpoint_name(jnp.sum(x32, axes), BN_MOMENTS) / count
+        mean_square = checkpoint_name(jnp.sum(jnp.square(x32), axes), BN_MOMENTS) / count
+        var = jnp.maximum(mean_square - jnp.square(mean), 0.0)
         new_stats = {
             "mean": momentum * stats["mean"] + (1 - momentum) * mean,
             "var": momentum * stats["var"] + (1 - momentum) * var,
@@ -73,10 +82,11 @@ def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None
 def dropout(x, rate: float, rng, train: bool):
     """Element-wise dropout (inverted scaling), active only in training with rate > 0.
 
-    The keep mask comes from `dropout_bits`, a counter-based hash that XLA fuses into the
-    masking: with `jax.random.bernoulli` (threefry) a CliqueNet k=36 T=12 training step on
-    CPU ran at 10.8 img/s, against 17.5 without dropout and 16.8 with this mask (README,
-    "Speed on CPU")."""
+    `rng` is a PRNG key or a uint32 seed from `dropout_seed` / `fold_seed`. The keep mask
+    comes from `dropout_bits`, a counter-based hash that XLA fuses into the masking: with
+    `jax.random.bernoulli` (threefry) a CliqueNet k=36 T=12 training step on CPU ran at
+    10.8 img/s, against 17.5 without dropout and 16.8 with this mask (README, "Speed on
+    CPU")."""
     if not train or rate == 0.0:
         return x
     threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
@@ -84,20 +94,43 @@ def dropout(x, rate: float, rng, train: bool):
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
 
 
-def dropout_bits(rng, shape) -> jax.Array:
-    """Uniform uint32 bits of `shape` for the key `rng`: one 32-bit seed drawn from the key
-    (threefry, a scalar), then each element's flat index passed through a Weyl step and
-    the `lowbias32` integer hash (C. Wellons). Same key, same bits; on any sharding, the
-    same bits as unsharded (they depend only on the index)."""
-    size = math.prod(shape)
-    if size >= 2**32:
-        raise ValueError(f"dropout over {size} elements: at most 2**32 - 1 are allowed")
-    seed = jax.random.bits(rng, (), jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    h = index * jnp.uint32(0x9E3779B9) + seed
+def _lowbias32(h):
+    """C. Wellons' `lowbias32` integer hash (uint32 -> uint32, a bijection)."""
     h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
     h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
     return h ^ (h >> 16)
+
+
+_WEYL = 0x9E3779B9  # 2^32 / golden ratio
+
+
+def dropout_seed(rng) -> jax.Array:
+    """A uint32 seed: `rng` itself if it already is one, else one draw from the key."""
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if rng.ndim == 0 and rng.dtype == jnp.uint32:
+        return rng
+    return jax.random.bits(rng, (), jnp.uint32)
+
+
+def fold_seed(seed, data) -> jax.Array:
+    """A new seed for stream `data` (an int, static or traced) of `seed`: the integer hash
+    of both, a few scalar integer operations. `jax.random.fold_in` does the same with
+    threefry, whose scalar kernels were half of the compiled program's fusions for
+    CliqueNet k=36 T=12 (four per layer)."""
+    stream = _lowbias32(jnp.asarray(data, jnp.uint32) * jnp.uint32(_WEYL) + jnp.uint32(1))
+    return _lowbias32(dropout_seed(seed) ^ stream)
+
+
+def dropout_bits(rng, shape) -> jax.Array:
+    """Uniform uint32 bits of `shape` for the key or seed `rng`: each element's flat index
+    passed through a Weyl step offset by the seed and the `lowbias32` integer hash. Same
+    seed, same bits; on any sharding, the same bits as unsharded (they depend only on the
+    index)."""
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(f"dropout over {size} elements: at most 2**32 - 1 are allowed")
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _lowbias32(index * jnp.uint32(_WEYL) + dropout_seed(rng))
 
 
 def avg_pool(x, size: int = 2):

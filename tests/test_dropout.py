@@ -71,3 +71,29 @@ def test_inactive_outside_training_or_at_rate_zero():
     key = jax.random.PRNGKey(0)
     assert ops.dropout(x, 0.5, key, train=False) is x
     assert ops.dropout(x, 0.0, key, train=True) is x
+
+
+def mask_of(seed, shape=SHAPE, rate=0.5):
+    return np.asarray(ops.dropout(jnp.ones(shape), rate, seed, train=True) == 0)
+
+
+def test_folded_streams_are_independent_and_fixed():
+    """`fold_seed` (the per-layer dropout streams of a clique block): the same stream twice
+    gives the same mask, other streams of the same seed (and the same stream of another
+    seed) give independent masks, and a traced stream number equals a static one (the loop
+    form folds its traced layer index)."""
+    seed = ops.dropout_seed(jax.random.PRNGKey(0))
+    masks = [mask_of(ops.fold_seed(seed, stream)) for stream in range(4)]
+    masks.append(mask_of(ops.fold_seed(ops.dropout_seed(jax.random.PRNGKey(1)), 0)))
+    np.testing.assert_array_equal(masks[0], mask_of(ops.fold_seed(seed, 0)))
+    sigma = np.sqrt(0.25 / masks[0].size)
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
+            assert abs((masks[a] == masks[b]).mean() - 0.5) < 5 * sigma, (a, b)
+    traced = jax.jit(lambda s, i: ops.dropout_bits(ops.fold_seed(s, i), (64,)))(seed, 3)
+    np.testing.assert_array_equal(traced, ops.dropout_bits(ops.fold_seed(seed, 3), (64,)))
+
+
+def test_a_key_and_its_seed_give_the_same_mask():
+    key = jax.random.PRNGKey(4)
+    np.testing.assert_array_equal(mask_of(key), mask_of(ops.dropout_seed(key)))

@@ -90,6 +90,22 @@ def test_remat_changes_no_value(name, remat):
     assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.parametrize("remat", ["layer", "block"])
+def test_remat_recomputes_no_batch_moments(remat):
+    """The backward pass recomputes elementwise work, not the BN batch moments
+    (`ops.REMAT_SAVED`): the compiled training step holds as many reductions as without
+    remat (before the moments were saved: 179 against 145 with remat=layer)."""
+    def reductions(policy):
+        config = cliquenet_config()
+        config.train.remat, config.model.dropout_rate = policy, 0.0
+        model = build_model(config, 10)
+        train = jax.jit(functools.partial(step.train_step, model=model, transforms=TRANSFORMS,
+                                          schedule=optax.constant_schedule(1.0), seed=0))
+        hlo = train.lower(initial_state("cliquenet"), digits_batch()).compile().as_text()
+        return hlo.count(" reduce(")
+    assert reductions(remat) == reductions("none") > 0
+
+
 # The unrolled form with dropout is the CliqueNet case above (dropout's random bits are most
 # of the compile time); the loop form, with its checkpointed loop body, is only here.
 @pytest.mark.parametrize("unroll,dropout", [(True, 0.0), (False, 0.2)], ids=["unrolled", "loop"])
@@ -138,10 +154,10 @@ def test_float32_compute_is_the_default():
 
 def learning_config(dtype: str):
     """The tiny model with full-precision filters (u-MBCliqueNet: the binary one needs about
-    six epochs, test_train.py), 4 epochs of batch 32 under one cosine period."""
-    config = tiny_digits_config(epochs=4, batch_size=32, compute_dtype=dtype)
+    six epochs, test_train.py), 8 epochs of batch 32 under one cosine period."""
+    config = tiny_digits_config(epochs=8, batch_size=32, compute_dtype=dtype)
     config.model.binarize = False
-    config.schedule.first_period_epochs = 4.0
+    config.schedule.first_period_epochs = 8.0
     return config
 
 
@@ -157,15 +173,16 @@ def float32_template(config):
 
 
 def test_bfloat16_learns_with_float32_state(tmp_path):
-    """Chance is 0.10. Measured on CPU, final test accuracy float32 / bfloat16: 0.725 / 0.731
-    (seed 0), 0.633 / 0.847 (seed 1): the seed moves a 4-epoch run by ~10 points, so
-    bfloat16 may be at most 10 points below float32 (same seed), and above 0.5."""
+    """Chance is 0.10. Measured on CPU, final test accuracy float32 / bfloat16 after 8
+    epochs: 0.908 / 0.914 (seed 0), 0.958 / 0.931 (seed 1), 0.892 / 0.939 (seed 2); after 4
+    epochs the seed alone moved a run by 10-15 points. So bfloat16 must reach 0.8 and be at
+    most 8 points below float32 (same seed)."""
     accuracy = {}
     for dtype in ("float32", "bfloat16"):
         results = loop.train_and_evaluate(learning_config(dtype), str(tmp_path / dtype))
         accuracy[dtype] = results["final_test_accuracy"]
-    assert accuracy["bfloat16"] > 0.5, accuracy
-    assert accuracy["bfloat16"] >= accuracy["float32"] - 0.10, accuracy
+    assert accuracy["bfloat16"] > 0.8, accuracy
+    assert accuracy["bfloat16"] >= accuracy["float32"] - 0.08, accuracy
     # The saved state must match a float32 template (restore checks dtypes), and be float32.
     template = float32_template(learning_config("bfloat16"))
     with checkpoint.Checkpointer(tmp_path / "bfloat16" / "checkpoints") as saved:
