@@ -81,10 +81,8 @@ class Trainer:
         abstract = jax.eval_shape(lambda: step.init_state(
             self.model, (tx,), self.info.image_shape, config.seed))
         self.transforms = step.make_transforms(config, tx, abstract["params"])
-        init = jax.jit(lambda: step.init_state(self.model, self.transforms,
-                                               self.info.image_shape, config.seed),
-                       out_shardings=self.shardings.replicated)
-        self.state = init()
+        self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
+                                        config.seed, self.shardings.replicated)
         self.train_step, self.eval_step = step.jit_steps(
             self.model, self.transforms, self.schedule, config, self.shardings, self.state)
         self.checkpoints = checkpoint.Checkpointer(

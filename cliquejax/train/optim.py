@@ -157,8 +157,10 @@ def make_optimizer(config, steps_per_epoch: int):
     opt = config.optimizer
     _validate_optimizer(opt)
     schedule = make_schedule(config, steps_per_epoch)
-    sgd = optax.sgd(schedule, momentum=float(opt.momentum) or None,
-                    nesterov=bool(opt.nesterov))
+    # flatten: the momentum is one vector, so XLA compiles one update kernel instead of
+    # one per parameter (fewer kernels, faster compile; same arithmetic per element)
+    sgd = optax.flatten(optax.sgd(schedule, momentum=float(opt.momentum) or None,
+                                  nesterov=bool(opt.nesterov)))
     if opt.weight_decay == 0:
         return sgd, schedule
     decay_target = opt.weight_decay_on
