@@ -3,7 +3,8 @@ finds the step in launch.py's compilation cache), for the CIFAR models and Cliqu
 
 For every model and round, a fresh cache directory: one `jax_step.py` worker compiles into
 it (cold), a second worker with the same program loads from it (warm). compile_s is the
-worker's `lower + compile` of the step (tracing included); the table gives medians.
+worker's `lower + compile` of the step (tracing included), init_s building the trainer (the
+initial state is compiled there); the table gives medians.
 
     python benchmarks/bench_compile.py [--models cliquenet_k36_T12,mbclique_cifar10]
                                        [--repeats 1] [--out benchmarks/results/compile.json]
@@ -54,11 +55,12 @@ def main(argv=None) -> dict:
                   f"{harness.fmt(result['warm'].get('compile_s'), '.1f')} s", file=sys.stderr)
     summary = {model: {kind: harness.combine([r[kind] for r in results])
                        for kind in ("cold", "warm")} for model, results in runs.items()}
-    rows = [[model, harness.fmt(s["cold"].get("compile_s"), ".1f"),
-             harness.fmt(s["warm"].get("compile_s"), ".1f"),
+    rows = [[model, *(harness.fmt(s[kind].get(field), ".1f") for field in ("init_s", "compile_s")
+                      for kind in ("cold", "warm")),
              harness.fmt(s["cold"].get("first_step_s"), ".1f")] for model, s in summary.items()]
     print(f"training-step compile time, median of {args.repeats} round(s)")
-    print(harness.table(["model", "cold compile s", "warm (cached) s", "first step s"], rows))
+    print(harness.table(["model", "init s cold", "init s cached", "step compile s cold",
+                         "step compile s cached", "first step s"], rows))
     harness.write_json(args.out, {"benchmark": "compile time, cold vs cached",
                                   "settings": vars(args), "summary": summary, "runs": runs,
                                   "host": harness.environment()})

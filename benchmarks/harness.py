@@ -135,7 +135,7 @@ def combine(runs: list[dict]) -> dict:
     good = [r for r in runs if "error" not in r]
     if not good:
         return {"error": runs[0]["error"] if runs else "not run", "rounds": 0}
-    keys = ("images_per_s", "median_step_s", "compile_s", "first_step_s", "peak_rss_mb")
+    keys = ("images_per_s", "median_step_s", "init_s", "compile_s", "first_step_s", "peak_rss_mb")
     out = {key: _median([r.get(key) for r in good]) for key in keys}
     out["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in good)
     out["steps"] = min(r["steps"] for r in good)  # timed steps per round (fewest)

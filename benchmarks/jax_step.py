@@ -6,7 +6,8 @@ The step is the one `launch.py` trains with: XLA flags from `platform.configure_
 `config.data.name = "synthetic"` batches of the configured size. A few batches are made
 and placed before timing, so only the step is timed. compile_s is `lower + compile` of the
 step, first_step_s the first call of the compiled step; then --warmup untimed and --steps
-timed steps. peak_rss_mb is the process's peak RSS (VmHWM) at the end.
+timed steps. init_s is building the `Trainer` (its initial state is compiled and computed
+there). peak_rss_mb is the process's peak RSS (VmHWM) at the end.
 
     python benchmarks/jax_step.py --model=cliquenet_k36_T12 [--dtype=bfloat16] [--remat=layer]
                                                            [--unroll=0]
@@ -71,7 +72,9 @@ def measure(config, warmup: int, steps: int, budget_s: float = 0.0) -> dict:
     from cliquejax.train import loop, step
 
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = loop.Trainer(config, workdir)
+        started = time.perf_counter()
+        trainer = loop.Trainer(config, workdir)  # builds and compiles the initial state
+        init_s = time.perf_counter() - started
         batch_size = trainer.global_batch
         iterator = data.make_train_iterator(config.data, global_batch_size=batch_size, seed=0)
         batches = [step.global_batch(next(iterator), trainer.shardings)
@@ -94,7 +97,7 @@ def measure(config, warmup: int, steps: int, budget_s: float = 0.0) -> dict:
         first_step_s = time.perf_counter() - started
         seconds = harness.time_steps(run_step, warmup, steps, budget_s)
         result = harness.step_result(
-            seconds, batch_size, compile_s=compile_s, first_step_s=first_step_s,
+            seconds, batch_size, init_s=init_s, compile_s=compile_s, first_step_s=first_step_s,
             rss_before_compile_mb=rss_before, devices=jax.device_count(),
             jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
         trainer.checkpoints.close()
