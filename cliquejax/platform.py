@@ -59,8 +59,8 @@ def default_compilation_cache() -> str:
 def use_compilation_cache(directory: str) -> None:
     """Keeps every compiled program that took over a second in `directory`, so the next
     process with the same program, flags and JAX version loads it instead of compiling:
-    CliqueNet k=36 T=12's training step, 15.7 s to trace and compile on a 2-core CPU, is
-    traced and loaded in 3.2 s (README, "Speed on CPU"). '' turns the cache off; a directory
+    CliqueNet k=36 T=12's training step, 13.1 s to trace and compile on a 2-core CPU, is
+    traced and loaded in 2.8 s (README, "Speed on CPU"). '' turns the cache off; a directory
     that cannot be written only costs a warning."""
     import jax
 

@@ -106,8 +106,8 @@ def test_remat_recomputes_no_batch_moments(remat):
     assert reductions(remat) == reductions("none") > 0
 
 
-# The unrolled form with dropout is the CliqueNet case above (dropout's random bits are most
-# of the compile time); the loop form, with its checkpointed loop body, is only here.
+# The unrolled form with dropout is the CliqueNet case above; the loop form, with its
+# checkpointed loop body, is only here.
 @pytest.mark.parametrize("unroll,dropout", [(True, 0.0), (False, 0.2)], ids=["unrolled", "loop"])
 def test_block_remat_in_both_forms(unroll, dropout):
     """The pure clique block (bottleneck): outputs, new statistics and gradients."""
@@ -141,7 +141,7 @@ def test_bad_remat_is_a_one_line_error():
 def test_float32_compute_is_the_default():
     default, explicit = cliquenet_config(), cliquenet_config()
     explicit.train.compute_dtype = "float32"
-    for config in (default, explicit):  # dropout's random bits make compiling 6x slower
+    for config in (default, explicit):  # dropout makes compiling slower
         config.model.dropout_rate = 0.0
     models = [build_model(config, 10) for config in (default, explicit)]
     assert models[0] == models[1] and models[0].dtype is None
