@@ -241,3 +241,38 @@ def conv2d_matmul(x, kernel, padding="SAME", compute_dtype=jnp.bfloat16):
         rows = x.reshape(-1, x.shape[-1])
         return _pointwise(rows, kernel[0, 0]).reshape(*x.shape[:3], kernel.shape[-1])
     return _conv(x, kernel.reshape(-1, *kernel.shape[2:]), grid)
+
+
+# ----------------------------------------------------------------------------- float32 1x1
+
+
+def _xla_pointwise(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def pointwise_conv(x, kernel):
+    """A 1x1, stride-1 NHWC x HWIO convolution in the input's dtype: XLA's convolution
+    forward and for the input gradient, but the kernel gradient as one dot over all pixels,
+    x(pixels, Cin)^T dy(pixels, Cout), which needs no transposed copy of the activations.
+    XLA:CPU's own kernel gradient transposes them channel-major first; measured on 2 cores,
+    training steps side by side: CliqueNet-S0 b8 4.69-4.76 -> 5.12-5.34 img/s, MBCliqueNet
+    CIFAR-10 b128 10.8 -> 12.4, k=36 T=12 (few 1x1 convs) unchanged."""
+    return _xla_pointwise(x, kernel)
+
+
+def _pointwise_conv_fwd(x, kernel):
+    return _xla_pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_conv_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _xla_pointwise(x, kernel), x)[1](dy)[0]
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    dkernel = lax.dot_general(rows(x), rows(dy), (((0,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)

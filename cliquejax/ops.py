@@ -65,12 +65,15 @@ def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None
     """NHWC x HWIO convolution. `dtype` (e.g. bfloat16) casts both operands; the result
     is returned in that dtype. Stride-1 bfloat16 convolutions (but RGB stems) run as bfloat16
     matrix products (`conv.conv2d_matmul`): XLA's CPU backend computes a bfloat16
-    convolution in float32."""
+    convolution in float32. Other 1x1 stride-1 convolutions take their kernel gradient
+    from one dot (`conv.pointwise_conv`)."""
     bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
     if bf16 and stride == 1 and conv.matmul_pays(kernel.shape):
         return conv.conv2d_matmul(x, kernel, padding, dtype)
     if dtype is not None:
         x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if kernel.shape[:2] == (1, 1) and stride == 1 and padding in ("SAME", "VALID"):
+        return conv.pointwise_conv(x, kernel)
     return jax.lax.conv_general_dilated(
         x,
         kernel,

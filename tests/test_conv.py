@@ -122,3 +122,26 @@ def test_rejects_negative_padding():
     x, kernel, _ = operands(CASES[0])
     with pytest.raises(ValueError, match="negative padding"):
         conv.conv2d_matmul(x, kernel, ((-1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7, 5), (3, 4, 4, 16, 3)])
+def test_pointwise_conv_equals_xla(shape):
+    """`conv.pointwise_conv` (float32 1x1: kernel gradient as one dot) and `ops.conv2d`,
+    which uses it for every stride-1 1x1 convolution: the output and both gradients of a
+    nonlinear loss equal XLA's convolution's."""
+    n, h, w, cin, cout = shape
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, h, w, cin))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 1, cin, cout))
+
+    def grads(conv_fn):
+        loss = lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+
+    expected = grads(lambda x, k: reference(x, k, "SAME"))
+    for ours in (conv.pointwise_conv, lambda x, k: ops.conv2d(x, k)):
+        (value, (dx, dk)), (ref_value, (ref_dx, ref_dk)) = grads(ours), expected
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-4)
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(ops.conv2d(x, k) ** 2))).lower(kernel).compile()
+    assert " dot(" in hlo.as_text() or "dot_general" in hlo.as_text()
