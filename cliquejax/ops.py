@@ -18,7 +18,7 @@ BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original T
 BN_EPSILON = 1e-3
 BN_MOMENTS = "bn_moments"
 # What `jax.checkpoint` keeps when the backward pass rematerialises (config.train.remat):
-# the batch moments, per channel, so only the elementwise work and the convs are redone.
+# each BN's two per-channel batch sums, so the recomputation redoes no reduction.
 REMAT_SAVED = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS)
 
 
