@@ -110,7 +110,7 @@ _WEYL = 0x9E3779B9  # 2^32 / golden ratio
 
 def dropout_seed(rng) -> jax.Array:
     """A uint32 seed: `rng` itself if it already is one, else one draw from the key."""
-    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    rng = jnp.asarray(rng)
     if rng.ndim == 0 and rng.dtype == jnp.uint32:
         return rng
     return jax.random.bits(rng, (), jnp.uint32)

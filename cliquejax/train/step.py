@@ -121,12 +121,13 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
     params, opt_states, finite = state["params"], [], jnp.array(True)
     for idx, tx in enumerate(transforms):  # one pass, or C then M (alternating update)
         (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        grad_norm = global_norm(grads)
         if idx == 0:
-            first = ce, logits, batch_stats, global_norm(grads)
+            first = ce, logits, batch_stats, grad_norm
         updates, opt_state = tx.update(grads, state["opt_state"][idx], params)
         params = optax.apply_updates(params, updates)
         opt_states.append(opt_state)
-        finite &= jnp.isfinite(ce) & jnp.isfinite(global_norm(grads))
+        finite &= jnp.isfinite(ce) & jnp.isfinite(grad_norm)
     ce, logits, batch_stats, grad_norm = first
     new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
                  "opt_state": tuple(opt_states)}
