@@ -89,6 +89,7 @@ def run_app() -> None:
 
 
 if __name__ == "__main__":
+    platform.restart_with_huge_pages()
     platform.configure_xla()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     run_app()

@@ -122,6 +122,7 @@ def main(argv=None) -> None:
 
     from cliquejax import platform
 
+    platform.restart_with_huge_pages()  # as launch.py
     platform.configure_xla()  # as launch.py, before JAX is imported
     platform.use_compilation_cache(args.compilation_cache)
     config = build_config(args)

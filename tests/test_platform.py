@@ -1,7 +1,16 @@
 """platform.configure_xla: the CPU flags are added on CPU only, and a flag the user set
-keeps the user's value."""
+keeps the user's value; restart_with_huge_pages re-executes with malloc's huge pages on."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
 
 from cliquejax import platform
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def flag_names(flags: str) -> set[str]:
@@ -37,3 +46,56 @@ def test_default_compilation_cache(monkeypatch):
     assert platform.default_compilation_cache() == "/somewhere/cliquejax/jax"
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/mine")
     assert platform.default_compilation_cache() == "/mine"
+
+
+def test_huge_pages_are_not_asked_for_twice_or_against_the_user(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("CLIQUEJAX_HUGE_PAGES", "0")
+    assert not platform.huge_pages_wanted()
+    monkeypatch.delenv("CLIQUEJAX_HUGE_PAGES")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert not platform.huge_pages_wanted()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not platform.huge_pages_wanted()
+
+
+RESTARTED_SCRIPT = """
+import ctypes, os, sys
+sys.path.insert(0, {root!r})
+from cliquejax import platform
+print("run", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+platform.restart_with_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+buffer = libc.malloc(64 << 20)  # one fresh mmap, as XLA's large buffers (numpy asks by itself)
+ctypes.memset(buffer, 1, 64 << 20)
+with open("/proc/self/smaps_rollup") as rollup:
+    kib = [int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:")][0]
+print("huge_kib", kib)
+"""
+
+
+def run_restarting_script(tmp_path, **env) -> list[str]:
+    script = tmp_path / "restarting.py"
+    script.write_text(RESTARTED_SCRIPT.format(root=str(ROOT)))
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    environment.update(JAX_PLATFORMS="cpu", **env)
+    done = subprocess.run([sys.executable, str(script), "a", "--b=1"], env=environment,
+                          capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.splitlines()
+
+
+@pytest.mark.skipif(not platform.huge_pages_wanted() and os.environ.get("CLIQUEJAX_HUGE_PAGES")
+                    != "0" and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""),
+                    reason="no glibc >= 2.35 with transparent huge pages on this host")
+def test_restart_keeps_the_arguments_and_gives_malloc_huge_pages(tmp_path):
+    lines = run_restarting_script(tmp_path)
+    assert lines[:2] == ["run None ['a', '--b=1']",
+                         f"run {platform.HUGE_PAGES_TUNABLE} ['a', '--b=1']"]
+    huge_kib = int(lines[2].split()[1])
+    assert huge_kib >= 32 << 10  # at least half of the 64 MiB buffer in 2 MiB pages
+    opted_out = run_restarting_script(tmp_path, CLIQUEJAX_HUGE_PAGES="0")
+    assert opted_out[0] == "run None ['a', '--b=1']" and len(opted_out) == 2
+    assert int(opted_out[1].split()[1]) < 32 << 10
