@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny configs and one short trained run on the bundled digits."""
+"""Shared fixtures: tiny configs and one short trained run on the bundled digits. The tests
+run under the XLA flags launch.py sets (`platform.configure_xla`, before JAX starts)."""
 
 import os
 
 import pytest
 
-from configs import mbclique_digits
+from cliquejax import platform
+
+platform.configure_xla()
+
+from configs import mbclique_digits  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tfds")
 
