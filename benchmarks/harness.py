@@ -28,7 +28,8 @@ MODELS = {
 }
 DEFAULT_BUDGET_S = 300.0  # per process: the lax-loop form and PyTorch's bfloat16 modes take
 # minutes per step on this 2-core CPU; without a limit one round would take hours
-ENV_PREFIXES = ("XLA_FLAGS", "MALLOC_", "LD_PRELOAD", "JAX_", "OMP_", "MKL_", "KMP_")
+ENV_PREFIXES = ("XLA_FLAGS", "MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "JAX_", "OMP_", "MKL_",
+                "KMP_")
 
 
 # ----------------------------------------------------------------------------- in a worker

@@ -108,8 +108,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(harness.MODELS), required=True)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--remat", choices=("none", "layer", "block"), default=None,
-                        help="config.train.remat (default: the config's own)")
+    parser.add_argument("--remat", choices=("none", "layer", "layer_keep_1x1", "block"),
+                        default=None, help="config.train.remat (default: the config's own)")
     parser.add_argument("--unroll", type=int, choices=(0, 1), default=None,
                         help="config.model.unroll (default: the config's own)")
     harness.add_step_args(parser)

@@ -17,9 +17,12 @@ BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original T
 # the PyTorch-based models (MBCliqueNet, CliqueNet ImageNet) use PyTorch's 0.9 (momentum 0.1)
 BN_EPSILON = 1e-3
 BN_MOMENTS = "bn_moments"
+CLIQUE_1X1 = "clique_1x1"  # a bottleneck layer's 1x1 clique conv output (k channels)
 # What `jax.checkpoint` keeps when the backward pass rematerialises (config.train.remat):
-# each BN's two per-channel batch sums, so the recomputation redoes no reduction.
+# each BN's two per-channel batch sums, so the recomputation redoes no reduction;
+# with remat=layer_keep_1x1 also the 1x1 conv outputs, so it redoes no convolution.
 REMAT_SAVED = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS)
+REMAT_SAVED_WITH_1X1 = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS, CLIQUE_1X1)
 
 
 def bn_params(channels: int) -> dict:

@@ -16,6 +16,9 @@ def get_config(arg="S3"):
     config.model.attention = True
     config.model.bn_momentum = 0.9  # the authors' PyTorch model: BatchNorm2d defaults
     config.model.unroll = True
+    # Keep the k-channel 1x1 conv outputs of the bottleneck layers: the backward pass then
+    # recomputes no convolution (S0 224 b8 on CPU: ~+8% img/s for +4% peak memory).
+    config.train.remat = "layer_keep_1x1"
 
     config.data.name = "image_folder"
     config.data.image_size = 224

@@ -16,7 +16,7 @@ import pytest
 from cliquejax import checkpoint, clique, data
 from cliquejax.models import build_model
 from cliquejax.train import loop, optim, step
-from configs import cliquenet_cifar10
+from configs import cliquenet_cifar10, cliquenet_imagenet
 from tests.conftest import tiny_digits_config
 from tests.test_clique import random_block
 
@@ -78,7 +78,7 @@ def assert_trees_close(actual, expected):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("remat", ["layer", "block"])
+@pytest.mark.parametrize("remat", ["layer", "block", "layer_keep_1x1"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_remat_changes_no_value(name, remat):
     loss, grads, stats = one_step(name, "none")
@@ -104,6 +104,25 @@ def test_remat_recomputes_no_batch_moments(remat):
         hlo = train.lower(initial_state("cliquenet"), digits_batch()).compile().as_text()
         return hlo.count(" reduce(")
     assert reductions(remat) == reductions("none") > 0
+
+
+def test_remat_keep_1x1_recomputes_no_clique_convolution():
+    """CliqueNet-S0's clique layers are bottleneck layers: with remat=layer the backward pass
+    redoes each layer's 1x1 conv (a dot once XLA has compiled it), with layer_keep_1x1 none
+    of them; the units outside the blocks (transitions, attention) are rematerialised alike."""
+    def products(remat):
+        config = cliquenet_imagenet.get_config("S0")
+        config.model.channels, config.model.layers = (8, 8, 8, 8), (2, 2, 2, 2)
+        config.train.remat = remat
+        model = build_model(config, 10)
+        state = jax.jit(lambda: step.init_state(model, TRANSFORMS, (64, 64, 3), seed=0))()
+        batch = {"image": jnp.ones((2, 64, 64, 3)), "label": jnp.zeros((2,), jnp.int32)}
+        train = jax.jit(functools.partial(step.train_step, model=model, transforms=TRANSFORMS,
+                                          schedule=optax.constant_schedule(1.0), seed=0))
+        hlo = train.lower(state, batch).compile().as_text()
+        return hlo.count(" dot(") + hlo.count(" convolution(")
+    layer_updates = 4 * 2 * 2  # blocks x layers x stages
+    assert products("layer_keep_1x1") == products("layer") - layer_updates
 
 
 # The unrolled form with dropout is the CliqueNet case above; the loop form, with its

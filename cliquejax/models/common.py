@@ -37,7 +37,8 @@ def compute_dtype(config):
 
 def remat_policy(config) -> str:
     """What the backward pass recomputes, from `config.train.remat` (see `clique`):
-    none | layer (each clique layer and conv unit) | block (each whole block)."""
+    none | layer (each clique layer and conv unit) | layer_keep_1x1 (layer, keeping the 1x1
+    conv outputs of bottleneck layers) | block (each whole block)."""
     name = config.train.get("remat", "none") if "train" in config else "none"
     check_choice("train.remat", name, REMAT_POLICIES)
     return name

@@ -42,7 +42,8 @@ class DenseNet(nn.Module):
 
 def _dense_block(model: DenseNet, x, train: bool, *, index: int):
     """Dense block `index`: each layer's output is concatenated to its input."""
-    unit = layers.checkpointed(layers.BNReLUConv, "layer" if model.remat == "layer" else "none")
+    per_layer = "layer" if model.remat.startswith("layer") else "none"
+    unit = layers.checkpointed(layers.BNReLUConv, per_layer)
     for i in range(model.layers_per_block):
         new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype,
                    name=f"block{index}_layer{i + 1}")(x, train)
