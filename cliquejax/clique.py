@@ -27,11 +27,11 @@ Rematerialisation (`BlockSpec.remat`, `config.train.remat`): "layer" wraps each 
 in `jax.checkpoint` (unrolled: the concatenation of its inputs too, so only the features
 X_j it reads are kept; loop: the loop body), "block" wraps the whole block;
 "layer_keep_1x1" is "layer" keeping the output of each bottleneck layer's 1x1 conv (k
-channels), so that no convolution is recomputed (CliqueNet-S0: +8% speed, +4% memory). The backward
-pass then recomputes those activations instead of storing them; values are unchanged. On
-XLA:CPU this only saves memory with --xla_disable_hlo_passes=cse_barrier_expander (which
-`platform.configure_xla` sets): otherwise that pass removes the optimization barriers and
-CSE merges the recomputation back.
+channels), so that no convolution is recomputed (CliqueNet-S0: +8% speed, +4% memory).
+The backward pass then recomputes those activations instead of storing them; values are
+unchanged. On XLA:CPU this only saves memory with
+--xla_disable_hlo_passes=cse_barrier_expander (which `platform.configure_xla` sets):
+otherwise that pass removes the optimization barriers and CSE merges the recomputation back.
 """
 
 from __future__ import annotations
@@ -252,8 +252,9 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
         b_s = _put(b_s, idx, new_b) if spec.bottleneck else b_s
         return buffer, _put(bn_s, idx, new_bn), b_s
 
-    if _layer_policy(spec) is not None:  # prevent_cse=False is safe (and faster) in a loop
-        body = jax.checkpoint(body, prevent_cse=False, policy=_layer_policy(spec))
+    policy = _layer_policy(spec)
+    if policy is not None:  # prevent_cse=False is safe (and faster) inside a loop
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     buffer, bn_s, b_s = jax.lax.fori_loop(0, len(layers), body, (buffer, bn_s, b_s))
     stats = dict(stats)
     for idx, (name, (at, n)) in enumerate(zip(names, gaps, strict=True)):

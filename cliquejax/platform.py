@@ -78,24 +78,29 @@ def use_compilation_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def huge_pages_wanted() -> bool:
-    """True on a CPU-only Linux host with glibc >= 2.35 whose kernel gives transparent huge
-    pages on request, unless GLIBC_TUNABLES already sets them or the user opted out with
-    CLIQUEJAX_HUGE_PAGES=0."""
-    if os.environ.get("CLIQUEJAX_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
+def huge_pages_available() -> bool:
+    """True on Linux with glibc >= 2.35 (malloc's hugetlb tunable) whose kernel gives
+    transparent huge pages on request."""
     libc, version = host.libc_ver()
-    if libc != "glibc" or tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+    if not sys.platform.startswith("linux") or libc != "glibc":
+        return False
+    if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
         return False
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as modes:
-            if "[never]" in modes.read():
-                return False
+            return "[never]" not in modes.read()
     except OSError:
         return False
-    return running_on_cpu_only()
+
+
+def huge_pages_wanted() -> bool:
+    """True on a CPU-only host where huge pages are available, unless GLIBC_TUNABLES already
+    sets them or the user opted out with CLIQUEJAX_HUGE_PAGES=0."""
+    if os.environ.get("CLIQUEJAX_HUGE_PAGES", "1") == "0":
+        return False
+    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return huge_pages_available() and running_on_cpu_only()
 
 
 def restart_with_huge_pages() -> None:

@@ -87,8 +87,7 @@ def run_restarting_script(tmp_path, **env) -> list[str]:
     return done.stdout.splitlines()
 
 
-@pytest.mark.skipif(not platform.huge_pages_wanted() and os.environ.get("CLIQUEJAX_HUGE_PAGES")
-                    != "0" and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""),
+@pytest.mark.skipif(not platform.huge_pages_available(),
                     reason="no glibc >= 2.35 with transparent huge pages on this host")
 def test_restart_keeps_the_arguments_and_gives_malloc_huge_pages(tmp_path):
     lines = run_restarting_script(tmp_path)

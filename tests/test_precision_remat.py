@@ -55,15 +55,18 @@ def initial_state(name: str):
     return jax.jit(lambda: step.init_state(model, TRANSFORMS, (8, 8, 1), seed=0))()
 
 
+def jitted_train_step(model):
+    return jax.jit(functools.partial(step.train_step, model=model, transforms=TRANSFORMS,
+                                     schedule=optax.constant_schedule(1.0), seed=0))
+
+
 @functools.cache
 def one_step(name: str, remat: str):
     """(loss, gradient, new batch stats) of one jitted `step.train_step` on a digits batch."""
     config = CONFIGS[name]()
     config.train.remat = remat
     model, state = build_model(config, 10), initial_state(name)
-    train = jax.jit(functools.partial(step.train_step, model=model, transforms=TRANSFORMS,
-                                      schedule=optax.constant_schedule(1.0), seed=0))
-    new, metrics = train(state, digits_batch())
+    new, metrics = jitted_train_step(model)(state, digits_batch())
     grads = jax.tree.map(lambda old, updated: old - updated, state["params"], new["params"])
     assert float(metrics["finite"]) == 1.0
     return jax.device_get((metrics["loss"], grads, new["batch_stats"]))
@@ -98,9 +101,7 @@ def test_remat_recomputes_no_batch_moments(remat):
     def reductions(policy):
         config = cliquenet_config()
         config.train.remat, config.model.dropout_rate = policy, 0.0
-        model = build_model(config, 10)
-        train = jax.jit(functools.partial(step.train_step, model=model, transforms=TRANSFORMS,
-                                          schedule=optax.constant_schedule(1.0), seed=0))
+        train = jitted_train_step(build_model(config, 10))
         hlo = train.lower(initial_state("cliquenet"), digits_batch()).compile().as_text()
         return hlo.count(" reduce(")
     assert reductions(remat) == reductions("none") > 0
@@ -117,9 +118,7 @@ def test_remat_keep_1x1_recomputes_no_clique_convolution():
         model = build_model(config, 10)
         state = jax.jit(lambda: step.init_state(model, TRANSFORMS, (64, 64, 3), seed=0))()
         batch = {"image": jnp.ones((2, 64, 64, 3)), "label": jnp.zeros((2,), jnp.int32)}
-        train = jax.jit(functools.partial(step.train_step, model=model, transforms=TRANSFORMS,
-                                          schedule=optax.constant_schedule(1.0), seed=0))
-        hlo = train.lower(state, batch).compile().as_text()
+        hlo = jitted_train_step(model).lower(state, batch).compile().as_text()
         return hlo.count(" dot(") + hlo.count(" convolution(")
     layer_updates = 4 * 2 * 2  # blocks x layers x stages
     assert products("layer_keep_1x1") == products("layer") - layer_updates
