@@ -188,14 +188,15 @@ def unpack_signs(packed, shape, dtype=np.float32) -> np.ndarray:
 
 
 def flip_ratio(old_latent, new_latent):
-    """Fraction of weights whose sign (>= 0 is +) differs; arrays or matching pytrees."""
-    flips_per_leaf = jax.tree.map(
-        lambda old, new: jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32),
-        old_latent,
-        new_latent,
-    )
-    total = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(old_latent))
+    """Fraction of weights whose sign (>= 0 is +) differs; arrays or matching pytrees.
+    The leaves are compared as one concatenated vector: one kernel, not one per leaf."""
+    old_leaves, old_tree = jax.tree.flatten(old_latent)
+    new_leaves, new_tree = jax.tree.flatten(new_latent)
+    if old_tree != new_tree:
+        raise ValueError(f"flip_ratio needs matching pytrees, got {old_tree} and {new_tree}")
+    total = sum(math.prod(jnp.shape(leaf)) for leaf in old_leaves)
     if total == 0:
         raise ValueError("flip_ratio needs at least one weight")
-    flips = sum(jax.tree.leaves(flips_per_leaf))
+    signs = lambda leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) >= 0
+    flips = jnp.sum(signs(old_leaves) != signs(new_leaves), dtype=jnp.int32)
     return (flips / total).astype(jnp.float32)

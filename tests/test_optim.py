@@ -9,7 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from cliquejax.train.optim import l2_penalty, make_optimizer, make_schedule, weight_decay_mask
+from cliquejax.train.optim import (
+    decay_then_flat,
+    l2_penalty,
+    make_optimizer,
+    make_schedule,
+    weight_decay_mask,
+)
 from configs.default import get_config
 
 
@@ -182,6 +188,33 @@ def test_weight_decay_equals_l2_in_loss():
             np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
     bias_without_decay = run_two_steps(make_optimizer(config, 10)[0], params)[-1]["bias"]
     np.testing.assert_allclose(with_decay[-1]["bias"], bias_without_decay, rtol=1e-7)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_flat_decay_equals_per_leaf_decay_chain(masked):
+    """decay_then_flat = optax.chain(add_decayed_weights, flatten(sgd)): the same updates
+    bit for bit and a state of the same structure (checkpoints written before it load),
+    also under optax.masked (MBCliqueNet's alternating update)."""
+    sgd = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    mask_fn = lambda params: weight_decay_mask(params, "kernels")
+    flat = decay_then_flat(sgd, 5e-4, mask_fn)
+    chained = optax.chain(optax.add_decayed_weights(5e-4, mask=mask_fn), optax.flatten(sgd))
+    if masked:
+        only_kernels = {"kernel": True, "bias": False, "block": {"W_0to1": True, "scale": False}}
+        flat, chained = optax.masked(flat, only_kernels), optax.masked(chained, only_kernels)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
+    params = {"kernel": jax.random.normal(next(keys), (3, 4)), "bias": jnp.ones(4),
+              "block": {"W_0to1": jax.random.normal(next(keys), (2, 2)), "scale": jnp.ones(2)}}
+    states = flat.init(params), chained.init(params)
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+        (u_flat, s_flat), (u_chain, s_chain) = (
+            jax.jit(tx.update)(grads, state, params)
+            for tx, state in zip((flat, chained), states, strict=True))
+        jax.tree.map(np.testing.assert_array_equal, u_flat, u_chain)
+        jax.tree.map(np.testing.assert_array_equal, s_flat, s_chain)
+        params, states = optax.apply_updates(params, u_flat), (s_flat, s_chain)
 
 
 def nested_params():
