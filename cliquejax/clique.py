@@ -41,7 +41,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from cliquejax import ops
 
@@ -123,7 +122,7 @@ def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     y, new_bn = ops.bn_relu(x, bn[0], bn[1], train, spec.bn_momentum)
     y = ops.conv2d(y, kernel, dtype=spec.dtype)
     if bottleneck is not None:
-        y = checkpoint_name(y, ops.CLIQUE_1X1)
+        y = ops.saved_name(y, ops.CLIQUE_1X1)
     y = ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 0), train)
     if bottleneck is None:
         return y, new_bn, None

@@ -25,6 +25,30 @@ REMAT_SAVED = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS)
 REMAT_SAVED_WITH_1X1 = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS, CLIQUE_1X1)
 
 
+def _named_bits(x, name: str):
+    if x.dtype != jnp.float32:
+        return checkpoint_name(x, name)
+    bits = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint32), name)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def saved_name(x, name: str):
+    """`checkpoint_name(x, name)` without the copy. JAX passes every saved floating-point
+    residual through `reduce_precision` to its own format (jax PR 22244), the identity for
+    float32, which XLA:CPU keeps as a kernel of its own wherever the producer cannot absorb
+    it (a convolution, a reduction): a full copy of each kept 1x1 conv output. A float32
+    residual is therefore saved as its uint32 bits: the same value, and the derivative of
+    the identity (a bitcast alone would have none)."""
+    return _named_bits(x, name)
+
+
+@saved_name.defjvp
+def _saved_name_jvp(name, primals, tangents):
+    # the name must be traced here, outside the custom_jvp call, for remat policies to see it
+    return _named_bits(primals[0], name), tangents[0]
+
+
 def bn_params(channels: int) -> dict:
     return {"scale": jnp.ones((channels,)), "bias": jnp.zeros((channels,))}
 
@@ -45,8 +69,8 @@ def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM, epsilon=BN_E
         # named so that rematerialisation keeps these two vectors instead of recomputing
         # two reductions over x (`REMAT_SAVED`)
         count = math.prod(x.shape[:-1])
-        mean = checkpoint_name(jnp.sum(x32, axes), BN_MOMENTS) / count
-        mean_square = checkpoint_name(jnp.sum(jnp.square(x32), axes), BN_MOMENTS) / count
+        mean = saved_name(jnp.sum(x32, axes), BN_MOMENTS) / count
+        mean_square = saved_name(jnp.sum(jnp.square(x32), axes), BN_MOMENTS) / count
         var = jnp.maximum(mean_square - jnp.square(mean), 0.0)
         new_stats = {
             "mean": momentum * stats["mean"] + (1 - momentum) * mean,

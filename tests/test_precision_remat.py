@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cliquejax import checkpoint, clique, data
+from cliquejax import checkpoint, clique, data, ops
 from cliquejax.models import build_model
 from cliquejax.train import loop, optim, step
 from configs import cliquenet_cifar10, cliquenet_imagenet
@@ -119,9 +119,26 @@ def test_remat_keep_1x1_recomputes_no_clique_convolution():
         state = jax.jit(lambda: step.init_state(model, TRANSFORMS, (64, 64, 3), seed=0))()
         batch = {"image": jnp.ones((2, 64, 64, 3)), "label": jnp.zeros((2,), jnp.int32)}
         hlo = jitted_train_step(model).lower(state, batch).compile().as_text()
+        # saved as bits (`ops.saved_name`): no kept value is copied through reduce-precision
+        # (before: 408 of them, one a full copy of each kept 1x1 output)
+        assert "reduce-precision" not in hlo
         return hlo.count(" dot(") + hlo.count(" convolution(")
     layer_updates = 4 * 2 * 2  # blocks x layers x stages
     assert products("layer_keep_1x1") == products("layer") - layer_updates
+
+
+def test_saved_name_is_the_identity_with_its_derivative(capsys):
+    """`ops.saved_name` keeps a float32 value as its bits: value and gradient are the
+    identity's (a bare bitcast would have cut the gradient), also under remat, and the
+    value is what the policy saves."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+    f = lambda x: jnp.sum(jnp.sin(ops.saved_name(x * x, ops.BN_MOMENTS)))
+    remat_f = jax.checkpoint(f, policy=ops.REMAT_SAVED)
+    np.testing.assert_array_equal(ops.saved_name(x, ops.BN_MOMENTS), x)
+    for fn in (f, remat_f):
+        np.testing.assert_allclose(jax.grad(fn)(x), 2 * x * jnp.cos(x * x), rtol=1e-6)
+    jax.ad_checkpoint.print_saved_residuals(remat_f, x)
+    assert f"u32[5,3] named '{ops.BN_MOMENTS}'" in capsys.readouterr().out
 
 
 # The unrolled form with dropout is the CliqueNet case above; the loop form, with its
