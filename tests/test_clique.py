@@ -99,3 +99,18 @@ def test_param_layout_names_the_pieces():
     assert "BN_II_3" not in layout  # only layers 1..x get a Stage-II BN
     kernels = [n for n, (kind, _) in layout.items() if kind == "kernel"]
     assert len(kernels) == 3 * 2 + 3  # W[j->i] for j != i, plus W[0->i]
+
+
+@pytest.mark.parametrize("remat", ["none", "layer"])
+def test_equal_shaped_layers_are_traced_once(monkeypatch, remat):
+    """With remat, the n Stage-II layers of a block (equal shapes) share one traced layer
+    function: the block traces n + 1 layers, not 2n (Stage I's n have n shapes)."""
+    traced = []
+    real_layer = clique._layer
+    monkeypatch.setattr(clique, "_layer", lambda *a, **kw: traced.append(1) or real_layer(*a, **kw))
+    # odd sizes, so that no earlier test has traced these shapes already
+    spec = clique.BlockSpec(in_channels=5, channels=3, num_layers=4, dropout_rate=0.0,
+                            remat=remat)
+    params, stats = random_block(spec)
+    run_block(spec, params, stats, jnp.ones((2, 5, 5, 5)), train=True)
+    assert len(traced) == (spec.num_layers + 1 if remat == "layer" else 2 * spec.num_layers)
