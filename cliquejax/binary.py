@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 # ---------------------------------------------------------------------------------------
 # Sign functions: forward sign(w) = +1 for w >= 0 and -1 otherwise (never 0), each with
@@ -197,6 +198,6 @@ def flip_ratio(old_latent, new_latent):
     total = sum(math.prod(jnp.shape(leaf)) for leaf in old_leaves)
     if total == 0:
         raise ValueError("flip_ratio needs at least one weight")
-    signs = lambda leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) >= 0
+    signs = lambda leaves: ravel_pytree(leaves)[0] >= 0
     flips = jnp.sum(signs(old_leaves) != signs(new_leaves), dtype=jnp.int32)
     return (flips / total).astype(jnp.float32)

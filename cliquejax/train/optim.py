@@ -11,8 +11,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 SCHEDULE_NAMES = ("constant", "cosine", "sgdr", "step")
 OPTIMIZER_NAMES = ("sgd",)
@@ -153,18 +153,6 @@ def _validate_optimizer(opt) -> None:
         raise _not_one_of("optimizer.weight_decay_on", opt.weight_decay_on, WEIGHT_DECAY_TARGETS)
 
 
-def _ravel(tree):
-    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
-
-
-def _unravel_like(tree, flat):
-    leaves, treedef = jax.tree.flatten(tree)
-    ends = np.cumsum([np.size(leaf) for leaf in leaves])[:-1]
-    pieces = jnp.split(flat, ends)
-    return treedef.unflatten(
-        [piece.reshape(jnp.shape(leaf)) for piece, leaf in zip(pieces, leaves, strict=True)])
-
-
 def decay_then_flat(inner: optax.GradientTransformation, weight_decay: float, mask_fn):
     """`optax.chain(optax.add_decayed_weights(weight_decay, mask=mask_fn),
     optax.flatten(inner))` with the decay added to the flat gradient: the same arithmetic
@@ -173,17 +161,17 @@ def decay_then_flat(inner: optax.GradientTransformation, weight_decay: float, ma
     decay = optax.add_decayed_weights(weight_decay, mask=mask_fn)
 
     def init(params):
-        return decay.init(params), inner.init(_ravel(params))
+        return decay.init(params), inner.init(ravel_pytree(params)[0])
 
     def update(updates, state, params):
         decay_state, inner_state = state
-        rate = [jnp.full(jnp.size(leaf), weight_decay if decayed else 0.0, leaf.dtype)
-                for leaf, decayed in zip(jax.tree.leaves(params),
-                                         jax.tree.leaves(mask_fn(params)), strict=True)]
-        flat_params = _ravel(params)
-        decayed = _ravel(updates) + jnp.concatenate(rate) * flat_params
+        rate = jax.tree.map(lambda leaf, decayed: jnp.full(leaf.shape, weight_decay * decayed,
+                                                           leaf.dtype), params, mask_fn(params))
+        flat_params = ravel_pytree(params)[0]
+        flat_grads, unravel = ravel_pytree(updates)
+        decayed = flat_grads + ravel_pytree(rate)[0] * flat_params
         flat_updates, inner_state = inner.update(decayed, inner_state, flat_params)
-        return _unravel_like(updates, flat_updates), (decay_state, inner_state)
+        return unravel(flat_updates), (decay_state, inner_state)
 
     return optax.GradientTransformation(init, update)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -108,7 +109,7 @@ def _loss_fn(model, state, batch, rng):
 def global_norm(tree):
     """optax.global_norm as one reduction over the concatenated leaves (one kernel, not one
     per parameter)."""
-    flat = jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)])
+    flat = ravel_pytree(tree)[0].astype(jnp.float32)
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
