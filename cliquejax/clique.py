@@ -143,16 +143,12 @@ def _layer_policy(spec: BlockSpec):
     return ops.REMAT_SAVED if spec.remat == "layer" else None
 
 
+@functools.cache
 def _remat_if(policy, fn, **static):
     """`fn` with its static (non-array) arguments bound, under `jax.checkpoint` with `policy`
     unless that is None. One function object per (policy, fn, static): JAX caches the trace
     of a checkpointed function by its identity, so equal-shaped layers are traced once."""
-    return _bound(policy, fn, tuple(sorted(static.items())))
-
-
-@functools.cache
-def _bound(policy, fn, static: tuple):
-    bound = functools.partial(fn, **dict(static))
+    bound = functools.partial(fn, **static)
     return bound if policy is None else jax.checkpoint(bound, policy=policy)
 
 
