@@ -66,7 +66,8 @@ def default_compilation_cache() -> str:
 
 
 def use_compilation_cache(directory: str) -> None:
-    """Keeps every compiled program that took over a second in `directory`, so the next
+    """Keeps every compiled program that took over a second (or
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) in `directory`, so the next
     process with the same program, flags and JAX version loads it instead of compiling:
     CliqueNet k=36 T=12's training step, 13.1 s to trace and compile on a 2-core CPU, is
     traced and loaded in 2.8 s (README, "Speed on CPU"). '' turns the cache off; a directory
@@ -75,7 +76,8 @@ def use_compilation_cache(directory: str) -> None:
 
     if directory:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def huge_pages_available() -> bool:
