@@ -34,9 +34,10 @@ def _bn_param_init(_, channels):
 
 
 class BatchNorm(nn.Module):
-    """BN (epsilon 1e-3); params {scale, bias}, batch_stats {mean, var}."""
+    """BN (epsilon 1e-3), then ReLU if `relu`; params {scale, bias}, batch_stats {mean, var}."""
 
     momentum: float = ops.BN_MOMENTUM
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -45,8 +46,9 @@ class BatchNorm(nn.Module):
                   "bias": self.param("bias", nn.initializers.zeros, shape)}
         mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
         var = self.variable("batch_stats", "var", jnp.ones, shape)
-        y, new_stats = ops.batch_norm(x, params, {"mean": mean.value, "var": var.value}, train,
-                                      self.momentum)
+        norm = ops.bn_relu if self.relu else ops.batch_norm
+        y, new_stats = norm(x, params, {"mean": mean.value, "var": var.value}, train,
+                            self.momentum)
         if train and self.is_mutable_collection("batch_stats"):
             mean.value, var.value = new_stats["mean"], new_stats["var"]
         return y
@@ -91,7 +93,7 @@ class BNReLUConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = nn.relu(BatchNorm(self.bn_momentum, name="bn")(x, train))
+        y = BatchNorm(self.bn_momentum, relu=True, name="bn")(x, train)
         y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
                  name="conv")(y)
         return Dropout(self.dropout_rate)(y, train)
@@ -137,7 +139,7 @@ class PooledFeature(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return ops.global_avg_pool(nn.relu(BatchNorm(self.bn_momentum, name="bn")(x, train)))
+        return ops.global_avg_pool(BatchNorm(self.bn_momentum, relu=True, name="bn")(x, train))
 
 
 class CliqueBlock(nn.Module):

@@ -44,7 +44,7 @@ class CliqueNet(nn.Module):
             return layers.Conv(64, 3, kernel_init=self.kernel_init, dtype=self.dtype,
                                name="stem")(x)
         x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, name="stem")(x)
-        x = nn.relu(layers.BatchNorm(self.bn_momentum, name="stem_bn")(x, train))
+        x = layers.BatchNorm(self.bn_momentum, relu=True, name="stem_bn")(x, train)
         return ops.max_pool(x, 3, 2)
 
     @nn.compact

@@ -110,7 +110,7 @@ class MBCliqueNet(nn.Module):
 
 def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
     """BN -> ReLU -> (binary) 1x1 conv -> 2x2 average pool, from block `index` to the next."""
-    x = nn.relu(layers.BatchNorm(model.bn_momentum, name=f"transition{index}_bn")(x, train))
+    x = layers.BatchNorm(model.bn_momentum, relu=True, name=f"transition{index}_bn")(x, train)
     x = layers.BinaryConv(model.widths[index], 1, model._quantize_if(model.binarize_transition),
                           model.dtype, name=f"transition{index}")(x)
     return ops.avg_pool(x, 2)
