@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cliquejax import ops
+from cliquejax import clique, ops
 from cliquejax.models import build_model
 from tests.test_precision_remat import (
     cliquenet_config,
@@ -63,7 +63,19 @@ def test_written_gradient_equals_autodiff(dtype, tolerance, train):
     assert float(jnp.max(jnp.abs(ref_dx.astype(jnp.float32)))) > 0
 
 
-def test_backward_takes_one_reduction_less_per_bn_relu(monkeypatch):
+@pytest.fixture
+def fresh_traces():
+    """Drops cached traces before and after: a checkpointed layer's trace is cached by its
+    function, which outlives a monkeypatched `ops.bn_relu`."""
+    def clear():
+        jax.clear_caches()
+        clique._remat_if.cache_clear()
+    clear()
+    yield clear
+    clear()
+
+
+def test_backward_takes_one_reduction_less_per_bn_relu(monkeypatch, fresh_traces):
     """In a real (tiny CliqueNet) training step, each BN-ReLU's backward pass reduces two
     products per channel where JAX's derivative of the plain expression reduced three (or
     more: XLA did not always merge those of the stem and transitions)."""
@@ -74,7 +86,7 @@ def test_backward_takes_one_reduction_less_per_bn_relu(monkeypatch):
             calls.append(1)
             return bn_relu(*args, **kwargs)
         monkeypatch.setattr(ops, "bn_relu", counted)
-        jax.clear_caches()
+        fresh_traces()
         calls.clear()
         config = cliquenet_config()
         train = jitted_train_step(build_model(config, 10))
