@@ -79,12 +79,15 @@ def _statistics(x, stats, train: bool, momentum):
                        "var": momentum * stats["var"] + (1 - momentum) * var}
 
 
-def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM, epsilon=BN_EPSILON):
+def _normalize(x, mean, var, scale, bias):
+    """(x - mean) * rsqrt(var + eps) * scale + bias per channel, in float32."""
+    return (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
+
+
+def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM):
     """Per-channel BN over all but the last axis. Returns (y, new_stats)."""
     mean, var, new_stats = _statistics(x, stats, train, momentum)
-    inv = jax.lax.rsqrt(var + epsilon) * params["scale"]
-    y = (x.astype(jnp.float32) - mean) * inv + params["bias"]
-    return y.astype(x.dtype), new_stats
+    return _normalize(x, mean, var, params["scale"], params["bias"]).astype(x.dtype), new_stats
 
 
 def bn_relu(x, params, stats, train: bool, momentum=BN_MOMENTUM):
@@ -108,8 +111,7 @@ def normalize_relu(x, mean, var, scale, bias):
 
 
 def _normalize_relu_fwd(x, mean, var, scale, bias):
-    inv = jax.lax.rsqrt(var + BN_EPSILON) * scale
-    y = jax.nn.relu((x.astype(jnp.float32) - mean) * inv + bias)
+    y = jax.nn.relu(_normalize(x, mean, var, scale, bias))
     return y.astype(x.dtype), (x, mean, var, scale, bias)
 
 
@@ -117,10 +119,10 @@ def _normalize_relu_bwd(residuals, dy):
     x, mean, var, scale, bias = residuals
     axes = tuple(range(x.ndim - 1))
     r = jax.lax.rsqrt(var + BN_EPSILON)
-    x32 = x.astype(jnp.float32)
-    g = jnp.where((x32 - mean) * (r * scale) + bias > 0, dy.astype(jnp.float32), 0.0)
+    g = jnp.where(_normalize(x, mean, var, scale, bias) > 0, dy.astype(jnp.float32), 0.0)
     g1 = jnp.sum(g, axes)
-    g2 = jnp.sum(g * x32, axes) - mean * g1  # sum(g * (x - mean)) without an x - mean tensor
+    # sum(g * (x - mean)) without an x - mean tensor
+    g2 = jnp.sum(g * x.astype(jnp.float32), axes) - mean * g1
     dx = (g * (r * scale)).astype(x.dtype)
     return dx, -r * scale * g1, -0.5 * scale * r**3 * g2, r * g2, g1
 
