@@ -11,6 +11,7 @@ import pytest
 
 from cliquejax.train.optim import (
     decay_then_flat,
+    flat_decay_rate,
     l2_penalty,
     make_optimizer,
     make_schedule,
@@ -190,13 +191,14 @@ def test_weight_decay_equals_l2_in_loss():
     np.testing.assert_allclose(with_decay[-1]["bias"], bias_without_decay, rtol=1e-7)
 
 
+@pytest.mark.parametrize("target", ["kernels", "all"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_flat_decay_equals_per_leaf_decay_chain(masked):
+def test_flat_decay_equals_per_leaf_decay_chain(masked, target):
     """decay_then_flat = optax.chain(add_decayed_weights, flatten(sgd)): the same updates
     bit for bit and a state of the same structure (checkpoints written before it load),
     also under optax.masked (MBCliqueNet's alternating update)."""
     sgd = optax.sgd(0.1, momentum=0.9, nesterov=True)
-    mask_fn = lambda params: weight_decay_mask(params, "kernels")
+    mask_fn = lambda params: weight_decay_mask(params, target)
     flat = decay_then_flat(sgd, 5e-4, mask_fn)
     chained = optax.chain(optax.add_decayed_weights(5e-4, mask=mask_fn), optax.flatten(sgd))
     if masked:
@@ -215,6 +217,22 @@ def test_flat_decay_equals_per_leaf_decay_chain(masked):
         jax.tree.map(np.testing.assert_array_equal, u_flat, u_chain)
         jax.tree.map(np.testing.assert_array_equal, s_flat, s_chain)
         params, states = optax.apply_updates(params, u_flat), (s_flat, s_chain)
+
+
+@pytest.mark.parametrize("target, concatenations", [("all", 2), ("kernels", 3)])
+def test_uniform_decay_builds_no_rate_vector(target, concatenations):
+    """With weight decay on every parameter the rate is one scalar: the update concatenates
+    only the parameters and the gradients, not a per-element rate vector as well."""
+    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}
+    mask_fn = lambda p: weight_decay_mask(p, target)
+    tx = decay_then_flat(optax.sgd(0.1, momentum=0.9), 5e-4, mask_fn)
+    rate = flat_decay_rate(params, mask_fn(params), 5e-4)
+    # ravel_pytree order: "bias" (not a kernel) before "kernel"
+    per_element = np.array([0.0] * 4 + [5e-4] * 12, np.float32)
+    np.testing.assert_array_equal(rate, 5e-4 if target == "all" else per_element)
+    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+    names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+    assert names.count("concatenate") == concatenations
 
 
 def nested_params():
