@@ -13,7 +13,6 @@ per-parameter form reads and writes each value fewer times.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import statistics
@@ -37,7 +36,7 @@ from cliquejax.train import optim, step  # noqa: E402
 
 def model_params(name: str):
     spec = harness.MODELS[name]
-    config = importlib.import_module(f"configs.{spec['config']}").get_config(spec["arg"])
+    config = harness.model_config(name)
     model = build_model(config, spec["num_classes"])
     images = jnp.zeros((1, spec["image_size"], spec["image_size"], 3))
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))

@@ -5,6 +5,7 @@ torch, so each worker process loads only the framework it measures."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -30,6 +31,12 @@ DEFAULT_BUDGET_S = 300.0  # per process: the lax-loop form and PyTorch's bfloat1
 # minutes per step on this 2-core CPU; without a limit one round would take hours
 ENV_PREFIXES = ("XLA_FLAGS", "MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "JAX_", "OMP_", "MKL_",
                 "KMP_")
+
+
+def model_config(name: str):
+    """The config file of benchmark model `name`, unchanged (imported only when called)."""
+    spec = MODELS[name]
+    return importlib.import_module(f"configs.{spec['config']}").get_config(spec["arg"])
 
 
 # ----------------------------------------------------------------------------- in a worker

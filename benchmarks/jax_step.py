@@ -17,7 +17,6 @@ there). peak_rss_mb is the process's peak RSS (VmHWM) at the end.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ PLACED_BATCHES = 2  # distinct batches the timed steps cycle through
 def build_config(args):
     """The model's config file with the benchmark's overrides and synthetic data."""
     spec = harness.MODELS[args.model]
-    config = importlib.import_module(f"configs.{spec['config']}").get_config(spec["arg"])
+    config = harness.model_config(args.model)
     batch = args.batch or spec["batch"]
     size = args.image_size or spec["image_size"]
     for field in ("k", "T"):
