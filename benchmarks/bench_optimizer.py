@@ -57,7 +57,7 @@ def compiled_update(tx, params, grads):
         updates, new_opt_state = tx.update(grads, opt_state, params)
         finite = jnp.isfinite(step.global_norm(grads))  # as train_step
         new = (optax.apply_updates(params, updates), new_opt_state)
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, (params, opt_state))
+        return step.keep_if(finite, new, (params, opt_state))
     state = jax.tree.map(jnp.copy, (params, tx.init(params)))
     compiled = jax.jit(update, donate_argnums=(0, 1)).lower(*state, grads).compile()
     return compiled, state

@@ -113,6 +113,11 @@ def global_norm(tree):
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
+def keep_if(finite, new, old):
+    """`new` where `finite` holds, else `old`, leaf by leaf: a bad update is never kept."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int,
                binary_mask=None):
     """One SGD step. A non-finite loss or gradient leaves the state unchanged and reports
@@ -132,7 +137,7 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
     ce, logits, batch_stats, grad_norm = first
     new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
                  "opt_state": tuple(opt_states)}
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = keep_if(finite, new_state, state)
     metrics = {"loss": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
                "lr": schedule(state["step"]), "grad_norm": grad_norm,
                "finite": finite.astype(jnp.float32)}
