@@ -9,6 +9,7 @@ import shutil
 import time
 
 import jax
+import ml_collections
 
 from cliquejax import report
 
@@ -17,6 +18,24 @@ MODEL_FIELDS = ("model", "data.name", "data.image_size")
 
 class ConfigMismatchError(ValueError):
     pass
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was made with: `workdir/config.json`, the run's identity. Evaluation,
+    export and prediction read it, so they need only `--workdir`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise ConfigMismatchError(f"--workdir={workdir!r} does not exist; allowed: a run "
+                                  "directory written by launch.py (it holds config.json)")
+    try:
+        with open(path) as handle:
+            return ml_collections.ConfigDict(json.load(handle))
+    except FileNotFoundError:
+        raise ConfigMismatchError(f"{path} not found: {workdir!r} holds no run; allowed: a run "
+                                  "directory written by launch.py") from None
+    except (OSError, ValueError) as error:
+        raise ConfigMismatchError(f"{path} cannot be read ({error}); allowed: the "
+                                  "config.json that launch.py wrote") from None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
