@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_MOMENTUM = 0.001  # torch's momentum is 1 - decay; SPEC: decay 0.999, epsilon 1e-3
+BN_MOMENTUM = 0.001  # torch's momentum is 1 - decay; the TF original: decay 0.999, eps 1e-3
 BN_EPSILON = 1e-3
 STEM_CHANNELS = 64
 MODES = ("float32", "channels_last", "bf16_autocast", "bf16_channels_last")
@@ -195,7 +195,7 @@ def random_variables(model, images, seed: int = 0):
     values also spare `model.init`, which takes seconds.)"""
     import jax
 
-    from cliquejax.ops import BN_MOMENTUM
+    from cliquejax.ops import TF_BN
 
     rng = np.random.default_rng(seed)
 
@@ -213,7 +213,7 @@ def random_variables(model, images, seed: int = 0):
     # From zero running statistics one training step leaves (1 - decay) * batch statistics.
     zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, np.float32), shapes["batch_stats"])
     _, updates = forward(model, {"params": params, "batch_stats": zeros}, images, train=True)
-    stats = jax.tree.map(lambda s: s / (1.0 - BN_MOMENTUM), updates["batch_stats"])
+    stats = jax.tree.map(lambda s: s / (1.0 - TF_BN.momentum), updates["batch_stats"])
     return {"params": params, "batch_stats": stats}
 
 

@@ -60,7 +60,7 @@ class BlockSpec:
     x: int = 0  # variant X: layers 1..x get a Stage-II update
     bottleneck: bool = False
     dropout_rate: float = 0.2
-    bn_momentum: float = ops.BN_MOMENTUM
+    bn: ops.BNSpec = ops.TF_BN
     unroll: bool = True
     dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
     remat: str = "none"  # REMAT_POLICIES (module docstring)
@@ -119,7 +119,7 @@ def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
     input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
     Returns (output, new BN stats, new bottleneck BN stats or None)."""
-    y, new_bn = ops.bn_relu(x, bn[0], bn[1], train, spec.bn_momentum)
+    y, new_bn = ops.bn_relu(x, bn[0], bn[1], train, spec.bn)
     y = ops.conv2d(y, kernel, dtype=spec.dtype)
     if bottleneck is not None:
         y = ops.saved_name(y, ops.CLIQUE_1X1)
@@ -127,7 +127,7 @@ def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     if bottleneck is None:
         return y, new_bn, None
     b_params, b_stats, b_kernel = bottleneck
-    y, new_b = ops.bn_relu(y, b_params, b_stats, train, spec.bn_momentum)
+    y, new_b = ops.bn_relu(y, b_params, b_stats, train, spec.bn)
     y = ops.conv2d(y, b_kernel, dtype=spec.dtype)
     return ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 1), train), new_bn, new_b
 

@@ -34,9 +34,10 @@ def _bn_param_init(_, channels):
 
 
 class BatchNorm(nn.Module):
-    """BN (epsilon 1e-3), then ReLU if `relu`; params {scale, bias}, batch_stats {mean, var}."""
+    """BN as `bn` says (`ops.BNSpec`), then ReLU if `relu`; params {scale, bias},
+    batch_stats {mean, var}."""
 
-    momentum: float = ops.BN_MOMENTUM
+    bn: ops.BNSpec = ops.TF_BN
     relu: bool = False
 
     @nn.compact
@@ -47,8 +48,7 @@ class BatchNorm(nn.Module):
         mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
         var = self.variable("batch_stats", "var", jnp.ones, shape)
         norm = ops.bn_relu if self.relu else ops.batch_norm
-        y, new_stats = norm(x, params, {"mean": mean.value, "var": var.value}, train,
-                            self.momentum)
+        y, new_stats = norm(x, params, {"mean": mean.value, "var": var.value}, train, self.bn)
         if train and self.is_mutable_collection("batch_stats"):
             mean.value, var.value = new_stats["mean"], new_stats["var"]
         return y
@@ -89,11 +89,11 @@ class BNReLUConv(nn.Module):
     dropout_rate: float = 0.0
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
-    bn_momentum: float = ops.BN_MOMENTUM
+    bn: ops.BNSpec = ops.TF_BN
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = BatchNorm(self.bn_momentum, relu=True, name="bn")(x, train)
+        y = BatchNorm(self.bn, relu=True, name="bn")(x, train)
         y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
                  name="conv")(y)
         return Dropout(self.dropout_rate)(y, train)
@@ -121,12 +121,12 @@ class Transition(nn.Module):
     attention: bool = False
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
-    bn_momentum: float = ops.BN_MOMENTUM
+    bn: ops.BNSpec = ops.TF_BN
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = BNReLUConv(x.shape[-1], 1, self.dropout_rate, self.kernel_init, self.dtype,
-                       self.bn_momentum, name="unit")(x, train)
+                       self.bn, name="unit")(x, train)
         if self.attention:
             y = Attention(name="attention")(y)
         return ops.avg_pool(y, 2)
@@ -135,11 +135,11 @@ class Transition(nn.Module):
 class PooledFeature(nn.Module):
     """BN -> ReLU -> global average pool: one block's contribution to the multi-scale head."""
 
-    bn_momentum: float = ops.BN_MOMENTUM
+    bn: ops.BNSpec = ops.TF_BN
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return ops.global_avg_pool(BatchNorm(self.bn_momentum, relu=True, name="bn")(x, train))
+        return ops.global_avg_pool(BatchNorm(self.bn, relu=True, name="bn")(x, train))
 
 
 class CliqueBlock(nn.Module):

@@ -4,6 +4,7 @@ convolution, dropout and pooling. Parameters and statistics are plain pytrees
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -13,9 +14,29 @@ from jax.ad_checkpoint import checkpoint_name
 
 from cliquejax import conv
 
-BN_MOMENTUM = 0.999  # SPEC section 1: decay 0.999, epsilon 1e-3 (the original TF code);
-# the PyTorch-based models (MBCliqueNet, CliqueNet ImageNet) use PyTorch's 0.9 (momentum 0.1)
-BN_EPSILON = 1e-3
+
+@dataclasses.dataclass(frozen=True)
+class BNSpec:
+    """How a model's BatchNorm behaves, as in the framework of its original code.
+
+    momentum: running = momentum * running + (1 - momentum) * batch statistic.
+    epsilon: added to the variance before the inverse square root.
+    unbiased_running_var: the running variance takes the batch variance with Bessel's
+      correction, n / (n - 1) for n values per channel (PyTorch's `nn.BatchNorm2d`); the
+      normalisation in training uses the biased batch variance in both frameworks.
+    """
+
+    momentum: float = 0.999
+    epsilon: float = 1e-3
+    unbiased_running_var: bool = False
+
+
+# The CIFAR CliqueNet's original TensorFlow code: batch_norm with decay 0.999, epsilon 1e-3.
+TF_BN = BNSpec(momentum=0.999, epsilon=1e-3, unbiased_running_var=False)
+# PyTorch `nn.BatchNorm2d` defaults (momentum 0.1 keeps 0.9, eps 1e-5, unbiased running var):
+# the authors' ImageNet CliqueNet and MBCliqueNet ("We implement our models in the Pytorch
+# platform", MBCliqueNet section 4).
+TORCH_BN = BNSpec(momentum=0.9, epsilon=1e-5, unbiased_running_var=True)
 BN_MOMENTS = "bn_moments"
 CLIQUE_1X1 = "clique_1x1"  # a bottleneck layer's 1x1 clique conv output (k channels)
 # What `jax.checkpoint` keeps when the backward pass rematerialises (config.train.remat):
@@ -70,35 +91,39 @@ def batch_moments(x):
     return mean, jnp.maximum(mean_square - jnp.square(mean), 0.0)
 
 
-def _statistics(x, stats, train: bool, momentum):
+def _statistics(x, stats, train: bool, bn: BNSpec):
     """(mean, var, new running stats): the batch's in training, the running ones otherwise."""
     if not train:
         return stats["mean"], stats["var"], stats
     mean, var = batch_moments(x)
-    return mean, var, {"mean": momentum * stats["mean"] + (1 - momentum) * mean,
-                       "var": momentum * stats["var"] + (1 - momentum) * var}
+    count = math.prod(x.shape[:-1])
+    running_var = var * (count / max(count - 1, 1)) if bn.unbiased_running_var else var
+    m = bn.momentum
+    return mean, var, {"mean": m * stats["mean"] + (1 - m) * mean,
+                       "var": m * stats["var"] + (1 - m) * running_var}
 
 
-def _normalize(x, mean, var, scale, bias):
+def _normalize(x, mean, var, scale, bias, epsilon):
     """(x - mean) * rsqrt(var + eps) * scale + bias per channel, in float32."""
-    return (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
+    return (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
 
 
-def batch_norm(x, params, stats, train: bool, momentum=BN_MOMENTUM):
+def batch_norm(x, params, stats, train: bool, bn: BNSpec = TF_BN):
     """Per-channel BN over all but the last axis. Returns (y, new_stats)."""
-    mean, var, new_stats = _statistics(x, stats, train, momentum)
-    return _normalize(x, mean, var, params["scale"], params["bias"]).astype(x.dtype), new_stats
+    mean, var, new_stats = _statistics(x, stats, train, bn)
+    y = _normalize(x, mean, var, params["scale"], params["bias"], bn.epsilon)
+    return y.astype(x.dtype), new_stats
 
 
-def bn_relu(x, params, stats, train: bool, momentum=BN_MOMENTUM):
+def bn_relu(x, params, stats, train: bool, bn: BNSpec = TF_BN):
     """ReLU(batch_norm(x)), with the written-out gradient of `normalize_relu`.
     Returns (y, new_stats)."""
-    mean, var, new_stats = _statistics(x, stats, train, momentum)
-    return normalize_relu(x, mean, var, params["scale"], params["bias"]), new_stats
+    mean, var, new_stats = _statistics(x, stats, train, bn)
+    return normalize_relu(x, mean, var, params["scale"], params["bias"], bn.epsilon), new_stats
 
 
-@jax.custom_vjp
-def normalize_relu(x, mean, var, scale, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def normalize_relu(x, mean, var, scale, bias, epsilon):
     """ReLU((x - mean) * rsqrt(var + eps) * scale + bias) per channel (the last axis).
 
     Its gradient is written out. With r = rsqrt(var + eps), g = dy where the output is
@@ -107,19 +132,20 @@ def normalize_relu(x, mean, var, scale, bias):
     derivative of the same expression took three reductions and kept x - mean and g r scale
     as full tensors: two kernels and two passes over the layer input more per BN in the
     backward pass (README, "Speed on CPU")."""
-    return _normalize_relu_fwd(x, mean, var, scale, bias)[0]
+    return _normalize_relu_fwd(x, mean, var, scale, bias, epsilon)[0]
 
 
-def _normalize_relu_fwd(x, mean, var, scale, bias):
-    y = jax.nn.relu(_normalize(x, mean, var, scale, bias))
+def _normalize_relu_fwd(x, mean, var, scale, bias, epsilon):
+    y = jax.nn.relu(_normalize(x, mean, var, scale, bias, epsilon))
     return y.astype(x.dtype), (x, mean, var, scale, bias)
 
 
-def _normalize_relu_bwd(residuals, dy):
+def _normalize_relu_bwd(epsilon, residuals, dy):
     x, mean, var, scale, bias = residuals
     axes = tuple(range(x.ndim - 1))
-    r = jax.lax.rsqrt(var + BN_EPSILON)
-    g = jnp.where(_normalize(x, mean, var, scale, bias) > 0, dy.astype(jnp.float32), 0.0)
+    r = jax.lax.rsqrt(var + epsilon)
+    g = jnp.where(_normalize(x, mean, var, scale, bias, epsilon) > 0,
+                  dy.astype(jnp.float32), 0.0)
     g1 = jnp.sum(g, axes)
     # sum(g * (x - mean)) without an x - mean tensor
     g2 = jnp.sum(g * x.astype(jnp.float32), axes) - mean * g1

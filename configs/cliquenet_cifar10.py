@@ -16,7 +16,11 @@ def get_config(arg=None):
     config.model.bottleneck = False  # --if_b
     config.model.compression = False  # --if_c
     config.model.dropout_rate = 0.2
-    config.model.bn_momentum = 0.999  # the original TF code's batch_norm decay
+    # BatchNorm as the original TensorFlow code has it: decay 0.999, epsilon 1e-3, the biased
+    # batch variance in the moving average
+    config.model.bn_momentum = 0.999
+    config.model.bn_epsilon = 1e-3
+    config.model.bn_running_var = "biased"
     config.model.unroll = True  # Python-unrolled layers (faster here, README "Speed")
 
     config.data.name = "cifar10"

@@ -11,4 +11,7 @@ def get_config(arg=None):
     config.model.k = 12
     config.model.T = 36
     config.model.dropout_rate = 0.2
+    config.model.bn_momentum = 0.999  # BatchNorm as in the CliqueNet CIFAR code it is compared with
+    config.model.bn_epsilon = 1e-3
+    config.model.bn_running_var = "biased"
     return config

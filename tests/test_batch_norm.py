@@ -29,27 +29,28 @@ def inputs(dtype):
     return x, params, stats, weights
 
 
-def plain_bn_relu(x, params, stats, train, momentum=ops.BN_MOMENTUM):
-    y, new_stats = ops.batch_norm(x, params, stats, train, momentum)
+def plain_bn_relu(x, params, stats, train, bn=ops.TF_BN):
+    y, new_stats = ops.batch_norm(x, params, stats, train, bn)
     return jax.nn.relu(y), new_stats
 
 
-def loss_and_grads(fn, dtype, train):
+def loss_and_grads(fn, dtype, train, bn=ops.TF_BN):
     x, params, stats, weights = inputs(dtype)
 
     def loss(x, params):
-        y, new_stats = fn(x, params, stats, train)
+        y, new_stats = fn(x, params, stats, train, bn)
         return jnp.sum(y.astype(jnp.float32) * weights), new_stats
 
     (value, new_stats), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
     return value, new_stats, grads
 
 
+@pytest.mark.parametrize("bn", [ops.TF_BN, ops.TORCH_BN])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
-def test_written_gradient_equals_autodiff(dtype, tolerance, train):
-    value, stats, (dx, dparams) = loss_and_grads(ops.bn_relu, dtype, train)
-    ref_value, ref_stats, (ref_dx, ref_dparams) = loss_and_grads(plain_bn_relu, dtype, train)
+def test_written_gradient_equals_autodiff(dtype, tolerance, train, bn):
+    value, stats, (dx, dparams) = loss_and_grads(ops.bn_relu, dtype, train, bn)
+    ref_value, ref_stats, (ref_dx, ref_dparams) = loss_and_grads(plain_bn_relu, dtype, train, bn)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -96,3 +97,43 @@ def test_backward_takes_one_reduction_less_per_bn_relu(monkeypatch, fresh_traces
     written = compiled_reductions(ops.bn_relu)
     assert len(calls) > 10
     assert compiled_reductions(plain_bn_relu) >= written + len(calls)  # 96 against 79 + 14
+
+
+@pytest.mark.parametrize("bn", [ops.TF_BN, ops.TORCH_BN])
+def test_batch_norm_equals_hand_computed(bn):
+    """Training normalises with the biased batch variance and updates the running statistics
+    with `momentum`, the variance corrected by n / (n - 1) where the framework does (PyTorch);
+    evaluation normalises with the running statistics; epsilon inside the square root."""
+    x, params, stats, _ = inputs(jnp.float32)
+    xs, scale, bias = np.asarray(x, np.float64), np.asarray(params["scale"]), params["bias"]
+    n = xs.size // xs.shape[-1]
+    mean, var = xs.mean(axis=(0, 1, 2)), xs.var(axis=(0, 1, 2))
+    y, new = ops.batch_norm(x, params, stats, True, bn)
+    np.testing.assert_allclose(y, (xs - mean) / np.sqrt(var + bn.epsilon) * scale + bias,
+                               rtol=1e-5, atol=1e-5)
+    running_var = var * n / (n - 1) if bn.unbiased_running_var else var
+    m = bn.momentum
+    np.testing.assert_allclose(new["mean"], m * np.asarray(stats["mean"]) + (1 - m) * mean,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"], m * np.asarray(stats["var"]) + (1 - m) * running_var,
+                               rtol=1e-5, atol=1e-6)
+    y_eval, same = ops.batch_norm(x, params, stats, False, bn)
+    ref = (xs - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]) + bn.epsilon)
+    np.testing.assert_allclose(y_eval, ref * scale + bias, rtol=1e-5, atol=1e-5)
+    assert same is stats
+
+
+@pytest.mark.parametrize("config_name,expected", [
+    ("cliquenet_cifar10", ops.TF_BN), ("cliquenet_svhn", ops.TF_BN),
+    ("densenet_cifar10", ops.TF_BN), ("cliquenet_imagenet", ops.TORCH_BN),
+    ("mbclique_cifar10", ops.TORCH_BN), ("mbclique_mnist", ops.TORCH_BN),
+    ("mbclique_digits", ops.TORCH_BN), ("mbclique_tinyimagenet", ops.TORCH_BN)])
+def test_each_model_has_its_frameworks_batch_norm(config_name, expected):
+    """The TF-derived CIFAR CliqueNet keeps epsilon 1e-3 and the biased running variance; the
+    PyTorch-derived models (ImageNet CliqueNet, MBCliqueNet) have nn.BatchNorm2d's defaults."""
+    import importlib
+
+    from cliquejax import models
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    assert models.build_model(config, 10).bn == expected

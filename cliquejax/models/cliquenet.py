@@ -12,7 +12,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import clique, layers, ops
-from cliquejax.models.common import check_choice, check_range, compute_dtype, remat_policy
+from cliquejax.models.common import (
+    bn_spec,
+    check_choice,
+    check_range,
+    compute_dtype,
+    remat_policy,
+)
 
 
 class CliqueNet(nn.Module):
@@ -29,14 +35,14 @@ class CliqueNet(nn.Module):
     kernel_init: Any = layers.he_fan_in
     unroll: bool = True
     dtype: Any = None
-    bn_momentum: float = ops.BN_MOMENTUM
+    bn: ops.BNSpec = ops.TF_BN
     remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
 
     def block_spec(self, b: int, in_channels: int) -> clique.BlockSpec:
         return clique.BlockSpec(
             in_channels=in_channels, channels=self.channels[b], num_layers=self.num_layers[b],
             variant=self.variant, x=self.x, bottleneck=self.bottleneck,
-            dropout_rate=self.dropout_rate, bn_momentum=self.bn_momentum, unroll=self.unroll,
+            dropout_rate=self.dropout_rate, bn=self.bn, unroll=self.unroll,
             dtype=self.dtype, remat=self.remat)
 
     def _stem(self, x, train):
@@ -44,7 +50,7 @@ class CliqueNet(nn.Module):
             return layers.Conv(64, 3, kernel_init=self.kernel_init, dtype=self.dtype,
                                name="stem")(x)
         x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, name="stem")(x)
-        x = layers.BatchNorm(self.bn_momentum, relu=True, name="stem_bn")(x, train)
+        x = layers.BatchNorm(self.bn, relu=True, name="stem_bn")(x, train)
         return ops.max_pool(x, 3, 2)
 
     @nn.compact
@@ -59,12 +65,12 @@ class CliqueNet(nn.Module):
             if self.compression:
                 block = unit(layers.BNReLUConv)(
                     block.shape[-1] // 2, 1, self.dropout_rate, self.kernel_init, self.dtype,
-                    self.bn_momentum, name=f"compression{b + 1}")(block, train)
-            pooled.append(unit(layers.PooledFeature)(self.bn_momentum, name=f"pool{b + 1}")(
+                    self.bn, name=f"compression{b + 1}")(block, train)
+            pooled.append(unit(layers.PooledFeature)(self.bn, name=f"pool{b + 1}")(
                 block, train))
             if b < len(self.channels) - 1:
                 x = unit(layers.Transition)(self.dropout_rate, self.attention, self.kernel_init,
-                                            self.dtype, self.bn_momentum,
+                                            self.dtype, self.bn,
                                             name=f"transition{b + 1}")(transit, train)
         features = jnp.concatenate(pooled, axis=-1).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
@@ -102,4 +108,4 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
         x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn_momentum=m.get("bn_momentum", ops.BN_MOMENTUM), remat=remat_policy(config))
+        bn=bn_spec(m), remat=remat_policy(config))

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from cliquejax import layers
 from cliquejax.models.cliquenet import CliqueNet
-from cliquejax.models.common import check_choice, check_lengths, compute_dtype, remat_policy
+from cliquejax.models.common import (
+    bn_spec,
+    check_choice,
+    check_lengths,
+    compute_dtype,
+    remat_policy,
+)
 
 SETTINGS = {  # name: (k per block, layers per block)
     "S0": ((36, 64, 100, 80), (5, 6, 6, 6)),
@@ -32,4 +38,4 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=channels, num_layers=num_layers, variant="II+II",
         attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
         stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
-        dtype=compute_dtype(config), bn_momentum=m.bn_momentum, remat=remat_policy(config))
+        dtype=compute_dtype(config), bn=bn_spec(m), remat=remat_policy(config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from cliquejax import ops
 from cliquejax.clique import REMAT_POLICIES
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -19,6 +20,25 @@ def check_range(field: str, value, low=None, high=None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"{low} <= {field}" + (f" <= {high}" if high is not None else "")
         raise ValueError(f"{field}={value!r} is out of range; allowed: {bounds}")
+
+
+BN_RUNNING_VARS = ("biased", "unbiased")
+
+
+def bn_spec(model_config) -> ops.BNSpec:
+    """The model's BatchNorm from `model.bn_momentum`, `model.bn_epsilon` and
+    `model.bn_running_var` (biased | unbiased); a field left out takes the CIFAR CliqueNet's
+    TensorFlow value (`ops.TF_BN`), which is also what runs made before these fields used."""
+    m = model_config
+    momentum = m.get("bn_momentum", ops.TF_BN.momentum)
+    epsilon = m.get("bn_epsilon", ops.TF_BN.epsilon)
+    running_var = m.get("bn_running_var", "unbiased" if ops.TF_BN.unbiased_running_var
+                        else "biased")
+    check_range("model.bn_momentum", momentum, 0.0, 1.0)
+    if not epsilon > 0:
+        raise ValueError(f"model.bn_epsilon={epsilon!r} is out of range; allowed: > 0")
+    check_choice("model.bn_running_var", running_var, BN_RUNNING_VARS)
+    return ops.BNSpec(float(momentum), float(epsilon), running_var == "unbiased")
 
 
 def check_lengths(fields: dict) -> None:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import layers, ops
-from cliquejax.models.common import check_range, compute_dtype, remat_policy
+from cliquejax.models.common import bn_spec, check_range, compute_dtype, remat_policy
 
 
 class DenseNet(nn.Module):
@@ -22,6 +22,7 @@ class DenseNet(nn.Module):
     dropout_rate: float = 0.2
     dtype: Any = None
     remat: str = "none"  # none | layer (each conv unit) | block (each dense block; transitions)
+    bn: ops.BNSpec = ops.TF_BN
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -33,10 +34,10 @@ class DenseNet(nn.Module):
             x = layers.checkpointed(block, "block" if self.remat == "block" else "none")(
                 self, x, train)
             if b < 2:
-                x = unit(x.shape[-1], 1, self.dropout_rate, dtype=self.dtype,
+                x = unit(x.shape[-1], 1, self.dropout_rate, dtype=self.dtype, bn=self.bn,
                          name=f"transition{b + 1}")(x, train)
                 x = ops.avg_pool(x, 2)
-        pooled = layers.PooledFeature(name="pool")(x, train).astype(jnp.float32)
+        pooled = layers.PooledFeature(self.bn, name="pool")(x, train).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(pooled)
 
 
@@ -45,7 +46,7 @@ def _dense_block(model: DenseNet, x, train: bool, *, index: int):
     per_layer = "layer" if model.remat.startswith("layer") else "none"
     unit = layers.checkpointed(layers.BNReLUConv, per_layer)
     for i in range(model.layers_per_block):
-        new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype,
+        new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype, bn=model.bn,
                    name=f"block{index}_layer{i + 1}")(x, train)
         x = jnp.concatenate([x, new], axis=-1)
     return x
@@ -58,4 +59,4 @@ def build(config, num_classes: int) -> DenseNet:
         raise ValueError(f"model.T={m.T} gives 0 layers per block; allowed: T >= 3")
     check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
     return DenseNet(num_classes, m.k, m.T // 3, m.dropout_rate, compute_dtype(config),
-                    remat_policy(config))
+                    remat_policy(config), bn_spec(m))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from cliquejax import binary, clique, layers, ops
 from cliquejax.models.common import (
+    bn_spec,
     check_choice,
     check_lengths,
     check_range,
@@ -77,7 +78,7 @@ class MBCliqueNet(nn.Module):
     dropout_rate: float = 0.0
     unroll: bool = True
     dtype: Any = None
-    bn_momentum: float = 0.9
+    bn: ops.BNSpec = ops.TORCH_BN
     remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
 
     def _quantize_if(self, flag: bool):
@@ -91,26 +92,26 @@ class MBCliqueNet(nn.Module):
         for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
                                     bottleneck=True, dropout_rate=self.dropout_rate,
-                                    bn_momentum=self.bn_momentum, unroll=self.unroll,
+                                    bn=self.bn, unroll=self.unroll,
                                     dtype=self.dtype, remat=self.remat)
             block, transit = ModulatedCliqueBlock(
                 spec, num_planes=self.num_planes, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
             pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
-                self.bn_momentum, name=f"pool{b + 1}")(block, train))
+                self.bn, name=f"pool{b + 1}")(block, train))
             if b + 1 < len(self.widths):
                 transition = functools.partial(_transition, index=b + 1)
                 x = layers.checkpointed(transition, self.remat)(self, transit, train)
         features = jnp.concatenate(pooled, axis=-1)[:, None, None, :]
         logits = layers.BinaryConv(self.num_classes, 1, self._quantize_if(self.binarize_head),
                                    self.dtype, name="head_conv")(features)[:, 0, 0, :]
-        return layers.BatchNorm(self.bn_momentum, name="head_bn")(logits.astype(jnp.float32),
+        return layers.BatchNorm(self.bn, name="head_bn")(logits.astype(jnp.float32),
                                                                    train)
 
 
 def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
     """BN -> ReLU -> (binary) 1x1 conv -> 2x2 average pool, from block `index` to the next."""
-    x = layers.BatchNorm(model.bn_momentum, relu=True, name=f"transition{index}_bn")(x, train)
+    x = layers.BatchNorm(model.bn, relu=True, name=f"transition{index}_bn")(x, train)
     x = layers.BinaryConv(model.widths[index], 1, model._quantize_if(model.binarize_transition),
                           model.dtype, name=f"transition{index}")(x)
     return ops.avg_pool(x, 2)
@@ -128,7 +129,7 @@ def validate(m) -> None:
     binary.get_sign_function(m.sign_fn, field="model.sign_fn")
     check_choice("model.update_order", m.update_order, UPDATES)
     check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
-    check_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0)
+    bn_spec(m)
 
 
 def build(config, num_classes: int) -> MBCliqueNet:
@@ -140,7 +141,7 @@ def build(config, num_classes: int) -> MBCliqueNet:
         binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
         binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn_momentum=m.bn_momentum, remat=remat_policy(config))
+        bn=bn_spec(m), remat=remat_policy(config))
 
 
 # ----------------------------------------------------------------------------- storage
