@@ -59,4 +59,7 @@ def get_config():
     config.schedule.factor = 0.1  # step: multiply at each boundary
     config.schedule.first_period_epochs = 2.0  # sgdr
     config.schedule.period_multiplier = 2.0  # sgdr
+    # sgdr: summed (cycle i lasts first * multiplier**i: ends at 2, 6, 14, ... epochs) |
+    # doubling (cycles end at first * multiplier**i: 2, 4, 8, ... epochs; MBCliqueNet's reading)
+    config.schedule.sgdr_restarts = "summed"
     return config

@@ -120,6 +120,72 @@ def test_sgdr_restart_exact_where_float_log_rounds_down():
     assert lr_at(schedule, 109) == pytest.approx(sgdr_reference(109, [10, 110]), rel=1e-4)
 
 
+def test_sgdr_doubling_cycles_end_at_first_times_powers_of_two():
+    """MBCliqueNet's reading: cycles end at epochs 2, 4, 8, 16, ... (lengths 2, 2, 4, 8)."""
+    config = sgdr_config()
+    config.schedule.sgdr_restarts = "doubling"
+    schedule = make_schedule(config, steps_per_epoch=10)
+    starts = [0, 20, 40, 80, 160, 320, 640]
+    for step in starts:
+        assert lr_at(schedule, step) == np.float32(0.1), step
+    for step in (1, 10, 19, 21, 30, 39, 41, 79, 100, 159, 161, 319, 639):
+        assert lr_at(schedule, step) == pytest.approx(sgdr_reference(step, starts), rel=1e-4)
+    assert lr_at(schedule, 30) == pytest.approx((0.1 + 1e-4) / 2, rel=1e-5)
+    assert lr_at(schedule, 319) < 1.1e-4  # the last step of a 160-step cycle
+
+
+def test_sgdr_doubling_needs_a_multiplier_above_one():
+    config = sgdr_config(multiplier=1.0)
+    config.schedule.sgdr_restarts = "doubling"
+    with pytest.raises(ValueError, match="period_multiplier=1.0 must be > 1"):
+        make_schedule(config, steps_per_epoch=10)
+    config.schedule.sgdr_restarts = "halving"
+    with pytest.raises(ValueError, match="schedule.sgdr_restarts='halving' is not one of"):
+        make_schedule(config, steps_per_epoch=10)
+
+
+# Training-set sizes (examples per epoch) of the configs' data sets; image folders: ImageNet
+# (1,281,167) for CliqueNet, Tiny ImageNet (100 classes x 500) for MBCliqueNet.
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits": 1437,
+               "svhn_cropped": 73_257, "cliquenet_imagenet": 1_281_167,
+               "mbcliquenet": 50_000}
+
+
+def schedule_minimum(config) -> float:
+    sched = config.schedule
+    if sched.name in ("cosine", "sgdr"):
+        return sched.min_lr
+    if sched.name == "step":
+        return config.optimizer.lr * sched.factor ** len(sched.boundaries)
+    return config.optimizer.lr
+
+
+def paper_configs():
+    import importlib
+    import pathlib
+
+    for path in sorted(pathlib.Path(__file__).parents[1].joinpath("configs").glob("*.py")):
+        if path.stem in ("__init__", "default"):
+            continue
+        module = importlib.import_module(f"configs.{path.stem}")
+        for arg in (("S0", "S1", "S2", "S3") if path.stem == "cliquenet_imagenet" else (None,)):
+            yield f"{path.stem}:{arg}" if arg else path.stem, module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,config", list(paper_configs()), ids=lambda v: str(v)[:40])
+def test_every_config_ends_at_its_schedules_minimum(name, config):
+    """No config may end mid-cycle: the learning rate of its last training step is within 1%
+    of its schedule's minimum (SGDR, cosine, step)."""
+    data = config.data.name
+    size = TRAIN_SIZES[data if data in TRAIN_SIZES else config.model.name]
+    if config.data.get("svhn_extra"):
+        size += 531_131
+    steps_per_epoch = size // config.train.batch_size
+    schedule = make_schedule(config, steps_per_epoch)
+    last = config.train.epochs * steps_per_epoch - 1
+    assert lr_at(schedule, last) == pytest.approx(schedule_minimum(config), rel=0.01), name
+
+
 def quadratic_loss(params):
     curvature = {"kernel": jnp.array([1.0, 3.0]), "bias": jnp.array([2.0])}
     return sum(0.5 * jnp.sum(curvature[k] * params[k] ** 2) for k in params)

@@ -54,39 +54,63 @@ def _cosine_schedule(lr: float, min_lr: float, total_steps: int) -> optax.Schedu
     return schedule
 
 
-def _sgdr_period_start(first_period: float, multiplier: float, index):
-    """Step at which period `index` starts, snapped to an integer step within float error."""
-    if multiplier == 1.0:
-        start = first_period * index
-    else:
-        start = first_period * (jnp.power(multiplier, index) - 1.0) / (multiplier - 1.0)
+SGDR_RESTARTS = ("doubling", "summed")
+
+
+def _snap(start):
+    """`start` snapped to the nearest integer step when within float error of it."""
     nearest_step = jnp.round(start)
     float_error = 1e-6 * jnp.maximum(jnp.abs(start), 1.0)
     return jnp.where(jnp.abs(start - nearest_step) <= float_error, nearest_step, start)
 
 
-def _sgdr_schedule(lr: float, min_lr: float, first_period: float, multiplier: float):
-    """Warm restarts: period i lasts first_period * multiplier**i steps."""
-    if first_period <= 0:
-        raise ValueError(f"schedule.first_period_epochs gives {first_period!r} steps, need > 0")
-    if multiplier < 1.0:
-        raise ValueError(f"schedule.period_multiplier={multiplier!r} must be >= 1")
+def _sgdr_cycle_start(first: float, multiplier: float, restarts: str, index):
+    """Step at which cycle `index` starts.
+
+    summed: cycle i lasts first * multiplier**i (Loshchilov & Hutter's T_mult), so cycles end
+      at first, first * (1 + m), ...: for 2 epochs and m = 2 at epochs 2, 6, 14, 30, ...
+    doubling: cycles end at first * multiplier**i, i.e. at epochs 2, 4, 8, 16, ... (lengths
+      2, 2, 4, 8, ...). MBCliqueNet's reading (section 4: periods "2 epochs, and then 4, 8,
+      16, 32, 64, 128" with 32 and 256 epochs of training, and Fig. 3 comparing the 64th and
+      256th epochs): every run length of the paper ends a cycle at the minimum rate."""
+    if restarts == "doubling":
+        start = jnp.where(index > 0, first * jnp.power(multiplier, index - 1.0), 0.0)
+    elif multiplier == 1.0:
+        start = first * index
+    else:
+        start = first * (jnp.power(multiplier, index) - 1.0) / (multiplier - 1.0)
+    return _snap(start)
+
+
+def _sgdr_schedule(lr: float, min_lr: float, first: float, multiplier: float,
+                   restarts: str = "summed"):
+    """Cosine from lr to min_lr within each cycle, restarting at lr (SGDR)."""
+    if first <= 0:
+        raise ValueError(f"schedule.first_period_epochs gives {first!r} steps, need > 0")
+    if restarts not in SGDR_RESTARTS:
+        raise _not_one_of("schedule.sgdr_restarts", restarts, SGDR_RESTARTS)
+    if multiplier < 1.0 or (restarts == "doubling" and multiplier == 1.0):
+        low = "> 1 with schedule.sgdr_restarts='doubling'" if restarts == "doubling" else ">= 1"
+        raise ValueError(f"schedule.period_multiplier={multiplier!r} must be {low}")
+    cycle_start = lambda index: _sgdr_cycle_start(first, multiplier, restarts, index)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         if multiplier == 1.0:
-            index = jnp.floor(step / first_period)
+            index = jnp.floor(step / first)
+        elif restarts == "doubling":
+            ratio = jnp.maximum(step / first, 1.0)
+            index = jnp.where(step < first, 0.0,
+                              jnp.floor(jnp.log(ratio) / math.log(multiplier)) + 1.0)
         else:
-            periods = 1.0 + step * (multiplier - 1.0) / first_period
+            periods = 1.0 + step * (multiplier - 1.0) / first
             index = jnp.floor(jnp.log(periods) / math.log(multiplier))
         # The float index can be one off next to a restart; correct it against the starts
-        # themselves so that step == period start always lands at t = 0.
-        index = jnp.where(_sgdr_period_start(first_period, multiplier, index) > step,
-                          index - 1.0, index)
-        index = jnp.where(_sgdr_period_start(first_period, multiplier, index + 1.0) <= step,
-                          index + 1.0, index)
-        start = _sgdr_period_start(first_period, multiplier, index)
-        length = _sgdr_period_start(first_period, multiplier, index + 1.0) - start
+        # themselves so that step == cycle start always lands at t = 0.
+        index = jnp.where(cycle_start(index) > step, index - 1.0, index)
+        index = jnp.where(cycle_start(index + 1.0) <= step, index + 1.0, index)
+        start = cycle_start(index)
+        length = cycle_start(index + 1.0) - start
         since_start = jnp.maximum(step - start, 0.0)
         return _cosine_between(lr, min_lr, since_start / length)
 
@@ -107,7 +131,8 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     if sched.name == "sgdr":
         first_period = float(sched.first_period_epochs) * steps_per_epoch
         return _sgdr_schedule(lr, float(sched.min_lr), first_period,
-                              float(sched.period_multiplier))
+                              float(sched.period_multiplier),
+                              sched.get("sgdr_restarts", "summed"))
     raise _not_one_of("schedule.name", sched.name, SCHEDULE_NAMES)
 
 
