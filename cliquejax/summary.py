@@ -8,6 +8,13 @@ offset, dense weights and biases); BN moving statistics are a separate collectio
 counted. MACs are read off the jaxpr of the inference forward pass for one image: every
 `conv_general_dilated` and `dot_general`, attributed to the module in whose name scope it runs.
 FLOPs = 2 x MACs, the convention of the published tables.
+
+Binary models (MBCliqueNet) also get their storage: 1 bit per binary weight, 32 per float
+parameter, per module and in total, and the conv filters' ratio against two baselines, each
+named: the full-precision CliqueNet of the same widths without modulation
+(`conv_compression_vs_full_precision`, also `conv_compression`), and u-MBCliqueNet, the
+same network with binarisation off and modulation kept (`conv_compression_vs_u_mbcliquenet`;
+the MBCliqueNet paper's bracketed model, built here with `model.binarize=False`).
 """
 
 from __future__ import annotations
