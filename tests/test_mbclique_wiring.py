@@ -5,6 +5,8 @@ concatenated inputs -> BN-ReLU -> modulated binary 3x3 conv with the block's one
 {X0, Stage-II} pooled for the head, Stage-II through the transition; head 1x1 conv -> BN.
 Only `jax.lax.conv_general_dilated` and `jnp` below; nothing from cliquejax but the model."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ def built(config, seed=0):
     def randomise(key):
         def leaf(path, value):
             name = str(path[-1].key)
-            k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 2**31)
+            k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
             if name in ("scale", "var"):
                 return jax.random.uniform(k, value.shape, minval=0.5, maxval=1.5)
             if name in ("bias", "mean"):
