@@ -24,6 +24,7 @@ def get_config(arg=None):
     config.model.unroll = True  # Python-unrolled layers (faster here, README "Speed")
 
     config.data.name = "cifar10"
+    config.data.augment = "none"  # the published errors are without augmentation
     config.train.epochs = 300
     config.train.batch_size = 64
     config.optimizer.lr = 0.1

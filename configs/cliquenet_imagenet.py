@@ -27,6 +27,7 @@ def get_config(arg="S3"):
     config.data.name = "image_folder"
     config.data.image_size = 224
     config.data.num_classes = 1000
+    config.data.augment = "imagenet"  # random-resized crop 224 (+ flip); eval 256 -> 224
     config.data.flip = True
     config.train.epochs = 100
     config.train.batch_size = 160

@@ -22,8 +22,11 @@ def get_config():
     config.data.num_train = 0  # synthetic only
     config.data.num_test = 0  # synthetic only
     config.data.svhn_extra = False  # svhn_cropped: train on train+extra (the CliqueNet recipe)
-    config.data.flip = False  # random horizontal flip (p=0.5)
-    config.data.crop_padding = 0  # pad by this many pixels, then random crop back to size
+    # cifar: flip + pad-and-crop below | imagenet: random-resized crop (+ flip) for training,
+    # resize to 256/224 x size + centre crop for evaluation | none (cliquejax.data.augment)
+    config.data.augment = "cifar"
+    config.data.flip = False  # random horizontal flip (p=0.5), cifar and imagenet
+    config.data.crop_padding = 0  # cifar: pad by this many pixels, then random crop back to size
     config.data.worker_count = 0  # grain worker processes (0: in the main process)
 
     config.train = ml_collections.ConfigDict()

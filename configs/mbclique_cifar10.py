@@ -29,6 +29,7 @@ def get_config(arg=None):
     m.unroll = True
 
     config.data.name = "cifar10"
+    config.data.augment = "cifar"
     config.data.flip = True
     config.data.crop_padding = 4
     config.train.epochs = 256

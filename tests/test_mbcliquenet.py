@@ -34,6 +34,12 @@ def test_modulated_binary_conv_module():
 def test_cifar10_storage_is_at_least_32x_smaller():
     report = summary.summarize(mbclique_cifar10.get_config())
     assert report["conv_compression"] >= 32
+    # the MBCliqueNet paper's bracketed u-MBCliqueNet stores the width / K latent filters in
+    # float32: against it the ratio is just under 32 (M-filters and the stem stay float)
+    assert 31.0 < report["conv_compression_vs_u_mbcliquenet"] < 32.0
+    text = summary.format_table(report)
+    assert f"{report['conv_compression_vs_full_precision']:.1f}x smaller than the full-pre" in text
+    assert f"{report['conv_compression_vs_u_mbcliquenet']:.1f}x smaller than u-MBCliqueNet" in text
     assert report["binary_params"] + report["float_params"] == report["params"]
     assert report["float32_bytes"] == 4 * (report["params"] + report["batch_stats"])
     assert report["latent_compression"] == pytest.approx(
@@ -53,6 +59,26 @@ def test_storage_counts_by_hand():
     bn_channels = (8 + 16) + 2 * 8 + 2 * 8 + 2 * 8  # BN_I_1/2, BN_II_1/2, 4 bottleneck BNs
     float_bits = 32 * (36 + 2 * bn_channels)
     assert block1["bits"] == binary_bits + float_bits
+
+
+def test_conv_ratios_against_both_baselines_come_from_the_real_models():
+    """u-MBCliqueNet (binarize=False) is built and its conv filters are all float32: its own
+    conv bytes are the baseline. The full-precision unmodulated network has the filters of
+    u-MBCliqueNet with K = 1 (one plane per filter) less its one-plane M-filters."""
+    report = summary.summarize(small_config())
+    u_report = summary.summarize(small_config(binarize=False))
+    assert u_report["binary_params"] == 0
+    assert report["conv_u_mbcliquenet_bytes"] == u_report["conv_packed_bytes"]
+    assert report["conv_compression_vs_u_mbcliquenet"] == pytest.approx(
+        u_report["conv_packed_bytes"] / report["conv_packed_bytes"])
+    unmodulated = summary.summarize(small_config(binarize=False, K=1))
+    one_plane_m_filters = 4 * 3 * 9  # three blocks, one 3x3 plane each, float32
+    assert report["conv_float32_bytes"] == unmodulated["conv_packed_bytes"] - one_plane_m_filters
+    assert report["conv_compression_vs_full_precision"] == report["conv_compression"]
+    assert report["conv_compression_vs_full_precision"] == pytest.approx(
+        report["conv_float32_bytes"] / report["conv_packed_bytes"])
+    assert set(report["storage_baselines"]) == {"conv_compression_vs_full_precision",
+                                                "conv_compression_vs_u_mbcliquenet"}
 
 
 def effective_binary_weights(config, params):

@@ -6,6 +6,10 @@ the p-th contiguous slice of B = G / process_count positions. Augmentation of th
 at position q of epoch e draws from a generator seeded by (seed, e, q) only. So a batch is
 a pure function of (seed, global step, process layout), the union over processes equals
 the one-process batch, and starting at any step needs no replay.
+
+`config.data.augment` (cifar | imagenet | none, see `augment`) picks the training
+augmentation and the evaluation view. The "imagenet" crops read an image folder's images
+at their own size; every other choice reads them as the source gives them.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from PIL import Image
 
-from cliquejax.data import augment, info, sources
+from cliquejax.data import augment, info, local_sources, sources
 
 _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1
@@ -64,8 +69,7 @@ class _TrainExampleReader:
         global_batch,
         local_batch,
         process_index,
-        flip,
-        crop_padding,
+        augmentation,
     ):
         self.source = source
         self.seed = seed
@@ -73,8 +77,7 @@ class _TrainExampleReader:
         self.global_batch = global_batch
         self.local_batch = local_batch
         self.process_index = process_index
-        self.flip = flip
-        self.crop_padding = crop_padding
+        self.augmentation = augmentation
         self._permutations: dict[int, np.ndarray] = {}
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
@@ -97,18 +100,19 @@ class _TrainExampleReader:
         epoch, position = self.epoch_and_position(int(element))
         example = self.source[int(self.epoch_permutation(epoch)[position])]
         rng = np.random.default_rng([self.seed, _AUGMENTATION_STREAM, epoch, position])
-        image = augment.augment_image(
-            example["image"], rng, flip=self.flip, crop_padding=self.crop_padding
-        )
+        image = self.augmentation.train(example["image"], rng)
         return {"image": image, "label": np.int32(example["label"])}
 
 
 class _EvalExampleReader:
     """Maps a per-process element number to a test example, or to masked-out padding."""
 
-    def __init__(self, source, *, image_shape, global_batch, local_batch, process_index):
+    def __init__(
+        self, source, *, image_shape, global_batch, local_batch, process_index, augmentation
+    ):
         self.source = source
         self.image_shape = image_shape
+        self.augmentation = augmentation
         self.global_batch = global_batch
         self.local_batch = local_batch
         self.process_index = process_index
@@ -121,7 +125,7 @@ class _EvalExampleReader:
             return {"image": image, "label": np.int32(0), "mask": np.float32(0.0)}
         example = self.source[position]
         return {
-            "image": example["image"],
+            "image": self.augmentation.evaluate(example["image"]),
             "label": np.int32(example["label"]),
             "mask": np.float32(1.0),
         }
@@ -137,6 +141,47 @@ class _Normalizer:
     def __call__(self, batch: dict) -> dict:
         image = (batch["image"].astype(np.float32) - self.mean) * self.inverse_std
         return {**batch, "image": image}
+
+
+class _NativeImageFolder:
+    """An image folder's examples decoded at their own size: `ImageFolderSource` squashes
+    every image to image_size x image_size, the wrong input for a random-resized crop and
+    for the evaluation's aspect-preserving resize."""
+
+    def __init__(self, folder: local_sources.ImageFolderSource):
+        self.files, self.labels = folder.files, folder.labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        with Image.open(self.files[index]) as opened:
+            image = np.asarray(opened.convert("RGB"), dtype=np.uint8)
+        return {"image": image, "label": self.labels[index]}
+
+
+def augmentation_from_config(data_config, image_shape) -> augment.Augmentation:
+    """The checked `data.augment` choice for the pipeline's `image_shape` (H, W, C). A config
+    without the field (a run written before it existed) gets "cifar", the only choice then."""
+    name = sources.config_value(data_config, "augment", "cifar")
+    augmentation = augment.Augmentation(
+        name=name,
+        flip=bool(sources.config_value(data_config, "flip", False)),
+        crop_padding=int(sources.config_value(data_config, "crop_padding", 0)),
+        size=int(image_shape[0]),
+    )
+    if augmentation.needs_native_images and image_shape[0] != image_shape[1]:
+        raise ValueError(
+            f"data.augment={name!r} makes square crops of {image_shape[0]}x{image_shape[1]} "
+            "images; allowed: square images, or data.augment=cifar or none"
+        )
+    return augmentation
+
+
+def _read_source(source, augmentation: augment.Augmentation):
+    if augmentation.needs_native_images and isinstance(source, local_sources.ImageFolderSource):
+        return _NativeImageFolder(source)
+    return source
 
 
 def _to_iterator(dataset: grain.MapDataset, worker_count: int):
@@ -175,15 +220,15 @@ def make_train_iterator(
     train_source = sources.load_source(data_config, "train")
     test_source = sources.load_source(data_config, "test")
     dataset_info = info.info_from_sources(data_config, train_source, test_source)
+    augmentation = augmentation_from_config(data_config, dataset_info.image_shape)
     reader = _TrainExampleReader(
-        train_source,
+        _read_source(train_source, augmentation),
         seed=seed,
         steps_in_epoch=steps_per_epoch(dataset_info, global_batch_size),
         global_batch=global_batch_size,
         local_batch=local_batch,
         process_index=process_index,
-        flip=bool(sources.config_value(data_config, "flip", False)),
-        crop_padding=int(sources.config_value(data_config, "crop_padding", 0)),
+        augmentation=augmentation,
     )
     dataset = (
         grain.MapDataset.range(start_step * local_batch, sys.maxsize)
@@ -202,7 +247,8 @@ def make_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ):
-    """One in-order pass over `split`, as this process's batches, without augmentation.
+    """One in-order pass over `split`, as this process's batches, without random
+    augmentation (with data.augment=imagenet: the resize and centre crop).
 
     Batches are `{"image", "label", "mask"}`; the last global batch is padded to full size
     with mask 0, so over all processes every example has mask 1 exactly once.
@@ -213,12 +259,14 @@ def make_eval_iterator(
     test_source = split_source if split == "test" else sources.load_source(data_config, "test")
     dataset_info = info.info_from_sources(data_config, train_source, test_source)
     num_steps = -(-len(split_source) // global_batch_size)
+    augmentation = augmentation_from_config(data_config, dataset_info.image_shape)
     reader = _EvalExampleReader(
-        split_source,
+        _read_source(split_source, augmentation),
         image_shape=dataset_info.image_shape,
         global_batch=global_batch_size,
         local_batch=local_batch,
         process_index=process_index,
+        augmentation=augmentation,
     )
     dataset = (
         grain.MapDataset.range(num_steps * local_batch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cliquejax.data import local_sources, tfds_sources
+from cliquejax.data import augment, local_sources, tfds_sources
 
 SOURCE_NAMES = ("digits", *tfds_sources.TFDS_NAMES, "npz", "image_folder", "synthetic")
 SPLITS = ("train", "test")
@@ -38,6 +38,10 @@ def load_source(data_config, split: str):
         raise ValueError(f"data.name={name!r} is not known; allowed: {', '.join(SOURCE_NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not known; allowed: {', '.join(SPLITS)}")
+    # checked here too, so a bad choice stops a run before it writes anything
+    augment.check_settings(config_value(data_config, "augment", "cifar"),
+                           config_value(data_config, "flip", False),
+                           config_value(data_config, "crop_padding", 0))
     image_size = config_value(data_config, "image_size", 0)
     if image_size < 0:
         raise ValueError(f"data.image_size={image_size} is negative; allowed: 0 or a size")

@@ -1,0 +1,237 @@
+"""The augmentations of `config.data.augment` (cifar, imagenet, none): geometry of every
+transform on real images, and the pipeline's determinism with them."""
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliquejax import data
+from cliquejax.data import augment, pipeline
+from configs.default import get_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_config(**overrides):
+    config = get_config().data
+    config.update(overrides)
+    return config
+
+
+def random_image(height, width, channels=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), np.uint8)
+
+
+def ramp_image(height, width):
+    """Channel 0 = column index, channel 1 = row index, channel 2 = 100: a resampled view
+    shows, pixel by pixel, which source coordinates it came from (bilinear interpolation and
+    PIL's antialiasing filter keep a linear ramp linear away from the image border)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([cols, rows, np.full_like(rows, 100)], -1).astype(np.uint8)
+
+
+# --- cifar: flip and pad-and-crop ------------------------------------------------------
+
+
+def test_flip_mirrors_the_width_axis_when_the_first_draw_says_so():
+    image = random_image(5, 7)
+    flipped_seen = set()
+    for seed in range(40):
+        out = augment.augment_image(image, np.random.default_rng(seed), flip=True, crop_padding=0)
+        flipped = np.random.default_rng(seed).random() < 0.5
+        np.testing.assert_array_equal(out, image[:, ::-1] if flipped else image)
+        flipped_seen.add(flipped)
+    assert flipped_seen == {True, False}
+    unflipped = augment.augment_image(image, np.random.default_rng(0), flip=False, crop_padding=0)
+    np.testing.assert_array_equal(unflipped, image)
+
+
+def test_crop_offsets_stay_within_the_padding_and_cover_it():
+    image, padding = random_image(6, 6, seed=1), 2
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    windows = {(y, x): padded[y:y + 6, x:x + 6] for y in range(5) for x in range(5)}
+    for (y, x), window in windows.items():
+        np.testing.assert_array_equal(augment.pad_and_crop(image, padding, y, x), window)
+    seen = set()
+    for seed in range(300):
+        out = augment.augment_image(image, np.random.default_rng(seed), flip=False,
+                                    crop_padding=padding)
+        matches = [offset for offset, window in windows.items() if np.array_equal(out, window)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(windows)  # every offset in 0..2*padding, and no other
+
+
+# --- imagenet: random-resized crop, flip, evaluation resize + centre crop --------------
+
+
+@pytest.mark.parametrize("height, width", [(200, 300), (256, 256), (300, 180)])
+def test_random_resized_crop_box_lies_in_the_image_within_scale_and_ratio(height, width):
+    fractions, ratios = [], []
+    for seed in range(2000):
+        top, left, box_height, box_width = augment.random_resized_crop_box(
+            height, width, np.random.default_rng(seed))
+        assert 0 <= top and top + box_height <= height
+        assert 0 <= left and left + box_width <= width
+        fractions.append(box_height * box_width / (height * width))
+        ratios.append(box_width / box_height)
+    # the box sides are rounded to pixels: allow that much beyond the sampled limits; the
+    # largest box with a ratio in 3/4..4/3 that fits is `largest` of the area
+    largest = min(width, 4 / 3 * height) * min(height, 4 / 3 * width) / (height * width)
+    assert 0.08 * 0.97 <= min(fractions) < 0.12 and 0.9 * largest < max(fractions) <= 1.0
+    assert 0.75 * 0.98 <= min(ratios) < 0.8 and 1.25 < max(ratios) <= 4 / 3 * 1.02
+
+
+def test_random_resized_crop_falls_back_to_the_centre_box():
+    # 10 x 400: no box of at least 8% of the area with ratio <= 4/3 fits in 10 rows
+    box = augment.random_resized_crop_box(10, 400, np.random.default_rng(0))
+    assert box == (0, (400 - 13) // 2, 10, 13)  # full height, width 10 * 4/3, centred
+    assert augment.random_resized_crop_box(400, 10, np.random.default_rng(0)) == (
+        (400 - 13) // 2, 0, 13, 10)
+
+
+def test_resized_crop_shows_the_box_resampled():
+    image = ramp_image(120, 200)
+    top, left, box_height, box_width, size = 20, 50, 80, 120, 40
+    out = augment.resized_crop(image, (top, left, box_height, box_width), size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    centres = np.arange(size) + 0.5
+    expected_cols = left + centres * box_width / size - 0.5
+    expected_rows = top + centres * box_height / size - 0.5
+    np.testing.assert_allclose(out[size // 2, :, 0], expected_cols, atol=1.0)
+    np.testing.assert_allclose(out[:, size // 2, 1], expected_rows, atol=1.0)
+    assert (out[..., 2] == 100).all()
+    gray = augment.resized_crop(image[..., :1], (top, left, box_height, box_width), size)
+    np.testing.assert_array_equal(gray, out[..., :1])
+
+
+def test_imagenet_training_view_is_the_crop_then_the_flip():
+    image = random_image(48, 64, seed=2)
+    flips = set()
+    for seed in range(12):
+        out = augment.augment_imagenet(image, np.random.default_rng(seed), size=24, flip=True)
+        replay = np.random.default_rng(seed)
+        flipped = replay.random() < 0.5  # the coin comes first, then the box
+        crop = augment.resized_crop(image, augment.random_resized_crop_box(48, 64, replay), 24)
+        np.testing.assert_array_equal(out, crop[:, ::-1] if flipped else crop)
+        flips.add(flipped)
+    assert flips == {True, False}
+
+
+def test_eval_resize_and_centre_crop_geometry():
+    # shorter side 40 -> round(28 * 256 / 224) = 32, longer 60 -> 48; crop 28 at (2, 10)
+    assert augment.eval_resize_box(40, 60, 28) == (32, 48, 2, 10)
+    assert augment.eval_resize_box(60, 40, 28) == (48, 32, 10, 2)
+    assert augment.eval_resize_box(375, 500, 224) == (256, 341, 16, 58)
+    image = ramp_image(40, 60)
+    out = augment.eval_resize_center_crop(image, 28)
+    assert out.shape == (28, 28, 3)
+    centres = np.arange(28) + 0.5
+    np.testing.assert_allclose(out[14, :, 0], (10 + centres) * 60 / 48 - 0.5, atol=1.0)
+    np.testing.assert_allclose(out[:, 14, 1], (2 + centres) * 40 / 32 - 0.5, atol=1.0)
+
+
+# --- the pipeline with each choice -----------------------------------------------------
+
+
+@pytest.fixture
+def npz_config(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (48, 12, 12, 3), dtype=np.uint8),
+              "y_train": np.arange(48),
+              "x_test": rng.integers(0, 256, (10, 12, 12, 3), dtype=np.uint8),
+              "y_test": np.arange(10)}
+    np.savez(tmp_path / "data.npz", **arrays)
+    return data_config(name="npz", path=str(tmp_path / "data.npz"), data_dir=str(tmp_path))
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_imagenet_batches_are_the_same_for_the_same_step(npz_config):
+    npz_config.update(augment="imagenet", flip=True)
+    uninterrupted = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=3), 5)
+    for _ in range(2):
+        resumed = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=3,
+                                                start_step=3), 2)
+        for expected, batch in zip(uninterrupted[3:], resumed, strict=True):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(expected[key], batch[key])
+    assert uninterrupted[0]["image"].shape == (16, 12, 12, 3)
+    npz_config.update(augment="none", flip=False)
+    plain = next(data.make_train_iterator(npz_config, global_batch_size=16, seed=3))
+    np.testing.assert_array_equal(plain["label"], uninterrupted[0]["label"])
+    assert not np.allclose(plain["image"], uninterrupted[0]["image"])
+
+
+def test_imagenet_eval_batches_are_the_resized_centre_crops(npz_config):
+    npz_config.augment = "imagenet"
+    info = data.dataset_info(npz_config)
+    batch = next(data.make_eval_iterator(npz_config, global_batch_size=10))
+    source = data.load_source(npz_config, "test")
+    for index in range(10):
+        expected = augment.eval_resize_center_crop(source[index]["image"], 12)
+        pixels = batch["image"][index] * np.asarray(info.std) + np.asarray(info.mean)
+        np.testing.assert_allclose(pixels, expected, atol=1e-3)
+
+
+def test_imagenet_crops_read_image_folders_at_their_own_size(tmp_path):
+    native = {}
+    for split in ("train", "val"):
+        for label, class_name in enumerate(("a", "b")):
+            folder = tmp_path / split / class_name
+            folder.mkdir(parents=True)
+            pixels = ramp_image(30, 45) // (label + 1)
+            Image.fromarray(pixels).save(folder / "0.png")
+            native[(split, label)] = pixels
+    config = data_config(name="image_folder", path=str(tmp_path), image_size=8,
+                         augment="imagenet", flip=True)
+    info = data.dataset_info(config)
+    assert info.image_shape == (8, 8, 3)
+    train = next(data.make_train_iterator(config, global_batch_size=2, seed=0))
+    assert train["image"].shape == (2, 8, 8, 3)
+    batch = next(data.make_eval_iterator(config, global_batch_size=2))
+    for index, label in enumerate(batch["label"]):
+        # the 30 x 45 file resized (shorter side 9) and centre-cropped, not the squashed 8 x 8
+        expected = augment.eval_resize_center_crop(native[("val", int(label))], 8)
+        pixels = batch["image"][index] * np.asarray(info.std) + np.asarray(info.mean)
+        np.testing.assert_allclose(pixels, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("settings, fragments", [
+    (dict(augment="random"), ["data.augment='random'", "cifar, imagenet, none"]),
+    (dict(augment="none", flip=True), ["data.augment='none'", "data.flip=True"]),
+    (dict(augment="imagenet", crop_padding=4), ["data.crop_padding=4"]),
+    (dict(crop_padding=-1), ["data.crop_padding=-1"]),
+])
+def test_bad_augment_settings_are_one_line_errors(npz_config, settings, fragments):
+    npz_config.update(settings)
+    with pytest.raises(ValueError) as error_info:
+        data.dataset_info(npz_config)
+    message = str(error_info.value)
+    assert "\n" not in message and all(f in message for f in fragments)
+
+
+def test_a_run_config_without_the_field_keeps_the_cifar_augmentation(npz_config):
+    with npz_config.unlocked():
+        del npz_config["augment"]
+    npz_config.update(flip=True, crop_padding=2)
+    choice = pipeline.augmentation_from_config(npz_config, (12, 12, 3))
+    assert (choice.name, choice.flip, choice.crop_padding) == ("cifar", True, 2)
+
+
+def test_every_config_states_a_consistent_augmentation():
+    for path in sorted((REPO_ROOT / "configs").glob("*.py")):
+        if path.stem in ("__init__",):
+            continue
+        config = importlib.import_module(f"configs.{path.stem}").get_config()
+        d = config.data
+        augment.check_settings(d.augment, d.flip, d.crop_padding)
+        if d.flip or d.crop_padding:
+            assert d.augment in ("cifar", "imagenet"), path.name
+    assert importlib.import_module("configs.cliquenet_imagenet").get_config().data.augment == (
+        "imagenet")

@@ -1,0 +1,181 @@
+"""`python -m cliquejax.reproduce`: the papers' rows, our counts, runs matched from their
+config.json / results.json (the files launch.py writes), and the rows' commands."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from cliquejax import reproduce, summary
+from cliquejax.train import run_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"paper", "table", "model", "dataset", "metric", "published", "ours", "run"}
+
+
+def write_run(directory, recipe_config, results, **overrides):
+    """A run directory as launch.py leaves it: config.json by its own writer, results.json
+    with accuracies as fractions."""
+    config = recipe_config.copy_and_resolve_references()
+    for field, value in overrides.items():
+        *sections, name = field.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    os.makedirs(directory)
+    run_dir.write_config(config, str(directory))
+    with open(os.path.join(directory, "results.json"), "w") as handle:
+        json.dump(results, handle)
+
+
+def recipe_of(rows, model, dataset):
+    return next(r.recipe for r in rows if (r.model, r.dataset) == (model, dataset))
+
+
+@pytest.fixture(scope="module")
+def mbcliquenet_report(tmp_path_factory):
+    """`--json --paper=mbcliquenet --runs DIR` over four hand-made run directories."""
+    runs = tmp_path_factory.mktemp("results")
+    rows = reproduce.paper_rows(["mbcliquenet"])
+    mnist = recipe_of(rows, "MBCliqueNet", "mnist").load()
+    # the reduced MNIST row of this machine: the npz source, half the widths, 8 epochs
+    write_run(runs / "mbclique_mnist_w32", mnist,
+              {"final_test_accuracy": 0.9935, "best_test_accuracy": 0.9941, "epochs": 8.0},
+              **{"data.name": "npz", "data.path": "/data/mnist.npz",
+                 "model.widths": (32, 32, 64), "train.epochs": 8, "seed": 3})
+    u_cifar = recipe_of(rows, "u-MBCliqueNet", "cifar10").load()
+    write_run(runs / "u_cifar10", u_cifar,
+              {"final_test_accuracy": 0.9577, "best_test_accuracy": 0.958, "epochs": 256.0})
+    other = reproduce.paper_rows(["cliquenet"])[0].recipe.load()
+    write_run(runs / "densenet_small", other, {"final_test_accuracy": 0.5, "epochs": 1.0},
+              **{"model.k": 4})
+    os.makedirs(runs / "unfinished")
+    run_dir.write_config(mnist, str(runs / "unfinished"))
+    return runs, run_json(["--json", "--paper=mbcliquenet", "--runs", str(runs)])
+
+
+def run_json(argv):
+    out = StringIO()
+    with redirect_stdout(out):
+        assert reproduce.main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_rows_have_the_published_and_our_columns(mbcliquenet_report):
+    _, report = mbcliquenet_report
+    rows = report["rows"]
+    assert len(rows) == len(reproduce.paper_rows(["mbcliquenet"])) == 11
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert isinstance(row["published"], float) and row["params"] > 0 and row["flops"] > 0
+        assert row["run"] is None or {"dir", "reduced", "differences"} <= set(row["run"])
+        assert row["ours"] is None or 0 < row["ours"] <= 100
+    published = {(r["table"], r["model"], r["dataset"]): r["published"] for r in rows
+                 if r["metric"].startswith("test accuracy")}
+    assert published[("Table 1", "MBCliqueNet", "MNIST")] == 99.63
+    assert published[("Table 1", "u-MBCliqueNet", "CIFAR-100")] == 80.69
+    assert published[("Table 2", "MBCliqueNet (K=8)", "CIFAR-10")] == 94.89
+    not_run = [r for r in rows if r["run"] is None]
+    assert not_run and all(r["ours"] is None for r in not_run)
+
+
+def test_reduced_mnist_run_is_matched_and_flagged(mbcliquenet_report):
+    _, report = mbcliquenet_report
+    mnist = next(r for r in report["rows"] if r["dataset"] == "MNIST")
+    assert mnist["ours"] == 99.35  # final-epoch accuracy, in percent as the paper prints it
+    assert mnist["run"]["dir"].endswith("mbclique_mnist_w32") and mnist["run"]["reduced"]
+    changed = " ".join(mnist["run"]["differences"])
+    assert "model.widths=[32, 32, 64] (recipe: [64, 64, 128])" in changed
+    assert "train.epochs=8 (recipe: 32)" in changed
+    assert "data." not in changed and "seed" not in changed  # bookkeeping is not compared
+
+
+def test_full_recipe_run_is_not_reduced_and_only_matches_its_model(mbcliquenet_report):
+    _, report = mbcliquenet_report
+    by_model = {(r["model"], r["dataset"]): r for r in report["rows"]
+                if r["table"] == "Table 1"}
+    u_row = by_model[("u-MBCliqueNet", "CIFAR-10")]
+    assert u_row["ours"] == 95.77 and u_row["run"]["reduced"] is False
+    assert u_row["run"]["differences"] == []
+    assert by_model[("MBCliqueNet", "CIFAR-10")]["run"] is None  # binarize differs
+    unmatched = {Path(item["dir"]).name: item["reason"] for item in report["unmatched_runs"]}
+    assert unmatched == {"densenet_small": "matches no row",
+                         "unfinished": "no results.json (unfinished run)"}
+
+
+def test_text_table_shows_published_ours_and_the_run(mbcliquenet_report):
+    runs, _ = mbcliquenet_report
+    out = StringIO()
+    with redirect_stdout(out):
+        assert reproduce.main(["--paper=mbcliquenet", "--runs", str(runs)]) == 0
+    line = next(li for li in out.getvalue().splitlines() if li.startswith("MBCliqueNet ")
+                and "MNIST" in li)
+    assert "99.63" in line and "99.35" in line and "reduced run: model.widths" in line
+    assert "not run" in out.getvalue()
+
+
+def test_counts_are_summarys_and_match_the_published_ones():
+    rows = [r for r in reproduce.paper_rows(["cliquenet"])
+            if r.model == "CliqueNet (k=36, T=12)" and r.metric in ("params", "flops")]
+    rows += [r for r in reproduce.paper_rows(["mbcliquenet"]) if r.model == "MBCliqueNet (K=2)"]
+    entries = reproduce.build_rows(rows, [])
+    for row, entry in zip(rows, entries, strict=True):
+        counted = summary.summarize(row.recipe.load())
+        assert (entry["params"], entry["flops"]) == (counted["params"], counted["flops"])
+    params, flops = entries[:2]
+    assert params["ours"] == params["published"] == 0.94  # the CliqueNet Tab 3 rounding
+    assert flops["ours"] == flops["published"] == 0.91
+    assert params["run"] is None
+
+
+def test_every_command_is_a_valid_launch_command_for_its_recipe():
+    rows = reproduce.paper_rows()
+    text = reproduce.format_commands(reproduce.build_rows(rows, [], counts=False))
+    commands = [line for line in text.splitlines() if not line.startswith("#")]
+    assert len(commands) == len({r.recipe for r in rows}) > 40
+    recipes = {r.recipe.command(): r.recipe for r in rows}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:2] == ["python", "launch.py"] and argv[-1].startswith("--workdir=results/")
+        config_file = argv[2].removeprefix("--config=")
+        assert (REPO_ROOT / config_file).is_file()
+        flag_values = flags.FlagValues()
+        parse_argv = ["launch.py", f"--config={REPO_ROOT / config_file}", *argv[3:-1]]
+        config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                        lock_config=True, sys_argv=parse_argv)
+        flag_values(parse_argv)  # an unknown field or a badly typed value raises here
+        assert flag_values.config.to_dict() == recipes[command].load().to_dict(), command
+
+
+def test_cli_commands_and_a_bad_runs_directory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    listed = subprocess.run([sys.executable, "-m", "cliquejax.reproduce", "--commands",
+                             "--paper=mbcliquenet"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "--config=configs/mbclique_mnist.py --workdir=results/mbclique_mnist" in listed.stdout
+    missing = tmp_path / "nowhere"
+    bad = subprocess.run([sys.executable, "-m", "cliquejax.reproduce", "--runs", str(missing)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and str(missing) in bad.stderr
+    assert not missing.exists()
+
+
+def test_dataset_of_npz_and_folders():
+    assert reproduce.dataset_of({"data.name": "npz", "data.path": "/d/MNIST_60k.npz"}) == "mnist"
+    assert reproduce.dataset_of({"data.name": "npz", "data.path": "fashion_mnist.npz"}) != "mnist"
+    assert reproduce.dataset_of({"data.name": "npz", "data.path": "my_cifar100.npz"}) == (
+        "cifar100")
+    assert reproduce.dataset_of({"data.name": "image_folder", "data.image_size": 64,
+                                 "data.num_classes": 100}) == "tiny_imagenet_100"
+    assert reproduce.dataset_of({"data.name": "svhn_cropped"}) == "svhn_cropped"
