@@ -136,7 +136,7 @@ def reference_logits(config, variables, images, eps, train=False, planes=None):
 
 
 def bn_epsilon(model):
-    return getattr(model, "bn_epsilon", 1e-3)
+    return model.bn.epsilon  # the model's ops.BNSpec: 1e-5 for MBCliqueNet (PyTorch)
 
 
 # --- the tests ------------------------------------------------------------------------
