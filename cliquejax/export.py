@@ -325,7 +325,8 @@ def class_names(config):
         names = getattr(source, "class_names", None)
         if names is None:
             names = source._data_source.dataset_info.features["label"].names
-        return [str(n) for n in names] or None
+        names = [str(n) for n in names]
+        return None if names == [str(i) for i in range(len(names))] else names
     except Exception:  # noqa: BLE001 - names are optional decoration
         return None
 
@@ -381,6 +382,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr with exit code 2."""
 
     def error(self, message):
+        if "--config" in message:
+            message += " (the run's own config.json is read from --workdir; no --config)"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 

@@ -152,7 +152,8 @@ def top_lines(logits: np.ndarray, labels: list[str], class_names=None, top: int 
     order = np.argsort(-logits, axis=-1, kind="stable")[:, :top]
     lines = []
     for label, classes in zip(labels, order, strict=True):
-        named = [f"{c} ({class_names[c]})" if class_names else str(c) for c in classes]
+        named = [f"{c} ({class_names[c]})" if class_names and class_names[c] != str(c)
+                 else str(c) for c in classes]
         lines.append(f"{label}\t" + "\t".join(named))
     return lines
 
