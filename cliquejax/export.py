@@ -310,10 +310,31 @@ def check_run(workdir: str):
 
 def restore(workdir: str):
     """(config, trainer holding the latest checkpoint) of the run in `workdir`."""
-    from cliquejax.train.evaluate import restore_trainer
+    from cliquejax.checkpoint import CheckpointMismatchError
+    from cliquejax.train.loop import Trainer
 
     config = check_run(workdir)
-    return config, restore_trainer(config, workdir)
+    trainer = Trainer(config, workdir)
+    try:
+        if not trainer.restore_latest():
+            raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}")
+        return config, trainer
+    except (CheckpointMismatchError, FileNotFoundError):
+        trainer.checkpoints.close()
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged file: any type from Orbax/TensorStore
+        trainer.checkpoints.close()
+        raise ValueError(f"cannot restore the checkpoint in {workdir}/checkpoints "
+                         f"({first_line(error)}); allowed: a complete checkpoint written by "
+                         "training") from None
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of the error at the root of `error`'s chain of causes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
 def class_names(config):
@@ -401,7 +422,7 @@ def main(argv=None) -> None:
     try:
         sizes = export_checkpoint(args.workdir, args.out, args.format)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
 

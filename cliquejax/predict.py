@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         images, labels = read_inputs(args.inputs, trainer.info.image_shape)
         logits = predictor(trainer)(images)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     if args.logits:
         np.save(args.logits, logits)

@@ -117,6 +117,16 @@ def test_bad_runs_are_refused_before_anything_is_created(digits, tmp_path, capsy
                                                f"--out={tmp_path / 'x.clqs'}"])
     assert "no checkpoint" in err and sorted(os.listdir(untrained)) == ["config.json"]
     _one_line_exit(capsys, predict.main, [f"--workdir={untrained}", "x.npz"])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(digits["workdir"], damaged)
+    for root, _, names in os.walk(damaged / "checkpoints"):
+        for name in names:
+            if os.sep + "d" == root[-2:]:  # the arrays' data files
+                path = os.path.join(root, name)
+                os.truncate(path, min(100, os.path.getsize(path)))
+    err = _one_line_exit(capsys, export.main, [f"--workdir={damaged}",
+                                               f"--out={tmp_path / 'x.clqs'}"])
+    assert "cannot restore the checkpoint" in err
     _one_line_exit(capsys, export.main, [f"--workdir={digits['workdir']}", "--out=x",
                                          "--format=onnx"])
     err = _one_line_exit(capsys, export.main, [f"--workdir={digits['workdir']}", "--out=x",
