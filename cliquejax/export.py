@@ -7,12 +7,13 @@ Both files take uint8 images (N, H, W, C) and normalise them inside with the tra
 per-channel mean and std, exactly as the training pipeline does, so they return the logits
 the trained network gives on the data set's own images.
 
-`clqx` (`predict = cliquejax.export.load("m.clqx")`) needs this package: magic `CLQX`, a
-little-endian uint32 version and uint64 header length, a compact JSON header (the model part
-of the config, input shape, classes, mean/std, the payload's sha256 and one row
-`[shape, kind, offset]` per variable in the order of the model's variable tree), then the
-payload: packed sign bits (`binary.pack_signs`) of every binary weight, float32 bytes of
-everything else (M-filters, BN parameters and statistics, float convs). The loader puts the
+`clqx` (`predict = cliquejax.export.load("m.clqx")`) needs this package: magic `CLQX`,
+little-endian uint32 version, uint64 header length and uint32 CRC-32 of the header, a compact
+JSON header (the model part of the config, input shape, classes, mean/std, the payload's
+sha256, one row `[shape, kind, offset]` per variable in the order of the model's variable
+tree and a hash of that tree's paths), then the payload: packed sign bits
+(`binary.pack_signs`) of every binary weight, float32 bytes of everything else (M-filters,
+BN parameters and statistics, float convs). The loader puts the
 unpacked +-1 signs where the latent weights were: the network binarises on use and
 sign(+-1) = +-1, so it computes exactly the trained network.
 
@@ -33,6 +34,7 @@ import math
 import os
 import struct
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,7 @@ import numpy as np
 from cliquejax import binary, models, ops, standalone
 
 MAGIC, VERSION = b"CLQX", 2
-_PREFIX = struct.Struct("<4sIQ")
+_PREFIX = struct.Struct("<4sIQI")  # magic, version, header length, header crc32
 FORMATS = ("clqx", "standalone")
 
 
@@ -73,6 +75,13 @@ def _leaves(config, variables) -> list[tuple[np.ndarray, bool]]:
     bits = _binary_names(config, variables)
     return [(np.asarray(leaf), _path(path) in bits)
             for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))]
+
+
+def _tree_hash(variables) -> str:
+    """A short hash of the variables' paths in tree order: the clqx table has no names, so
+    this is what tells a file from another version of the model code."""
+    paths = "\n".join(_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+    return hashlib.sha256(paths.encode()).hexdigest()[:16]
 
 
 def _model_config(config) -> dict:
@@ -106,9 +115,10 @@ def serialize(config, variables, info, class_names=None) -> bytes:
     header = json.dumps({"config": _model_config(config), "image_shape": list(info.image_shape),
                          "num_classes": info.num_classes, "class_names": class_names,
                          "mean": list(info.mean), "std": list(info.std), "tensors": rows,
+                         "tree": _tree_hash(variables),
                          "sha256": hashlib.sha256(payload).hexdigest()},
                         separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
+    return _PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)) + header + payload
 
 
 def _read(path: str) -> tuple[dict, bytes]:
@@ -119,12 +129,15 @@ def _read(path: str) -> tuple[dict, bytes]:
         raise ExportFileError(f"cannot read exported model {path!r}: {error.strerror}") from None
     if len(blob) < _PREFIX.size or blob[:4] != MAGIC:
         raise ExportFileError(f"{path!r} is not a cliquejax export (no CLQX header)")
-    _, version, header_len = _PREFIX.unpack_from(blob)
+    _, version, header_len, header_crc = _PREFIX.unpack_from(blob)
     if version != VERSION:
         raise ExportFileError(f"{path!r} has export version {version}; this code reads "
                               f"{VERSION} (export the run again)")
     try:
-        header = json.loads(blob[_PREFIX.size:_PREFIX.size + header_len])
+        text = blob[_PREFIX.size:_PREFIX.size + header_len]
+        if len(text) != header_len or zlib.crc32(text) != header_crc:
+            raise ValueError
+        header = json.loads(text)
         expected = header["sha256"]
     except (ValueError, KeyError, TypeError):
         raise ExportFileError(f"{path!r} is truncated or corrupt (unreadable header)") from None
@@ -152,8 +165,8 @@ def load(path: str):
         jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32)))
     leaves, tree = jax.tree.flatten(abstract)
     rows = header["tensors"]
-    if len(rows) != len(leaves) or any(tuple(row[0]) != leaf.shape
-                                       for row, leaf in zip(rows, leaves, strict=False)):
+    if (header.get("tree") != _tree_hash(abstract) or len(rows) != len(leaves)
+            or any(tuple(row[0]) != leaf.shape for row, leaf in zip(rows, leaves, strict=False))):
         raise ExportFileError(f"{path!r} does not hold the variables of the network its "
                               "header describes (export the run again with this code)")
     variables = jax.device_put(tree.unflatten([_tensor(*row, payload) for row in rows]))

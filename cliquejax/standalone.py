@@ -10,13 +10,14 @@ set's own pixel values; the normalisation is inside the program). From Python:
 
     predict = standalone.load("model.clqs")   # uint8 images -> float32 logits (numpy)
 
-File layout: magic `CLQS`, little-endian uint32 version and uint32 header length, a JSON
-header (classes, class names when known, input shape, the byte sizes of the three payload
-parts and the payload's sha256), then the payload: a zlib-compressed serialized
+File layout: magic `CLQS`, little-endian uint32 version, header length and CRC-32 of the
+header, a JSON header (classes, class names when known, input shape, the byte sizes of the
+three payload parts and the payload's sha256), then the payload: a zlib-compressed serialized
 `jax.export.Exported` lowered for cpu, cuda and tpu with a symbolic batch size, the packed
-sign bits (uint8, one bit per
-binary weight) and the float32 weights. The program takes (images, bits, floats): it unpacks
-the bits into +-1 inside with shifts and masks, so the weights are stored once.
+sign bits (uint8, one bit per binary weight) and the float32 weights. The program takes
+(images, bits, floats): it unpacks the bits into +-1 inside with shifts and masks, so the
+weights are stored once. Its BNs are folded into one multiply-add each, so its logits are the
+checkpoint's up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 MAGIC, VERSION = b"CLQS", 1
 PLATFORMS = ("cpu", "cuda", "tpu")
-_PREFIX = struct.Struct("<4sII")
+_PREFIX = struct.Struct("<4sIII")  # magic, version, header length, header crc32
 
 
 class StandaloneError(ValueError):
@@ -49,7 +50,7 @@ def pack(program: bytes, bits: np.ndarray, floats: np.ndarray, header: dict) -> 
     header = dict(header, sizes=[len(program), int(bits.size), int(floats.size) * 4],
                   sha256=hashlib.sha256(payload).hexdigest())
     text = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(text)) + text + payload
+    return _PREFIX.pack(MAGIC, VERSION, len(text), zlib.crc32(text)) + text + payload
 
 
 def stored_sizes(blob: bytes) -> tuple[int, int, int]:
@@ -67,12 +68,15 @@ def read(path: str) -> tuple[dict, bytes, np.ndarray, np.ndarray]:
         raise StandaloneError(f"cannot read model {path!r}: {error.strerror}") from None
     if len(blob) < _PREFIX.size or blob[:4] != MAGIC:
         raise StandaloneError(f"{path!r} is not a standalone cliquejax model (no CLQS header)")
-    _, version, header_len = _PREFIX.unpack_from(blob)
+    _, version, header_len, header_crc = _PREFIX.unpack_from(blob)
     if version != VERSION:
         raise StandaloneError(f"{path!r} has format version {version}; this program reads "
                               f"{VERSION}")
     try:
-        header = json.loads(blob[_PREFIX.size:_PREFIX.size + header_len])
+        text = blob[_PREFIX.size:_PREFIX.size + header_len]
+        if len(text) != header_len or zlib.crc32(text) != header_crc:
+            raise ValueError
+        header = json.loads(text)
         program_len, bits_len, floats_len = (int(n) for n in header["sizes"])
         expected = header["sha256"]
     except (ValueError, KeyError, TypeError):

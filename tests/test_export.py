@@ -151,7 +151,8 @@ def test_broken_files_are_refused_by_both_loaders(digits, tmp_path):
         blob = open(digits["files"][fmt], "rb").read()
         cases = {"missing": (None, "cannot read"), "truncated": (blob[:-10], "corrupt"),
                  "flipped": (blob[:-1] + bytes([blob[-1] ^ 1]), "corrupt"),
-                 "cut-header": (blob[:20], "corrupt"), "junk": (b"not a model", junk_message)}
+                 "cut-header": (blob[:20], "corrupt"), "junk": (b"not a model", junk_message),
+                 "header-flip": (blob[:30] + bytes([blob[30] ^ 4]) + blob[31:], "corrupt")}
         for name, (content, message) in cases.items():
             path = tmp_path / f"{name}.{fmt}"
             if content is not None:
