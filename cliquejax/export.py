@@ -369,8 +369,8 @@ def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
     """Writes the latest checkpoint of `workdir` to `out` as `fmt`; returns sizes."""
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} is not one of: {', '.join(FORMATS)}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise ValueError(f"--out={out!r}: its directory does not exist")
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ValueError(f"--out={out!r}: allowed: a file path in an existing directory")
     config, trainer = restore(workdir)
     try:
         variables = {"params": trainer.state["params"],
@@ -390,8 +390,11 @@ def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
     finally:
         trainer.checkpoints.close()
     if jax.process_index() == 0:
-        with open(out, "wb") as handle:
-            handle.write(blob)
+        try:
+            with open(out, "wb") as handle:
+                handle.write(blob)
+        except OSError as error:
+            raise ValueError(f"--out={out!r} cannot be written ({error.strerror})") from None
     return sizes
 
 

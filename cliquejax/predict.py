@@ -87,11 +87,11 @@ def main(argv=None) -> None:
         trainer.checkpoints.close()
         images, labels = read_inputs(args.inputs, trainer.info.image_shape)
         logits = predictor(trainer)(images)
+        if args.logits:
+            standalone.save_logits(args.logits, logits)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    if args.logits:
-        np.save(args.logits, logits)
     top = min(args.top, logits.shape[-1])
     print("\n".join(standalone.top_lines(logits, labels, export.class_names(config), top)))
 

@@ -101,10 +101,11 @@ def check_images(images, image_shape) -> np.ndarray:
     if images.dtype != np.uint8:
         raise StandaloneError(f"images are {images.dtype}; allowed: uint8 pixel values 0..255 "
                               f"(the normalisation is inside the model)")
+    given = images.shape
     if images.ndim == len(shape) and shape[-1] == 1:
         images = images[..., None]
     if images.ndim != len(shape) + 1 or images.shape[1:] != shape:
-        raise StandaloneError(f"images have shape {images.shape}; allowed: (N, {shape[0]}, "
+        raise StandaloneError(f"images have shape {given}; allowed: (N, {shape[0]}, "
                               f"{shape[1]}{', ' + str(shape[2]) if len(shape) > 2 else ''})")
     return images
 
@@ -163,8 +164,16 @@ def top_lines(logits: np.ndarray, labels: list[str], class_names=None, top: int 
 
 
 def check_output(path: str | None) -> None:
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise StandaloneError(f"--logits={path!r}: its directory does not exist")
+    """Refuses a --logits path that cannot be a new file, before any work is done."""
+    if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+        raise StandaloneError(f"--logits={path!r}: allowed: a file path in an existing directory")
+
+
+def save_logits(path: str, logits: np.ndarray) -> None:
+    try:
+        np.save(path, logits)
+    except OSError as error:
+        raise StandaloneError(f"--logits={path!r} cannot be written ({error.strerror})") from None
 
 
 def main(argv=None) -> None:
@@ -183,11 +192,11 @@ def main(argv=None) -> None:
         images = read_images(args.images)
         predict = load(args.model)
         logits = predict(images)
+        if args.logits:
+            save_logits(args.logits, logits)
     except StandaloneError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    if args.logits:
-        np.save(args.logits, logits)
     labels = [str(i) for i in range(len(logits))]
     print("\n".join(top_lines(logits, labels, predict.class_names)))
 
