@@ -1,34 +1,51 @@
-"""The deployable MBCliqueNet file: 1 bit per binary weight, float32 for the rest.
+"""The deployable MBCliqueNet files: 1 bit per binary weight, float32 for the rest.
 
-    python -m cliquejax.export --config=configs/mbclique_digits.py --workdir=runs/x --out=m.clqx
+    python -m cliquejax.export --workdir=runs/x --out=m.clqx                      # cliquejax
+    python -m cliquejax.export --workdir=runs/x --out=m.clqs --format=standalone  # jax only
 
-    predict = cliquejax.export.load("m.clqx")   # jitted: images (N, H, W, C) -> logits
+Both files take uint8 images (N, H, W, C) and normalise them inside with the training split's
+per-channel mean and std, exactly as the training pipeline does, so they return the logits
+the trained network gives on the data set's own images.
 
-Layout: magic `CLQX`, a little-endian uint32 version and uint64 header length, a JSON header
-(model config, input shape, classes, and per tensor: path, shape, kind, offset, size), then
-the payload: packed sign bits (`binary.pack_signs`) of every binary weight, float32 bytes of
-everything else (M-filters, BN parameters and statistics, float convs). The header holds the
-payload's sha256, so a truncated or corrupted file is refused with a clear error.
+`clqx` (`predict = cliquejax.export.load("m.clqx")`) needs this package: magic `CLQX`,
+little-endian uint32 version, uint64 header length and uint32 CRC-32 of the header, a compact
+JSON header (the model part of the config, input shape, classes, mean/std, the payload's
+sha256, one row `[shape, kind, offset]` per variable in the order of the model's variable
+tree and a hash of that tree's paths), then the payload: packed sign bits
+(`binary.pack_signs`) of every binary weight, float32 bytes of everything else (M-filters,
+BN parameters and statistics, float convs). The loader puts the
+unpacked +-1 signs where the latent weights were: the network binarises on use and
+sign(+-1) = +-1, so it computes exactly the trained network.
 
-Loading puts the unpacked +-1 signs where the latent weights were: the network binarises on
-use, and sign(+-1) = +-1, so the loaded function computes exactly the trained network.
+`standalone` (read by `cliquejax/standalone.py`, which needs only jax and numpy) holds a
+serialized `jax.export.Exported` lowered for cpu, cuda and tpu with a symbolic batch size. Its
+program takes (images uint8, bits uint8, floats float32), unpacks the bits with shifts and
+masks into +-1 and runs the same network with each BN folded into one multiply-add
+(`fold_batch_norms`); the file stores the weights once, as those two arrays. See
+`cliquejax.standalone` for the layout.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
+import os
 import struct
 import sys
+import zlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cliquejax import binary, models
+from cliquejax import binary, models, ops, standalone
 
-MAGIC, VERSION = b"CLQX", 1
-_PREFIX = struct.Struct("<4sIQ")
+MAGIC, VERSION = b"CLQX", 2
+_PREFIX = struct.Struct("<4sIQI")  # magic, version, header length, header crc32
+FORMATS = ("clqx", "standalone")
 
 
 class ExportFileError(ValueError):
@@ -39,7 +56,9 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def _binary_paths(config, params) -> set[str]:
+def binary_paths(config, params) -> set[str]:
+    """Paths ("a/b/kernel") of the parameters stored as 1-bit signs: the one place that asks
+    the model which leaves are binary."""
     module = models.get_module(config.model.name)
     if not hasattr(module, "binary_mask"):
         return set()
@@ -47,27 +66,59 @@ def _binary_paths(config, params) -> set[str]:
     return {_path(p) for p, is_binary in jax.tree_util.tree_leaves_with_path(mask) if is_binary}
 
 
-def serialize(config, variables, image_shape, num_classes: int) -> bytes:
-    """The file's bytes for trained `variables` ({"params", "batch_stats"})."""
-    binary_paths = _binary_paths(config, variables["params"])
-    tensors, chunks, offset = [], [], 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables)):
-        name = _path(path)
-        kind = "bits" if name.split("/", 1)[1] in binary_paths else "float32"
-        if kind == "bits":
-            data = binary.pack_signs(leaf)[0].tobytes()
-        else:
-            data = np.ascontiguousarray(leaf, dtype="<f4").tobytes()
-        tensors.append({"path": name, "shape": list(np.shape(leaf)), "kind": kind,
-                        "offset": offset, "size": len(data)})
+def _binary_names(config, variables) -> set[str]:
+    return {"params/" + name for name in binary_paths(config, variables["params"])}
+
+
+def _leaves(config, variables) -> list[tuple[np.ndarray, bool]]:
+    """(value, is_binary) of every leaf of {"params", "batch_stats"}, in tree order."""
+    bits = _binary_names(config, variables)
+    return [(np.asarray(leaf), _path(path) in bits)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))]
+
+
+def _tree_hash(variables) -> str:
+    """A short hash of the variables' paths in tree order: the clqx table has no names, so
+    this is what tells a file from another version of the model code."""
+    paths = "\n".join(_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+    return hashlib.sha256(paths.encode()).hexdigest()[:16]
+
+
+def _model_config(config) -> dict:
+    """The part of the config that builds the network (and its compute dtype)."""
+    train = {"compute_dtype": config.train.get("compute_dtype", "float32")} \
+        if "train" in config else {}
+    return {"model": json.loads(config.model.to_json_best_effort()), "train": train}
+
+
+def normalize(images, mean, std):
+    """uint8 images -> float32 (x - mean) * (1 / std), the training pipeline's arithmetic
+    (`data.pipeline._Normalizer`), traced so it runs inside the exported program."""
+    inverse_std = np.float32(1.0) / np.asarray(std, np.float32)
+    return (images.astype(jnp.float32) - np.asarray(mean, np.float32)) * inverse_std
+
+
+# --------------------------------------------------------------------------------- clqx
+
+
+def serialize(config, variables, info, class_names=None) -> bytes:
+    """The clqx file's bytes for trained `variables` ({"params", "batch_stats"}) of a run on
+    the data set `info` (a `DatasetInfo`: shape, classes, mean, std)."""
+    rows, chunks, offset = [], [], 0
+    for leaf, is_binary in _leaves(config, variables):
+        data = (binary.pack_signs(leaf)[0].tobytes() if is_binary
+                else np.ascontiguousarray(leaf, dtype="<f4").tobytes())
+        rows.append([list(leaf.shape), "b" if is_binary else "f", offset])
         chunks.append(data)
         offset += len(data)
     payload = b"".join(chunks)
-    header = json.dumps({"config": json.loads(config.to_json_best_effort()),
-                         "image_shape": list(image_shape), "num_classes": num_classes,
-                         "tensors": tensors, "sha256": hashlib.sha256(payload).hexdigest()},
+    header = json.dumps({"config": _model_config(config), "image_shape": list(info.image_shape),
+                         "num_classes": info.num_classes, "class_names": class_names,
+                         "mean": list(info.mean), "std": list(info.std), "tensors": rows,
+                         "tree": _tree_hash(variables),
+                         "sha256": hashlib.sha256(payload).hexdigest()},
                         separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
+    return _PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)) + header + payload
 
 
 def _read(path: str) -> tuple[dict, bytes]:
@@ -78,89 +129,319 @@ def _read(path: str) -> tuple[dict, bytes]:
         raise ExportFileError(f"cannot read exported model {path!r}: {error.strerror}") from None
     if len(blob) < _PREFIX.size or blob[:4] != MAGIC:
         raise ExportFileError(f"{path!r} is not a cliquejax export (no CLQX header)")
-    _, version, header_len = _PREFIX.unpack_from(blob)
+    _, version, header_len, header_crc = _PREFIX.unpack_from(blob)
     if version != VERSION:
-        raise ExportFileError(f"{path!r} has export version {version}; this code reads {VERSION}")
+        raise ExportFileError(f"{path!r} has export version {version}; this code reads "
+                              f"{VERSION} (export the run again)")
     try:
-        header = json.loads(blob[_PREFIX.size:_PREFIX.size + header_len])
-    except ValueError:
-        raise ExportFileError(f"{path!r} has a corrupt header") from None
+        text = blob[_PREFIX.size:_PREFIX.size + header_len]
+        if len(text) != header_len or zlib.crc32(text) != header_crc:
+            raise ValueError
+        header = json.loads(text)
+        expected = header["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ExportFileError(f"{path!r} is truncated or corrupt (unreadable header)") from None
     payload = blob[_PREFIX.size + header_len:]
-    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+    if hashlib.sha256(payload).hexdigest() != expected:
         raise ExportFileError(f"{path!r} is truncated or corrupt (payload checksum mismatch)")
     return header, payload
 
 
-def _tensor(entry: dict, payload: bytes) -> np.ndarray:
-    raw = payload[entry["offset"]:entry["offset"] + entry["size"]]
-    if entry["kind"] == "bits":
-        return binary.unpack_signs(np.frombuffer(raw, np.uint8), entry["shape"])
-    return np.frombuffer(raw, "<f4").reshape(entry["shape"]).copy()
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+def _tensor(shape, kind: str, offset: int, payload: bytes) -> np.ndarray:
+    if kind == "b":
+        size = binary.packed_nbytes(shape)
+        return binary.unpack_signs(np.frombuffer(payload, np.uint8, size, offset), shape)
+    return np.frombuffer(payload, "<f4", math.prod(shape), offset).reshape(shape).copy()
 
 
 def load(path: str):
-    """A jitted inference function `images -> logits` of the exported network."""
+    """A jitted inference function `uint8 images (N, H, W[, C]) -> float32 logits` of the
+    exported network; also `.image_shape`, `.num_classes` and `.class_names`."""
     header, payload = _read(path)
     config = ml_collections.ConfigDict(header["config"])
+    image_shape = tuple(header["image_shape"])
     model = models.build_model(config, header["num_classes"])
-    variables = _nest({e["path"]: _tensor(e, payload) for e in header["tensors"]})
-    apply = jax.jit(lambda v, images: model.apply(v, images, train=False))
-    variables = jax.device_put(variables)
+    abstract = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32)))
+    leaves, tree = jax.tree.flatten(abstract)
+    rows = header["tensors"]
+    if (header.get("tree") != _tree_hash(abstract) or len(rows) != len(leaves)
+            or any(tuple(row[0]) != leaf.shape for row, leaf in zip(rows, leaves, strict=False))):
+        raise ExportFileError(f"{path!r} does not hold the variables of the network its "
+                              "header describes (export the run again with this code)")
+    variables = jax.device_put(tree.unflatten([_tensor(*row, payload) for row in rows]))
+    mean, std = header["mean"], header["std"]
+    apply = jax.jit(lambda v, images: model.apply(v, normalize(images, mean, std), train=False))
 
     def predict(images):
-        return apply(variables, images)
+        return apply(variables, standalone.check_images(images, image_shape))
 
-    predict.image_shape, predict.num_classes = header["image_shape"], header["num_classes"]
+    predict.image_shape, predict.num_classes = image_shape, header["num_classes"]
+    predict.class_names = header.get("class_names")
     return predict
 
 
-def export_checkpoint(config, workdir: str, out: str) -> dict:
-    """Writes the latest checkpoint of `workdir` to `out`; returns sizes."""
-    from cliquejax import report
-    from cliquejax.train.evaluate import restore_trainer
+# --------------------------------------------------------------------------- standalone
 
-    trainer = restore_trainer(config, workdir)
-    variables = {"params": trainer.state["params"], "batch_stats": trainer.state["batch_stats"]}
-    blob = serialize(config, variables, trainer.info.image_shape, trainer.info.num_classes)
+
+@jax.jit
+def _bn_multiplier(var, scale):
+    """rsqrt(var + eps) * scale as the network's eval-mode BN computes it (`ops._normalize`),
+    so the folded multiplier is the very float32 the trained network multiplies by."""
+    return jax.lax.rsqrt(var + ops.BN_EPSILON) * scale
+
+
+def fold_batch_norms(variables) -> tuple[dict, dict]:
+    """(values, constants) by path, every eval-mode BN (params {scale, bias} next to
+    batch_stats {mean, var}) folded: (x - mean) * a + bias, a = rsqrt(var + eps) * scale,
+    becomes x * a + b with b = bias - mean * a, so two vectors are stored instead of four
+    (the size of the file is dominated by the BN vectors once the convs are 1-bit). `a` is
+    the float32 the network itself computes, b is rounded once from float64; the logits
+    differ from the checkpoint's by float32 rounding only. The network still runs its own BN
+    code: its mean is a zero constant and its var the float32 V with V + eps == 1 exactly, so
+    it computes x * 1 * a + b. Other leaves are returned unchanged."""
+    flat = {_path(p): np.asarray(leaf)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
+    eps = np.float32(ops.BN_EPSILON)
+    unit_var = np.float32(1) - eps
+    assert unit_var + eps == np.float32(1)
+    values, constants = dict(flat), {}
+    for name in flat:
+        if not (name.startswith("batch_stats/") and name.endswith("/mean")):
+            continue
+        scope = name[len("batch_stats/"):-len("/mean")]
+        keys = [f"params/{scope}/scale", f"params/{scope}/bias", f"batch_stats/{scope}/var"]
+        if not all(k in flat for k in keys):
+            continue
+        mean, scale, bias, var = flat[name], *(flat[k] for k in keys)
+        m = np.asarray(_bn_multiplier(var, scale))
+        values[keys[0]] = m
+        offset = bias.astype(np.float64) - mean.astype(np.float64) * m.astype(np.float64)
+        values[keys[1]] = offset.astype(np.float32)
+        for key, constant in ((name, np.float32(0)), (keys[2], unit_var)):
+            del values[key]
+            constants[key] = np.full(flat[key].shape, constant, np.float32)
+    return values, constants
+
+
+def standalone_program(config, variables, info):
+    """(Exported program, bits uint8, floats float32): the program maps (uint8 images with
+    any batch size, bits, floats) to logits, lowered for cpu, cuda and tpu."""
+    values, constants = fold_batch_norms(variables)
+    bits_at = _binary_names(config, variables)
+    paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
+    _, tree = jax.tree.flatten(variables)
+    bit_chunks, float_chunks, layout = [], [], []
+    bit_offset = float_offset = 0
+    for name in paths:
+        if name in constants:
+            layout.append(("constant", constants[name], None))
+        elif name in bits_at:
+            packed = binary.pack_signs(values[name])[0]
+            layout.append(("bits", bit_offset, values[name].shape))
+            bit_chunks.append(packed)
+            bit_offset += packed.size
+        else:
+            leaf = values[name]
+            layout.append(("floats", float_offset, leaf.shape))
+            float_chunks.append(np.asarray(leaf, np.float32).ravel())
+            float_offset += leaf.size
+    bits = np.concatenate(bit_chunks or [np.zeros(0, np.uint8)])
+    floats = np.concatenate(float_chunks or [np.zeros(0, np.float32)])
+    model = models.build_model(config, info.num_classes)
+
+    def leaf(kind, where, shape, bits, floats):
+        if kind == "constant":
+            return jnp.asarray(where)
+        if kind == "bits":
+            return standalone_unpack(bits, where, shape)
+        return jax.lax.slice(floats, (where,), (where + math.prod(shape),)).reshape(shape)
+
+    def forward(images, bits, floats):
+        network = tree.unflatten([leaf(*entry, bits, floats) for entry in layout])
+        return model.apply(network, normalize(images, info.mean, info.std), train=False)
+
+    batch = jax.export.symbolic_shape("batch")[0]
+    exported = jax.export.export(jax.jit(forward), platforms=standalone.PLATFORMS)(
+        jax.ShapeDtypeStruct((batch, *info.image_shape), jnp.uint8),
+        jax.ShapeDtypeStruct(bits.shape, jnp.uint8),
+        jax.ShapeDtypeStruct(floats.shape, jnp.float32))
+    return exported, bits, floats
+
+
+def standalone_unpack(bits, offset: int, shape):
+    """The +-1 float32 array of `shape` whose signs `binary.pack_signs` packed at
+    bits[offset:]: bit 7 - j of byte i is element 8 i + j (numpy's big-endian bit order)."""
+    size = math.prod(shape)
+    packed = jax.lax.slice(bits, (offset,), (offset + binary.packed_nbytes(shape),))
+    shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+    flags = (packed[:, None] >> shifts[None, :]) & jnp.uint8(1)
+    return jnp.where(flags.reshape(-1)[:size] == 1, 1.0, -1.0).astype(jnp.float32).reshape(shape)
+
+
+def serialize_standalone(config, variables, info, class_names=None) -> tuple[bytes, dict]:
+    """(the standalone file's bytes, its sizes: program, bits, floats, header, file)."""
+    exported, bits, floats = standalone_program(config, variables, info)
+    program = bytes(exported.serialize())
+    blob = standalone.pack(program, bits, floats, {
+        "num_classes": info.num_classes, "class_names": class_names,
+        "image_shape": list(info.image_shape)})
+    stored = standalone.stored_sizes(blob)
+    sizes = {"program_bytes": len(program), "stored_program_bytes": stored[0],
+             "bits_bytes": bits.nbytes, "floats_bytes": floats.nbytes, "file_bytes": len(blob)}
+    sizes["header_bytes"] = len(blob) - sum(stored)
+    return blob, sizes
+
+
+# ------------------------------------------------------------------------ from a run
+
+
+def quiet_logging() -> None:
+    """Only the command's own lines: the libraries' INFO logging (Orbax, TFDS, JAX) off."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "absl", "orbax", "tensorflow_datasets", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_run(workdir: str):
+    """The run's config, after checking that `workdir` holds a run with a checkpoint (before
+    anything is built, so a wrong path creates nothing on disk)."""
+    from cliquejax.train import run_dir
+
+    config = run_dir.load_config(workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    steps = [n for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}; allowed: a --workdir whose "
+                                "training saved at least one epoch")
+    return config
+
+
+def restore(workdir: str):
+    """(config, trainer holding the latest checkpoint) of the run in `workdir`."""
+    from cliquejax.checkpoint import CheckpointMismatchError
+    from cliquejax.train.loop import Trainer
+
+    config = check_run(workdir)
+    trainer = Trainer(config, workdir)
+    try:
+        if not trainer.restore_latest():
+            raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}")
+        return config, trainer
+    except (CheckpointMismatchError, FileNotFoundError):
+        trainer.checkpoints.close()
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged file: any type from Orbax/TensorStore
+        trainer.checkpoints.close()
+        raise ValueError(f"cannot restore the checkpoint in {workdir}/checkpoints "
+                         f"({first_line(error)}); allowed: a complete checkpoint written by "
+                         "training") from None
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of the error at the root of `error`'s chain of causes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
+def class_names(config):
+    """The data set's label names when it has them (image folders, TFDS ClassLabels)."""
+    from cliquejax.data import sources
+
+    try:
+        source = sources.load_source(config.data, "train")
+        names = getattr(source, "class_names", None)
+        if names is None:
+            names = source._data_source.dataset_info.features["label"].names
+        names = [str(n) for n in names]
+        return None if names == [str(i) for i in range(len(names))] else names
+    except Exception:  # noqa: BLE001 - names are optional decoration
+        return None
+
+
+def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
+    """Writes the latest checkpoint of `workdir` to `out` as `fmt`; returns sizes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format={fmt!r} is not one of: {', '.join(FORMATS)}")
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ValueError(f"--out={out!r}: allowed: a file path in an existing directory")
+    config, trainer = restore(workdir)
+    try:
+        variables = {"params": trainer.state["params"],
+                     "batch_stats": trainer.state["batch_stats"]}
+        names = class_names(config)
+        if fmt == "clqx":
+            blob = serialize(config, variables, trainer.info, names)
+            header_len = _PREFIX.unpack_from(blob)[2] + _PREFIX.size
+            sizes = {"file_bytes": len(blob), "header_bytes": header_len,
+                     "payload_bytes": len(blob) - header_len}
+        else:
+            blob, sizes = serialize_standalone(config, variables, trainer.info, names)
+            sizes["packed_weight_bytes"] = sizes["bits_bytes"] + sizes["floats_bytes"]
+        sizes["float32_model_bytes"] = 4 * sum(leaf.size for leaf, _ in _leaves(config,
+                                                                                  variables))
+        sizes["step"] = trainer.checkpoints.latest_step()
+    finally:
+        trainer.checkpoints.close()
     if jax.process_index() == 0:
-        with open(out, "wb") as handle:
-            handle.write(blob)
-    header_len = _PREFIX.unpack_from(blob)[2] + _PREFIX.size
-    sizes = {"file_bytes": len(blob), "header_bytes": header_len,
-             "payload_bytes": len(blob) - header_len, "step": trainer.checkpoints.latest_step()}
-    trainer.checkpoints.close()
-    print(json.dumps(report.to_builtin(sizes)))
+        try:
+            with open(out, "wb") as handle:
+                handle.write(blob)
+        except OSError as error:
+            raise ValueError(f"--out={out!r} cannot be written ({error.strerror})") from None
     return sizes
 
 
-def main(argv) -> None:
-    from absl import flags
+def describe_sizes(sizes: dict) -> str:
+    kib = lambda n: f"{n / 1024:.1f} KiB"  # noqa: E731
+    parts = [f"file {kib(sizes['file_bytes'])} ({sizes['file_bytes']} bytes)"]
+    if "program_bytes" in sizes:
+        parts += [f"packed weights {kib(sizes['packed_weight_bytes'])} "
+                  f"(bits {sizes['bits_bytes']} + float32 {sizes['floats_bytes']} bytes)",
+                  f"program {kib(sizes['program_bytes'])} "
+                  f"(stored zlib-compressed: {kib(sizes['stored_program_bytes'])})",
+                  f"header {sizes['header_bytes']} bytes"]
+    else:
+        parts += [f"payload {kib(sizes['payload_bytes'])}",
+                  f"header {sizes['header_bytes']} bytes"]
+    ratio = sizes["float32_model_bytes"] / sizes["file_bytes"]
+    parts.append(f"float32 model {kib(sizes['float32_model_bytes'])} ({ratio:.1f}x the file)")
+    return "; ".join(parts)
 
-    try:
-        export_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr with exit code 2."""
+
+    def error(self, message):
+        if "--config" in message:
+            message += " (the run's own config.json is read from --workdir; no --config)"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv=None) -> None:
+    parser = OneLineParser(prog="python -m cliquejax.export",
+                           description="Write a run's latest checkpoint as a deployable file.")
+    parser.add_argument("--workdir", required=True, help="the run directory (config.json, "
+                        "checkpoints/)")
+    parser.add_argument("--out", required=True, help="the file to write")
+    parser.add_argument("--format", default="clqx", choices=FORMATS,
+                        help="clqx (cliquejax.export.load) or standalone (jax only)")
+    args = parser.parse_args(argv)
+    quiet_logging()
+    try:
+        sizes = export_checkpoint(args.workdir, args.out, args.format)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
 
-    config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "The run directory (its checkpoints/ are read).")
-    flags.DEFINE_string("out", None, "The file to write.")
-    flags.mark_flags_as_required(["config", "workdir", "out"])
-    sys.path.insert(0, ".")
-    app.run(main)
+
+if __name__ == "__main__":
+    main()

@@ -1,45 +1,187 @@
-"""The deployable file: logits equal the trained network's, size close to the packed bits,
-and broken files are refused with clear errors."""
+"""The deployable files: both take uint8 images and give the checkpoint's logits, the
+standalone one runs with jax alone and is small, broken files and wrong runs are refused
+with one-line errors. One tiny digits run (the session's) is shared by every test."""
 
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from cliquejax import export, summary
-from cliquejax.train.evaluate import restore_trainer
-
-
-def test_export_round_trip(trained_digits_run, tmp_path):
-    config, workdir, _ = trained_digits_run
-    out = str(tmp_path / "model.clqx")
-    sizes = export.export_checkpoint(config, workdir, out)
-    trainer = restore_trainer(config, workdir)
-    images = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 1))
-    expected = trainer.model.apply({"params": trainer.state["params"],
-                                    "batch_stats": trainer.state["batch_stats"]}, images,
-                                   train=False)
-    predict = export.load(out)
-    assert np.max(np.abs(np.asarray(predict(images)) - np.asarray(expected))) < 1e-5
-    packed = summary.summarize(config)["packed_bytes"]
-    assert sizes["payload_bytes"] == packed
-    assert os.path.getsize(out) <= 1.05 * packed + sizes["header_bytes"]
-    assert sizes["header_bytes"] < 16_384
+from cliquejax import export, models, predict, standalone, summary
+from cliquejax.data import info as data_info
+from cliquejax.data import sources
+from configs import mbclique_cifar10
 
 
-def test_broken_files_are_refused(trained_digits_run, tmp_path):
-    config, workdir, _ = trained_digits_run
-    good = tmp_path / "model.clqx"
-    export.export_checkpoint(config, workdir, str(good))
-    blob = good.read_bytes()
-    cases = {"missing.clqx": None, "truncated.clqx": blob[:-10],
-             "flipped.clqx": blob[:-1] + bytes([blob[-1] ^ 1]), "junk.clqx": b"not a model"}
-    messages = {"missing.clqx": "cannot read", "truncated.clqx": "corrupt",
-                "flipped.clqx": "corrupt", "junk.clqx": "not a cliquejax export"}
-    for name, content in cases.items():
-        if content is not None:
-            (tmp_path / name).write_bytes(content)
-        with pytest.raises(export.ExportFileError) as error:
-            export.load(str(tmp_path / name))
-        assert messages[name] in str(error.value) and "\n" not in str(error.value)
+@pytest.fixture(scope="module")
+def digits(trained_digits_run, tmp_path_factory):
+    """The run, its test images and labels, the checkpoint's predictor and both files."""
+    config, workdir, results = trained_digits_run
+    out = tmp_path_factory.mktemp("export")
+    test = sources.load_source(config.data, "test")
+    images = np.stack([test[i]["image"] for i in range(len(test))])
+    labels = np.array([test[i]["label"] for i in range(len(test))])
+    _, trainer = export.restore(workdir)
+    trainer.checkpoints.close()
+    files = {fmt: str(out / f"model.{fmt}") for fmt in export.FORMATS}
+    sizes = {fmt: export.export_checkpoint(workdir, path, fmt) for fmt, path in files.items()}
+    return {"config": config, "workdir": workdir, "results": results, "images": images,
+            "labels": labels, "reference": predict.predictor(trainer)(images),
+            "files": files, "sizes": sizes}
+
+
+def _one_line_exit(capsys, main, argv, code=2) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_clqx_takes_uint8_and_gives_the_checkpoint_logits(digits):
+    load = export.load(digits["files"]["clqx"])
+    logits = np.asarray(load(digits["images"][..., 0]))  # (N, H, W) grey images too
+    assert np.max(np.abs(logits - digits["reference"])) < 1e-5
+    sizes = digits["sizes"]["clqx"]
+    assert sizes["payload_bytes"] == summary.summarize(digits["config"])["packed_bytes"]
+    assert sizes["header_bytes"] < 4096
+    with pytest.raises(standalone.StandaloneError, match="uint8"):
+        load(digits["images"].astype(np.float32))
+
+
+def test_standalone_equals_predict_for_any_batch_and_reaches_the_run_accuracy(digits):
+    predict_fn = standalone.load(digits["files"]["standalone"])
+    assert predict_fn.exported.platforms == ("cpu", "cuda", "tpu")
+    assert not isinstance(predict_fn.exported.in_avals[0].shape[0], int)  # symbolic batch
+    for batch in (1, 7, 64):
+        logits = predict_fn(digits["images"][:batch])
+        assert logits.shape == (batch, 10)
+        assert np.max(np.abs(logits - digits["reference"][:batch])) < 1e-5
+    everything = predict_fn(digits["images"])
+    accuracy = float(np.mean(np.argmax(everything, -1) == digits["labels"]))
+    assert accuracy == pytest.approx(digits["results"]["final_test_accuracy"], abs=1e-12)
+
+
+def test_standalone_script_runs_without_cliquejax(digits, tmp_path):
+    """The copied script, `python -I` in a directory outside the repository: only jax and
+    numpy are importable, and its top-1 classes and logits are the checkpoint's."""
+    script = tmp_path / "standalone.py"
+    shutil.copy(standalone.__file__, script)
+    shutil.copy(digits["files"]["standalone"], tmp_path / "model.clqs")
+    np.savez(tmp_path / "images.npz", images=digits["images"][:7])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda *args: subprocess.run([sys.executable, "-I", *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    assert run("-c", "import cliquejax").returncode != 0
+    done = run(str(script), "model.clqs", "images.npz", "--logits", "logits.npy")
+    assert done.returncode == 0, done.stderr
+    top1 = np.argmax(digits["reference"][:7], -1)
+    assert done.stdout.splitlines() == [f"{i}\t{c}" for i, c in enumerate(top1)]
+    assert np.max(np.abs(np.load(tmp_path / "logits.npy") - digits["reference"][:7])) < 1e-5
+    (tmp_path / "cut.clqs").write_bytes((tmp_path / "model.clqs").read_bytes()[:-100])
+    broken = run(str(script), "cut.clqs", "images.npz")
+    assert broken.returncode == 2 and broken.stdout == ""
+    assert broken.stderr.count("\n") == 1 and "truncated or corrupt" in broken.stderr
+
+
+def test_predict_command_reads_npz_and_png(digits, tmp_path, capsys):
+    np.savez(tmp_path / "images.npz", images=digits["images"][:5])
+    predict.main([f"--workdir={digits['workdir']}", str(tmp_path / "images.npz"),
+                  "--logits", str(tmp_path / "logits.npy"), "--top=3"])
+    lines = capsys.readouterr().out.splitlines()
+    order = np.argsort(-digits["reference"][:5], -1, kind="stable")[:, :3]
+    assert lines == [f"{i}\t" + "\t".join(map(str, row)) for i, row in enumerate(order)]
+    assert np.max(np.abs(np.load(tmp_path / "logits.npy") - digits["reference"][:5])) < 1e-5
+    png = str(tmp_path / "digit.png")
+    Image.fromarray(digits["images"][3, ..., 0]).save(png)
+    predict.main([f"--workdir={digits['workdir']}", png])
+    assert capsys.readouterr().out == f"{png}\t{order[3, 0]}\n"
+    _one_line_exit(capsys, predict.main, [f"--workdir={digits['workdir']}", "missing.png"])
+
+
+def test_bad_runs_are_refused_before_anything_is_created(digits, tmp_path, capsys):
+    missing = tmp_path / "no-run"
+    err = _one_line_exit(capsys, export.main, [f"--workdir={missing}", "--out=x.clqx"])
+    assert "does not exist" in err and not missing.exists()
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    shutil.copy(os.path.join(digits["workdir"], "config.json"), untrained)
+    err = _one_line_exit(capsys, export.main, [f"--workdir={untrained}",
+                                               f"--out={tmp_path / 'x.clqs'}"])
+    assert "no checkpoint" in err and sorted(os.listdir(untrained)) == ["config.json"]
+    _one_line_exit(capsys, predict.main, [f"--workdir={untrained}", "x.npz"])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(digits["workdir"], damaged)
+    for root, _, names in os.walk(damaged / "checkpoints"):
+        for name in names:
+            if os.sep + "d" == root[-2:]:  # the arrays' data files
+                path = os.path.join(root, name)
+                os.truncate(path, min(100, os.path.getsize(path)))
+    err = _one_line_exit(capsys, export.main, [f"--workdir={damaged}",
+                                               f"--out={tmp_path / 'x.clqs'}"])
+    assert "cannot restore the checkpoint" in err
+    _one_line_exit(capsys, export.main, [f"--workdir={digits['workdir']}", "--out=x",
+                                         "--format=onnx"])
+    err = _one_line_exit(capsys, export.main, [f"--workdir={digits['workdir']}", "--out=x",
+                                               "--config=configs/mbclique_digits.py"])
+    assert "config.json" in err
+    assert not (tmp_path / "x.clqs").exists()
+
+
+def test_export_command_prints_only_its_sizes(digits, tmp_path, capsys):
+    out = tmp_path / "m.clqs"
+    export.main([f"--workdir={digits['workdir']}", f"--out={out}", "--format=standalone"])
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and printed.startswith(f"wrote {out} (standalone")
+    for figure in ("packed weights", "program", "float32 model", str(out.stat().st_size)):
+        assert figure in printed
+
+
+def test_broken_files_are_refused_by_both_loaders(digits, tmp_path):
+    loaders = {"clqx": (export.load, export.ExportFileError, "not a cliquejax export"),
+               "standalone": (standalone.load, standalone.StandaloneError, "not a standalone")}
+    for fmt, (load, error_type, junk_message) in loaders.items():
+        blob = open(digits["files"][fmt], "rb").read()
+        cases = {"missing": (None, "cannot read"), "truncated": (blob[:-10], "corrupt"),
+                 "flipped": (blob[:-1] + bytes([blob[-1] ^ 1]), "corrupt"),
+                 "cut-header": (blob[:20], "corrupt"), "junk": (b"not a model", junk_message),
+                 "header-flip": (blob[:30] + bytes([blob[30] ^ 4]) + blob[31:], "corrupt")}
+        for name, (content, message) in cases.items():
+            path = tmp_path / f"{name}.{fmt}"
+            if content is not None:
+                path.write_bytes(content)
+            with pytest.raises(error_type) as error:
+                load(str(path))
+            assert message in str(error.value) and "\n" not in str(error.value), (fmt, name)
+
+
+def test_cifar10_standalone_file_is_small():
+    """MBCliqueNet CIFAR-10 with random values in place of trained ones (the sizes do not
+    depend on the values): under 1/20 of the float32 model, and no more than the packed
+    weights + the program + 4 KB."""
+    config = mbclique_cifar10.get_config()
+    model = models.build_model(config, 10)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, s: rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        if export._path(path).endswith("/var") else
+        rng.standard_normal(s.shape).astype(np.float32), shapes)
+    info = data_info.DatasetInfo("cifar10", (32, 32, 3), 10, 50_000, 10_000,
+                                 (125.3, 123.0, 113.9), (63.0, 62.1, 66.7))
+    blob, sizes = export.serialize_standalone(config, variables, info)
+    storage = summary.summarize(config)
+    assert len(blob) < storage["float32_bytes"] / 20
+    assert len(blob) <= storage["packed_bytes"] + sizes["program_bytes"] + 4096
+    assert len(blob) <= sizes["bits_bytes"] + sizes["floats_bytes"] + sizes["program_bytes"] \
+        + 4096
+    assert sizes["bits_bytes"] == sum(
+        (leaf.size + 7) // 8 for leaf, is_binary in export._leaves(config, variables)
+        if is_binary)

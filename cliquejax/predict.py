@@ -1,0 +1,100 @@
+"""Classes of images from a run's latest checkpoint, through the training code.
+
+    python -m cliquejax.predict --workdir=runs/x images.npz [--logits out.npy] [--top=K]
+    python -m cliquejax.predict --workdir=runs/x cat.png dog.jpg
+
+Images are uint8 pixels of the data set's size: an .npz with `images` (N x H x W [x C]) or
+PNG/JPEG files (converted to grey or RGB to match the data set; not resized). They are
+normalised exactly as the training pipeline does and run through the trained network, so
+this is the reference the exported files are compared with. One line per image: its name
+(index or path), then its `top` classes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+from cliquejax import export, standalone
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_inputs(paths: list[str], image_shape) -> tuple[np.ndarray, list[str]]:
+    """(uint8 images (N, H, W, C), one label per image) from one .npz or image files."""
+    if len(paths) == 1 and paths[0].lower().endswith(".npz"):
+        images = standalone.check_images(standalone.read_images(paths[0]), image_shape)
+        return images, [str(i) for i in range(len(images))]
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if image_shape[-1] == 1 else "RGB"
+    images = []
+    for path in paths:
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            raise standalone.StandaloneError(
+                f"{path!r}: allowed inputs are one .npz (key 'images') or .png/.jpg/.jpeg files")
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert(mode), np.uint8)
+        except (OSError, UnidentifiedImageError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise standalone.StandaloneError(f"cannot read image {path!r}: {reason}") from None
+        if pixels.shape[:2] != tuple(image_shape[:2]):
+            raise standalone.StandaloneError(
+                f"{path!r} is {pixels.shape[1]}x{pixels.shape[0]} pixels; allowed: "
+                f"{image_shape[1]}x{image_shape[0]}, the size the network was trained on")
+        images.append(pixels.reshape(image_shape))
+    return np.stack(images), list(paths)
+
+
+def predictor(trainer):
+    """`uint8 images -> logits` of the trainer's state: the training pipeline's normaliser
+    (numpy), then the network's eval-mode forward pass."""
+    from cliquejax.data.pipeline import _Normalizer
+
+    normalizer = _Normalizer(trainer.info.mean, trainer.info.std)
+    variables = {"params": trainer.state["params"], "batch_stats": trainer.state["batch_stats"]}
+    apply = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))
+
+    def predict(images):
+        images = standalone.check_images(images, trainer.info.image_shape)
+        return np.asarray(apply(variables, normalizer({"image": images})["image"]))
+
+    return predict
+
+
+def main(argv=None) -> None:
+    parser = export.OneLineParser(prog="python -m cliquejax.predict",
+                                  description="Classes of images from a run's checkpoint.")
+    parser.add_argument("--workdir", required=True, help="the run directory")
+    parser.add_argument("inputs", nargs="+", help="one .npz (key 'images') or PNG/JPEG files")
+    parser.add_argument("--logits", help="also save the logits (N, classes) to this .npy")
+    parser.add_argument("--top", type=int, default=1, help="classes printed per image")
+    args = parser.parse_args(argv)
+    export.quiet_logging()
+    try:
+        if args.top < 1:
+            raise ValueError(f"--top={args.top}; allowed: 1 or more")
+        standalone.check_output(args.logits)
+        missing = [p for p in args.inputs if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{missing[0]!r} is not a file; allowed: one .npz (key 'images') "
+                             "or PNG/JPEG files")
+        config, trainer = export.restore(args.workdir)
+        trainer.checkpoints.close()
+        images, labels = read_inputs(args.inputs, trainer.info.image_shape)
+        logits = predictor(trainer)(images)
+        if args.logits:
+            standalone.save_logits(args.logits, logits)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    top = min(args.top, logits.shape[-1])
+    print("\n".join(standalone.top_lines(logits, labels, export.class_names(config), top)))
+
+
+if __name__ == "__main__":
+    main()
