@@ -28,6 +28,7 @@ masks into +-1 and runs the same network with each BN folded into one multiply-a
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cliquejax import binary, models, ops, standalone
+from cliquejax import binary, models, standalone
 
 MAGIC, VERSION = b"CLQX", 2
 _PREFIX = struct.Struct("<4sIQI")  # magic, version, header length, header crc32
@@ -184,14 +185,14 @@ def load(path: str):
 # --------------------------------------------------------------------------- standalone
 
 
-@jax.jit
-def _bn_multiplier(var, scale):
+@functools.partial(jax.jit, static_argnums=2)
+def _bn_multiplier(var, scale, epsilon: float):
     """rsqrt(var + eps) * scale as the network's eval-mode BN computes it (`ops._normalize`),
     so the folded multiplier is the very float32 the trained network multiplies by."""
-    return jax.lax.rsqrt(var + ops.BN_EPSILON) * scale
+    return jax.lax.rsqrt(var + epsilon) * scale
 
 
-def fold_batch_norms(variables) -> tuple[dict, dict]:
+def fold_batch_norms(variables, epsilon: float) -> tuple[dict, dict]:
     """(values, constants) by path, every eval-mode BN (params {scale, bias} next to
     batch_stats {mean, var}) folded: (x - mean) * a + bias, a = rsqrt(var + eps) * scale,
     becomes x * a + b with b = bias - mean * a, so two vectors are stored instead of four
@@ -202,7 +203,7 @@ def fold_batch_norms(variables) -> tuple[dict, dict]:
     it computes x * 1 * a + b. Other leaves are returned unchanged."""
     flat = {_path(p): np.asarray(leaf)
             for p, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
-    eps = np.float32(ops.BN_EPSILON)
+    eps = np.float32(epsilon)
     unit_var = np.float32(1) - eps
     assert unit_var + eps == np.float32(1)
     values, constants = dict(flat), {}
@@ -214,7 +215,7 @@ def fold_batch_norms(variables) -> tuple[dict, dict]:
         if not all(k in flat for k in keys):
             continue
         mean, scale, bias, var = flat[name], *(flat[k] for k in keys)
-        m = np.asarray(_bn_multiplier(var, scale))
+        m = np.asarray(_bn_multiplier(var, scale, epsilon))
         values[keys[0]] = m
         offset = bias.astype(np.float64) - mean.astype(np.float64) * m.astype(np.float64)
         values[keys[1]] = offset.astype(np.float32)
@@ -227,7 +228,8 @@ def fold_batch_norms(variables) -> tuple[dict, dict]:
 def standalone_program(config, variables, info):
     """(Exported program, bits uint8, floats float32): the program maps (uint8 images with
     any batch size, bits, floats) to logits, lowered for cpu, cuda and tpu."""
-    values, constants = fold_batch_norms(variables)
+    model = models.build_model(config, info.num_classes)
+    values, constants = fold_batch_norms(variables, model.bn.epsilon)
     bits_at = _binary_names(config, variables)
     paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
     _, tree = jax.tree.flatten(variables)
@@ -248,7 +250,6 @@ def standalone_program(config, variables, info):
             float_offset += leaf.size
     bits = np.concatenate(bit_chunks or [np.zeros(0, np.uint8)])
     floats = np.concatenate(float_chunks or [np.zeros(0, np.float32)])
-    model = models.build_model(config, info.num_classes)
 
     def leaf(kind, where, shape, bits, floats):
         if kind == "constant":
