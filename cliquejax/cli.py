@@ -3,6 +3,7 @@ one line on stderr and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE_EXIT = 2
@@ -27,8 +28,14 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def config_file_error(path: str, error: BaseException) -> str:
-    return (f"error: --config={path} cannot be loaded ({one_line(_root_cause(error))}); "
-            "allowed: a Python file with get_config(), such as configs/mbclique_cifar10.py")
+    file_name = path.split(":", 1)[0]
+    reason = "no such file" if not os.path.isfile(file_name) else one_line(_root_cause(error))
+    return (f"error: --config={path} cannot be loaded ({reason}); allowed: a Python file "
+            "with get_config(), such as configs/mbclique_cifar10.py")
+
+
+def _config_argument() -> str:
+    return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "?")
 
 
 def load_config_flag(flag_values, name: str = "config"):
@@ -58,12 +65,10 @@ def run_app(main) -> None:
     try:
         app.run(main)
     except SyntaxError as error:
-        fail(f"error: a config file has a syntax error: {one_line(error)}")
+        fail(config_file_error(_config_argument(), error))
     except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as error:
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
         text = one_line(error)
         if "Error whilst parsing config file" in text or not overrides:
-            config = next((a.split("=", 1)[1] for a in sys.argv[1:]
-                           if a.startswith("--config=")), "?")
-            fail(config_file_error(config, error))
+            fail(config_file_error(_config_argument(), error))
         fail(f"error: bad config override {' '.join(overrides)}: {text}")
