@@ -49,17 +49,22 @@ def start_distributed() -> None:
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+def check_mode(config, workdir: str) -> None:
+    """Flag combinations that cannot work, refused before anything heavy is imported."""
+    if FLAGS.mode == "eval" and FLAGS.overwrite:
+        cli.fail("error: --overwrite is for --mode=train; --mode=eval changes no run")
+    if FLAGS.mode == "train" and config is None and (
+            FLAGS.overwrite or not os.path.exists(os.path.join(workdir, "config.json"))):
+        cli.fail(f"error: --config is required to start a run in {workdir} (it holds no "
+                 "config.json to resume); allowed: --config=configs/<name>.py")
+
+
 def run(config, workdir: str) -> dict:
     from cliquejax.train import evaluate, loop, run_dir
 
     if FLAGS.mode == "eval":
-        if FLAGS.overwrite:
-            cli.fail("error: --overwrite is for --mode=train; --mode=eval changes no run")
         return evaluate.evaluate_checkpoint(config, workdir)
     if config is None:
-        if FLAGS.overwrite or not os.path.exists(os.path.join(workdir, "config.json")):
-            cli.fail(f"error: --config is required to start a run in {workdir} (it holds no "
-                     "config.json to resume); allowed: --config=configs/<name>.py")
         config = run_dir.load_config(workdir)  # resume the run as it was made
     return loop.train_and_evaluate(config, workdir, overwrite=FLAGS.overwrite)
 
@@ -89,11 +94,12 @@ def print_summary(results: dict, workdir: str) -> None:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
+    config = cli.load_config_flag(FLAGS)
+    check_mode(config, FLAGS.workdir)
     from cliquejax import checkpoint, data
     from cliquejax.train import loop, run_dir
 
-    logging.set_verbosity(logging.WARNING)
-    config = cli.load_config_flag(FLAGS)
     platform.use_compilation_cache(FLAGS.compilation_cache)
     try:
         start_distributed()

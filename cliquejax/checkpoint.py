@@ -217,7 +217,7 @@ class Checkpointer:
             raise CheckpointCorruptError(f"checkpoint {where} cannot be read "
                                          f"({_reason(error)})") from None
         state, meta = restored[STATE_ITEM], dict(restored[META_ITEM] or {})
-        expected = meta.get(STATE_CHECKSUM)  # absent in checkpoints written before checksums
+        expected = meta.pop(STATE_CHECKSUM, None)  # absent in checkpoints from before checksums
         if expected is not None and params_fingerprint(state) != expected:
             raise CheckpointCorruptError(f"checkpoint {where} is corrupt (its state does not "
                                          "match the sha256 saved with it)")

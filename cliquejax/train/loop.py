@@ -79,11 +79,11 @@ class Trainer:
         if config.train.max_steps > 0:
             self.total_steps = min(self.total_steps, config.train.max_steps)
         self.model = models.build_model(config, self.info.num_classes)
-        check_image_size(self.model, self.info, config.model.name)
         self.shardings = step.make_shardings(self.global_batch)
         tx, self.schedule = optim.make_optimizer(config, self.steps_per_epoch)
         abstract = jax.eval_shape(lambda: step.init_state(
             self.model, (tx,), self.info.image_shape, config.seed))
+        check_image_size(self.model, self.info, config.model.name, abstract)
         self.transforms = step.make_transforms(config, tx, abstract["params"])
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
@@ -118,7 +118,6 @@ class Trainer:
         self.state, meta = self.checkpoints.restore_good(self.state, warn,
                                                          move_aside=move_aside)
         self.meta.update(meta)
-        self.meta.pop(checkpoint.STATE_CHECKSUM, None)
         self._base_seconds = {key: float(self.meta.get(key, 0.0)) for key in self._base_seconds}
         return True
 
@@ -172,21 +171,29 @@ def save_failed(trainer: Trainer, error) -> checkpoint.CheckpointSaveError:
     return checkpoint.CheckpointSaveError(f"{error}; training stopped; {kept}")
 
 
-def check_image_size(model, info, name: str) -> None:
+# The deepest downsampling here (the ImageNet CliqueNet: stem, max pool, 3 transitions)
+# divides the size by 32: larger images always keep pixels, and skip the check's trace.
+CHECKED_BELOW = 64
+
+
+def check_image_size(model, info, name: str, abstract_state) -> None:
     """Images too small for the network's downsampling leave a stage with no pixels, and
     the pooled features are then empty (NaN) instead of an error."""
     from flax import linen as nn
 
-    image = jax.ShapeDtypeStruct((1, *info.image_shape), np.float32)
+    if min(info.image_shape[:2]) >= CHECKED_BELOW:
+        return
+    variables = {"params": abstract_state["params"],
+                 "batch_stats": abstract_state["batch_stats"]}
 
-    def forward(x):
-        variables = model.init(jax.random.PRNGKey(0), x)
+    def forward(variables, x):
         with nn.intercept_methods(_record_empty):
             return model.apply(variables, x, train=False)
 
     _EMPTY.clear()
+    image = jax.ShapeDtypeStruct((1, *info.image_shape), np.float32)
     try:
-        outputs = jax.eval_shape(forward, image)
+        outputs = jax.eval_shape(forward, variables, image)
     except (ValueError, TypeError, ZeroDivisionError) as error:
         raise ValueError(f"images of {info.image_shape[0]}x{info.image_shape[1]} do not fit "
                          f"model {name} ({str(error).splitlines()[0][:200]}); allowed: images "
