@@ -2,7 +2,11 @@
 
     python launch.py --config=configs/mbclique_cifar10.py --workdir=runs/mbclique_cifar10
     python launch.py --config=configs/cliquenet_cifar10.py --config.model.k=64 --workdir=DIR
-    python launch.py --config=... --workdir=DIR --mode=eval
+    python launch.py --workdir=DIR               # resume DIR with its own config.json
+    python launch.py --workdir=DIR --mode=eval   # evaluate DIR's latest good checkpoint
+
+A workdir's config.json is the run's identity: resuming with a config that changes the run
+is refused (--overwrite moves the old run into DIR/previous-<time>/ and starts anew).
 
 Multi-host: every process runs the same command plus --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I, or --distributed to let JAX detect the cluster (SLURM, TPU).
@@ -12,23 +16,24 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from cliquejax import platform
+from cliquejax import cli, platform
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots, results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming) or evaluate.")
-flags.DEFINE_bool("overwrite", False, "Move an old run of another model aside and start anew.")
+flags.DEFINE_bool("overwrite", False, "Start anew: move the run in --workdir (if any) into "
+                  "<workdir>/previous-<time>/ (never deleted).")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
 flags.DEFINE_string("compilation_cache", platform.default_compilation_cache(),
                     "Directory where compiled steps are kept for later runs ('' disables).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -44,48 +49,81 @@ def start_distributed() -> None:
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+def check_mode(config, workdir: str) -> None:
+    """Flag combinations that cannot work, refused before anything heavy is imported."""
+    if FLAGS.mode == "eval" and FLAGS.overwrite:
+        cli.fail("error: --overwrite is for --mode=train; --mode=eval changes no run")
+    if FLAGS.mode == "train" and config is None and (
+            FLAGS.overwrite or not os.path.exists(os.path.join(workdir, "config.json"))):
+        cli.fail(f"error: --config is required to start a run in {workdir} (it holds no "
+                 "config.json to resume); allowed: --config=configs/<name>.py")
+
+
 def run(config, workdir: str) -> dict:
-    from cliquejax.train import evaluate, loop
+    from cliquejax.train import evaluate, loop, run_dir
 
     if FLAGS.mode == "eval":
         return evaluate.evaluate_checkpoint(config, workdir)
+    if config is None:
+        config = run_dir.load_config(workdir)  # resume the run as it was made
     return loop.train_and_evaluate(config, workdir, overwrite=FLAGS.overwrite)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_summary(results: dict, workdir: str) -> None:
+    """What a user reads at the end (stderr, before the JSON line on stdout)."""
+    if FLAGS.mode == "eval":
+        lines = [f"step {results['step']}: test accuracy {_percent(results['test_accuracy'])}"
+                 f", loss {results['test_loss']:.4g} on {results['examples']} examples",
+                 f"written to {os.path.join(workdir, 'eval.json')}"]
+    else:
+        minutes, seconds = divmod(results["wall_seconds"] or 0.0, 60)
+        best = _percent(results["best_test_accuracy"] if results["best_test_accuracy"] is not
+                        None and results["best_test_accuracy"] >= 0 else None)
+        lines = [f"done: {results['epochs']:g} epochs ({results['steps']} steps) in "
+                 f"{int(minutes)} min {seconds:.0f} s; test accuracy "
+                 f"{_percent(results['final_test_accuracy'])} final, {best} best (epoch "
+                 f"{'-' if results['best_epoch'] is None else format(results['best_epoch'], 'g')})",
+                 f"curves: {os.path.join(workdir, 'curves.png')}",
+                 f"results: {os.path.join(workdir, 'results.json')}"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
+    config = cli.load_config_flag(FLAGS)
+    check_mode(config, FLAGS.workdir)
     from cliquejax import checkpoint, data
     from cliquejax.train import loop, run_dir
 
-    logging.set_verbosity(logging.WARNING)
     platform.use_compilation_cache(FLAGS.compilation_cache)
     try:
         start_distributed()
-        results = run(FLAGS.config, FLAGS.workdir)
+        results = run(config, FLAGS.workdir)
     except loop.Preempted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
+    except (loop.NonFiniteError, checkpoint.CheckpointSaveError) as error:
+        cli.fail(f"error: {error}", 1)  # a failed run
     except (ValueError, data.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
-            run_dir.ConfigMismatchError, loop.NonFiniteError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, loop.NonFiniteError) else 2)
+            run_dir.ConfigMismatchError, FileNotFoundError) as error:
+        cli.fail(f"error: {error}")
+    except OSError as error:  # a write failing mid-run (disk full, permissions)
+        cli.fail(f"error: {cli.one_line(error)}; the run stopped (the last checkpoint is "
+                 "kept: run the same command to resume once the cause is fixed)", 1)
     import jax
 
     if jax.process_index() == 0:
+        print_summary(results, FLAGS.workdir)
         print(json.dumps(results, sort_keys=True))
 
 
 def run_app() -> None:
-    """app.run, with config-override mistakes (raised while absl parses the flags) turned
-    into one-line errors."""
-    try:
-        app.run(main)
-    except (AttributeError, KeyError, TypeError, flags.Error) as error:
-        text = " ".join(str(error).replace("\\n", " ").replace("\\", "").split())
-        text = text[1:-1] if text[:1] in "'\"" and text[-1:] == text[:1] else text
-        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        print(f"error: bad config override {' '.join(overrides)}: {text}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_app(main)
 
 
 if __name__ == "__main__":

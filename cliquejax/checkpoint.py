@@ -4,12 +4,19 @@ A checkpoint step directory holds two items: `state` (the pytree of arrays, writ
 process for its own shards) and `meta` (small JSON, written by the primary process). Orbax
 writes each step into `<step>.orbax-checkpoint-tmp` and renames it on commit, so a save
 killed half-way is never listed as a checkpoint.
+
+Integrity: `meta` holds the sha256 of the saved state (`STATE_CHECKSUM`), checked after each
+restore, so flipped or lost bytes are an error instead of a silently different network;
+`restore_good` falls back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
+import sys
 
 import jax
 import numpy as np
@@ -18,10 +25,67 @@ from orbax.checkpoint import checkpoint_managers
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
+STATE_CHECKSUM = "state_sha256"
+CORRUPT_SUFFIX = "-corrupt"  # damaged checkpoints are moved to `<directory>-corrupt/<step>`
 
 
 class CheckpointMismatchError(ValueError):
     """The tree stored in a checkpoint does not fit the tree it should be restored into."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint cannot be read, or its state does not match the checksum saved with it."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions): the run cannot go on safely."""
+
+
+class _DropOrbaxSaveTracebacks(logging.Filter):
+    """Orbax logs a failed background save with its traceback before the error reaches
+    `check`/`wait`, which raise it as one line (CheckpointSaveError): drop the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        where = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
+        from_orbax = where in (record.pathname or "") or (
+            record.name == "asyncio" and where in record.getMessage())  # its write tasks
+        return not (from_orbax and record.levelno >= logging.ERROR)
+
+
+_ORBAX_FILTER = _DropOrbaxSaveTracebacks()
+
+
+def _quiet_closed_loop_hook(previous):
+    """TensorStore writes that finish after Orbax closed the event loop of a failed save
+    report `RuntimeError: Event loop is closed` as unraisable errors: noise after the save
+    error has been raised as one line."""
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loop = True
+    return hook
+
+
+def _reason(error: BaseException) -> str:
+    """One line a user can act on: the innermost OS error of the chain (disk full, no
+    permission), else the first line of the innermost error (TensorStore's own cause)."""
+    chain, current = [], error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in reversed(chain):
+        if isinstance(item, OSError) and item.strerror:
+            return f"{item.strerror}: {item.filename}" if item.filename else item.strerror
+    text = " ".join(str(error) for error in chain)
+    for marker in ("File too large", "No space left on device", "Permission denied",
+                   "Read-only file system", "Disk quota exceeded"):
+        if marker in text:
+            return marker
+    lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
+    return (lines[0] if lines else type(chain[-1]).__name__)[:300]
 
 
 class Checkpointer:
@@ -40,7 +104,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory, *, keep: int = 2, keep_best: bool = True,
-                 best_metric: str = "accuracy"):
+                 best_metric: str = "accuracy", create: bool = True):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -53,8 +117,13 @@ class Checkpointer:
             best_fn=_metric_getter(best_metric) if keep_best else None,
             best_mode="max",
             cleanup_tmp_directories=True,
-            create=True,
+            create=create,
         )
+        for logger in ("absl", "asyncio"):
+            logging.getLogger(logger).addFilter(_ORBAX_FILTER)  # once: filters are a set
+        if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
+            sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
+        self._pending_step = None
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
@@ -68,6 +137,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def committed_steps(self) -> list[int]:
+        """The steps on disk now (a save that failed is listed by Orbax until reloaded)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
+    def saving(self) -> bool:
+        """Whether a save is still being written in the background."""
+        return bool(self._manager.is_saving_in_progress())
+
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Starts saving `state` and `meta` as checkpoint `step`; returns whether it did.
 
@@ -80,9 +159,29 @@ class Checkpointer:
         metrics = None
         if self.keep_best and self.best_metric in meta:
             metrics = {self.best_metric: float(meta[self.best_metric])}
+        meta = dict(meta, **{STATE_CHECKSUM: params_fingerprint(state)})
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
-                                     META_ITEM: ocp.args.JsonSave(dict(meta))})
-        return self._manager.save(step, args=args, metrics=metrics, force=force)
+                                     META_ITEM: ocp.args.JsonSave(meta)})
+        self.check()  # an earlier save that failed in the background stops here
+        try:
+            self._pending_step = step
+            return self._manager.save(step, args=args, metrics=metrics, force=force)
+        except CheckpointSaveError:
+            raise
+        except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many types
+            raise CheckpointSaveError(f"saving checkpoint step {step} in {self.directory} "
+                                      f"failed ({_reason(error)})") from None
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError if a save running in the background has failed."""
+        # Orbax keeps a failed save's error on its finalize thread: once no save is in
+        # progress, waiting returns at once, raising that error if there was one.
+        if not self._manager.is_saving_in_progress():
+            self.wait()
+
+    def _save_error(self, error) -> CheckpointSaveError:
+        return CheckpointSaveError(f"saving checkpoint step {self._pending_step} in "
+                                   f"{self.directory} failed ({_reason(error)})")
 
     def restore(self, target_state, step: int | None = None):
         """Returns `(state, meta)` of checkpoint `step` (default: the latest).
@@ -97,22 +196,87 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
-        saved = self._manager.metadata(step).item_metadata[STATE_ITEM]
+        where = os.path.join(self.directory, str(step))
+        try:
+            saved = self._manager.metadata(step).item_metadata[STATE_ITEM]
+        except Exception as error:  # noqa: BLE001 - whatever a damaged file raises
+            raise CheckpointCorruptError(f"checkpoint {where} cannot be read "
+                                         f"({_reason(error)})") from None
+        if saved is None:
+            raise CheckpointCorruptError(f"checkpoint {where} cannot be read (no state "
+                                         "metadata)")
         differences = tree_differences(saved, target_state)
         if differences:
             raise CheckpointMismatchError(_mismatch_message(step, differences))
         abstract = jax.tree.map(_abstract_leaf, target_state)
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),
                                      META_ITEM: ocp.args.JsonRestore()})
-        restored = self._manager.restore(step, args=args)
-        return restored[STATE_ITEM], dict(restored[META_ITEM])
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as error:  # noqa: BLE001
+            raise CheckpointCorruptError(f"checkpoint {where} cannot be read "
+                                         f"({_reason(error)})") from None
+        state, meta = restored[STATE_ITEM], dict(restored[META_ITEM] or {})
+        expected = meta.pop(STATE_CHECKSUM, None)  # absent in checkpoints from before checksums
+        if expected is not None and params_fingerprint(state) != expected:
+            raise CheckpointCorruptError(f"checkpoint {where} is corrupt (its state does not "
+                                         "match the sha256 saved with it)")
+        return state, meta
+
+    def restore_good(self, target_state, warn, *, move_aside: bool = False):
+        """`(state, meta)` of the newest checkpoint that reads and passes its checksum.
+
+        Each damaged one is reported through `warn(message)` (one line) and, with
+        `move_aside`, moved to `<directory>-corrupt/<step>` (never deleted) so its step can
+        be saved again. Raises CheckpointCorruptError when no checkpoint is good and
+        FileNotFoundError when there is none; a tree that does not fit still raises
+        CheckpointMismatchError.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        bad = []
+        for step in reversed(steps):
+            try:
+                restored = self.restore(target_state, step)
+            except CheckpointCorruptError as error:
+                bad.append(step)
+                earlier = [s for s in steps if s < step]
+                then = f"falling back to step {earlier[-1]}" if earlier else "none left"
+                warn(f"warning: {error}; {then}")
+                continue
+            if move_aside:
+                self.move_aside(bad)
+            return restored
+        listed = ", ".join(str(s) for s in reversed(bad))
+        raise CheckpointCorruptError(
+            f"no good checkpoint in {self.directory} (steps {listed} are damaged); start "
+            "anew with --overwrite (the run is moved aside) or another --workdir")
+
+    def move_aside(self, steps) -> None:
+        """Moves checkpoints `steps` to `<directory>-corrupt/` (primary process only)."""
+        if steps and jax.process_index() == 0:
+            aside = self.directory + CORRUPT_SUFFIX
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, str(step))
+                suffix = 1
+                while os.path.exists(target):
+                    target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
+                shutil.move(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until pending saves are committed (and old checkpoints deleted)."""
-        self._manager.wait_until_finished()
+        """Blocks until pending saves are committed (and old checkpoints deleted); raises
+        CheckpointSaveError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001
+            raise self._save_error(error) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

@@ -70,6 +70,29 @@ class MetricWriter:
             self._summary_writer = None
 
 
+def drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the metrics file without rows past `step` (atomically): a run resumed from
+    the checkpoint of `step` writes them again, so no epoch appears twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as jsonl:
+        lines = [line for line in jsonl if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a row cut short by a kill
+        if int(record.get("step", 0)) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as jsonl:
+        jsonl.writelines(kept)
+    os.replace(temporary, path)
+
+
 def read_metrics(path: str) -> list[dict]:
     with open(path) as jsonl:
         return [json.loads(line) for line in jsonl if line.strip()]
@@ -124,7 +147,11 @@ def plot_curves(metrics_jsonl_path: str, png_path: str, title: str | None = None
 
 
 class ProgressBar:
-    """tqdm on stderr showing step, loss, acc and images/s over the last `window` updates."""
+    """tqdm on stderr showing step, loss, acc and images/s over the last `window` updates.
+
+    Elapsed time, rate and ETA count from the end of the first update, which includes the
+    compilation of the step (seconds to minutes) that later steps do not pay.
+    """
 
     def __init__(self, total_steps: int, initial: int = 0, desc: str = "train",
                  enabled: bool = True, batch_size: int | None = None, window: int = 20):
@@ -134,8 +161,11 @@ class ProgressBar:
         self.batch_size = batch_size
         self.step = initial
         self._recent = collections.deque([(time.perf_counter(), initial)], maxlen=window + 1)
+        self._timed = False
+        self._shown: dict = {}
+        # smoothing=0: the rate is the mean since the timer started (evaluations included)
         self._bar = tqdm(total=total_steps, initial=initial, desc=desc, disable=not enabled,
-                         file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+                         file=sys.stderr, dynamic_ncols=True, mininterval=0.5, smoothing=0)
 
     def images_per_second(self) -> float | None:
         (first_time, first_step), (last_time, last_step) = self._recent[0], self._recent[-1]
@@ -148,7 +178,7 @@ class ProgressBar:
             return
         self.step += n
         self._recent.append((time.perf_counter(), self.step))
-        shown = {"step": self.step}
+        shown = self._shown = {"step": self.step}
         for name, value in postfix.items():
             value = to_builtin(value)
             shown[name] = f"{value:.4g}" if _is_number(value) else value
@@ -157,6 +187,31 @@ class ProgressBar:
             shown["img/s"] = f"{rate:.0f}"
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(n)
+        if not self._timed:  # restart the clock once the first (compiling) step is done
+            self._timed = True
+            self._bar.initial = self._bar.last_print_n = self._bar.n
+            self._bar.start_t = self._bar.last_print_t = self._bar._time()
+
+    def show(self, **postfix) -> None:
+        """Replaces the postfix's given fields now (e.g. the test accuracy after an eval)."""
+        if self.enabled:
+            self._shown.update(postfix)
+            self._bar.set_postfix(self._shown, refresh=True)
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the mean rate since the first step (None before two steps)."""
+        if not self.enabled:
+            return None
+        done = self._bar.n - self._bar.initial
+        elapsed = self._bar._time() - self._bar.start_t
+        if done <= 0 or elapsed <= 0:
+            return None
+        return (self._bar.total - self._bar.n) * elapsed / done
+
+    def write(self, line: str) -> None:
+        """A line above the bar (the bar is redrawn below it)."""
+        if self.enabled:
+            self._bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         self._bar.close()

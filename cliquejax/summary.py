@@ -221,17 +221,25 @@ def format_table(summary: dict) -> str:
 def main(argv) -> None:
     from absl import flags
 
-    config = flags.FLAGS.config
-    summary = summarize(config)
+    from cliquejax import cli, data
+
+    del argv
+    config = cli.load_config_flag(flags.FLAGS)
+    try:
+        summary = summarize(config)
+    except (ValueError, KeyError, data.DatasetNotFoundError, FileNotFoundError) as error:
+        cli.fail(f"error: {cli.one_line(error)}")
     print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from cliquejax import cli
 
     config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
     sys.path.insert(0, ".")
-    app.run(main)
+    cli.run_app(main)

@@ -91,6 +91,13 @@ def launch(env, workdir, *args) -> tuple[int, str, str]:
     return Launch(env, workdir, *args).finish()
 
 
+def launch_plain(env, *args) -> tuple[int, str, str]:
+    """launch.py with `args` only (no TINY config): what reads a run's config.json."""
+    done = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    return done.returncode, done.stdout, done.stderr
+
+
 def one_line_error(stderr: str, alone: bool = False) -> str:
     """stderr's last non-empty line (the progress bar redraws with carriage returns), after
     checking that no traceback was printed; `alone`: the only line (stopped before training)."""
@@ -124,10 +131,13 @@ def read_results(workdir) -> dict:
         return json.load(handle)
 
 
-def last_train_record(workdir) -> dict:
+def read_metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    return [record for record in records if record["split"] == "train"][-1]
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def last_train_record(workdir) -> dict:
+    return [record for record in read_metrics(workdir) if record["split"] == "train"][-1]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +150,7 @@ def reference(env, tmp_path_factory):
     assert results == read_results(workdir)
     assert results["steps"] == TOTAL_STEPS and not results["resumed"]
     assert committed_steps(workdir) == [STEPS_PER_EPOCH, TOTAL_STEPS]
-    return workdir, results
+    return workdir, results, err
 
 
 def copy_reference(reference, workdir, upto: int = TOTAL_STEPS):
@@ -231,12 +241,28 @@ def test_checkpoint_write_cut_short_is_ignored(env, reference, tmp_path):
     assert code == 0, err[-3000:]
     assert_finished_like(reference, workdir)
     assert sorted(os.listdir(checkpoints)) == [str(STEPS_PER_EPOCH), str(TOTAL_STEPS)]
+    # The copy holds epoch 2's rows without its checkpoint (a kill -9 while step 88
+    # committed): they are dropped on resume and written again, once, bit for bit.
+    assert read_metrics(workdir) == read_metrics(reference[0])
+
+
+def edit_config_json(workdir, **fields) -> None:
+    """Makes workdir/config.json say the run was made with `fields` ("train.epochs"...)."""
+    with open(workdir / "config.json") as handle:
+        config = json.load(handle)
+    for name, value in fields.items():
+        group, field = name.split(".")
+        config[group][field] = value
+    with open(workdir / "config.json", "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
 
 
 def test_non_finite_step_stops_and_keeps_the_checkpoints(env, reference, tmp_path):
     workdir = copy_reference(reference, tmp_path / "run")
+    # A run made with a third epoch and peak lr 1e30 (a changed recipe would be refused):
+    # epoch 3's SGDR restart at the peak lr overflows the loss at once.
+    edit_config_json(workdir, **{"train.epochs": 3, "optimizer.lr": 1e30})
     before = snapshot(workdir / "checkpoints")
-    # A third epoch: SGDR restarts at the peak lr, here 1e30; the loss overflows at once.
     code, _, err = launch(env, workdir, "--config.train.epochs=3", "--config.optimizer.lr=1e30")
     message = one_line_error(err)
     failed = re.fullmatch(r"error: non-finite loss or gradient at step (\d+); training stopped "
@@ -251,9 +277,10 @@ def test_non_finite_step_stops_and_keeps_the_checkpoints(env, reference, tmp_pat
 
 def test_checkpoint_that_does_not_fit_is_refused_untouched(env, reference, tmp_path):
     workdir = copy_reference(reference, tmp_path / "run")
+    # Momentum 0 drops SGD's trace from the optimizer state: config.json edited to say so
+    # (else the changed recipe is refused first), the checkpoint does not fit.
+    edit_config_json(workdir, **{"optimizer.momentum": 0})
     before = snapshot(workdir)
-    # Momentum 0 drops SGD's trace from the optimizer state (not a model field: config.json
-    # lets it through, the checkpoint does not).
     code, _, err = launch(env, workdir, "--config.optimizer.momentum=0")
     message = one_line_error(err, alone=True)
     assert code == 2, err[-3000:]
@@ -274,9 +301,9 @@ def test_config_json_of_another_model_is_refused_unless_overwrite(env, reference
     before = snapshot(workdir)
     code, _, err = launch(env, workdir)
     assert code == 2 and one_line_error(err, alone=True) == (
-        f"error: {workdir} holds a run of another model (model.K: 8 -> 4; model.widths: "
-        "[16, 16, 16] -> [16, 16, 32]); use another --workdir, or --overwrite to move the old "
-        "run aside"), err
+        f"error: {workdir} holds a run made with another config (model.K: 8 -> 4; "
+        "model.widths: [16, 16, 16] -> [16, 16, 32]); resuming would mix two runs: use "
+        "another --workdir, or --overwrite to move the old run aside and start anew"), err
     assert snapshot(workdir) == before
     code, _, err = launch(env, workdir, "--overwrite", "--config.train.max_steps=3")
     assert code == 0, err[-3000:]
@@ -293,3 +320,174 @@ def test_batch_the_devices_do_not_divide_is_a_one_line_error(env, tmp_path):
     assert code == 2 and one_line_error(err, alone=True) == (
         "error: train.batch_size=30 is not divisible by the 8 devices; allowed: a multiple "
         "of 8"), err
+
+
+# --- issue 19: a run directory's config.json, lock, checksums, idempotent results ---
+
+
+def test_console_shows_each_evaluation_and_a_summary(reference):
+    workdir, results, err = reference
+    lines = [line.strip() for line in re.split(r"[\r\n]", err) if line.strip()]
+    tests = [r for r in read_metrics(workdir) if r["split"] == "test"]
+    for record, epoch in zip(tests, (1, 2), strict=True):
+        expected = (f"epoch {epoch} (step {record['step']}): test accuracy "
+                    f"{100 * record['accuracy']:.2f}%")
+        assert any(line.startswith(expected) for line in lines), (expected, err[-2000:])
+    final = f"{100 * results['final_test_accuracy']:.2f}%"
+    summary = lines[-3:]  # printed after the bar closes, before the JSON line on stdout
+    assert summary[0].startswith(f"done: 2 epochs ({TOTAL_STEPS} steps) in "), summary
+    assert f"test accuracy {final} final" in summary[0], summary
+    assert summary[1:] == [f"curves: {workdir / 'curves.png'}",
+                           f"results: {workdir / 'results.json'}"], summary
+
+
+def test_eval_reads_the_runs_config_json_and_refuses_another(env, reference, tmp_path):
+    workdir = copy_reference(reference, tmp_path / "run")
+    code, out, err = launch_plain(env, f"--workdir={workdir}", "--mode=eval")
+    assert code == 0, err[-3000:]
+    evaluated = json.loads(out.strip().splitlines()[-1])
+    assert evaluated["step"] == TOTAL_STEPS
+    assert evaluated["test_accuracy"] == reference[1]["final_test_accuracy"]
+    assert evaluated["params_fingerprint"] == reference[1]["params_fingerprint"]
+    before = snapshot(workdir)
+    # The run is binary (MBCliqueNet K=4); evaluating it as another network is refused.
+    code, _, err = launch(env, workdir, "--mode=eval", "--config.model.K=8",
+                          "--config.train.eval_batch_size=64")
+    message = one_line_error(err, alone=True)
+    assert code == 2 and message.startswith(
+        f"error: --config differs from the run in {workdir} (model.K: 4 -> 8); --mode=eval "
+        "reads the run's config.json"), message  # eval_batch_size may differ: not named
+    assert snapshot(workdir) == before  # eval.json untouched
+    missing = tmp_path / "missing"
+    code, _, err = launch_plain(env, f"--workdir={missing}", "--mode=eval")
+    assert code == 2 and one_line_error(err, alone=True).startswith(
+        f"error: --workdir='{missing}' does not exist"), err
+    assert not os.path.exists(missing)
+
+
+def test_resuming_with_another_recipe_is_refused_and_allowed_changes_recorded(env, reference,
+                                                                               tmp_path):
+    workdir = copy_reference(reference, tmp_path / "run")
+    before = snapshot(workdir)
+    code, _, err = launch(env, workdir, "--config.train.epochs=3", "--config.train.batch_size=16",
+                          "--config.optimizer.lr=0.05", "--config.seed=1")
+    assert code == 2 and one_line_error(err, alone=True) == (
+        f"error: {workdir} holds a run made with another config (optimizer.lr: 0.1 -> 0.05; "
+        "seed: 0 -> 1; train.batch_size: 32 -> 16; train.epochs: 2 -> 3); resuming would mix "
+        "two runs: use another --workdir, or --overwrite to move the old run aside and start "
+        "anew"), err
+    assert snapshot(workdir) == before
+    # A finished run run again, with a change that cannot alter it, and a stale lock left by
+    # a process that has ended: nothing is trained, results.json keeps its measured time.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    (workdir / "run.lock").write_text(f"{ended.stdout.strip()} {os.uname().nodename}\n")
+    code, out, err = launch(env, workdir, "--config.train.log_every_steps=7")
+    assert code == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == read_results(workdir) == reference[1]
+    assert read_metrics(workdir) == read_metrics(reference[0])
+    with open(workdir / "changes.jsonl") as handle:
+        changes = [json.loads(line) for line in handle]
+    assert [(c["step"], c["changes"]) for c in changes] == [
+        (TOTAL_STEPS, {"train.log_every_steps": [5, 7]})]
+    with open(workdir / "config.json") as handle:
+        assert json.load(handle)["train"]["log_every_steps"] == 7
+    assert not os.path.exists(workdir / "run.lock")
+
+
+def test_a_second_process_on_the_workdir_is_refused(env, reference, tmp_path):
+    workdir = copy_reference(reference, tmp_path / "run", upto=STEPS_PER_EPOCH)
+    first = Launch(env, workdir)
+    first.wait_for_step(STEPS_PER_EPOCH + 1)
+    first.process.send_signal(signal.SIGSTOP)  # still training, whatever the second's start
+    try:
+        code, _, err = launch(env, workdir)
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    assert code == 2 and one_line_error(err, alone=True) == (
+        f"error: {workdir} is in use by process {first.process.pid} on {os.uname().nodename} "
+        f"(lock file {workdir / 'run.lock'}); wait for it to end, or use another --workdir "
+        "(delete the lock file only if no such process runs)"), err
+    code, _, err = first.finish()
+    assert code == 0, err[-3000:]
+    assert_finished_like(reference, workdir)
+    assert read_metrics(workdir) == read_metrics(reference[0])  # not interleaved
+
+
+def test_overwrite_with_the_same_config_starts_anew(env, reference, tmp_path):
+    workdir = copy_reference(reference, tmp_path / "run")
+    before = snapshot(workdir)
+    code, _, err = launch(env, workdir, "--overwrite", "--config.train.max_steps=3")
+    assert code == 0, err[-3000:]
+    results = read_results(workdir)
+    assert results["steps"] == 3 and not results["resumed"]
+    assert committed_steps(workdir) == [3]
+    aside = [name for name in os.listdir(workdir) if name.startswith("previous-")]
+    assert len(aside) == 1 and snapshot(workdir / aside[0]) == before
+
+
+def damage(step_dir, how: str) -> None:
+    """Flips 16 bytes in the middle of, or truncates, the largest array file of a step."""
+    files = sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(),
+                   key=os.path.getsize)
+    path = files[-1]
+    if how == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+        return
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_fall_back_to_the_previous_good_one(env, reference, tmp_path):
+    # Truncated: resume falls back to step 44, moves step 88 aside and trains it again.
+    workdir = copy_reference(reference, tmp_path / "truncated")
+    damage(workdir / "checkpoints" / str(TOTAL_STEPS), "truncate")
+    code, _, err = launch(env, workdir)
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert re.search(rf"warning: checkpoint {workdir}/checkpoints/{TOTAL_STEPS} cannot be read "
+                     rf"\(.+\); falling back to step {STEPS_PER_EPOCH}\n", err), err[-3000:]
+    assert_finished_like(reference, workdir)
+    assert read_metrics(workdir) == read_metrics(reference[0])
+    assert os.listdir(workdir / "checkpoints-corrupt") == [str(TOTAL_STEPS)]
+    # Flipped bytes that still decode: the checksum tells; eval uses step 44, moves nothing.
+    workdir = copy_reference(reference, tmp_path / "flipped")
+    damage(workdir / "checkpoints" / str(TOTAL_STEPS), "flip")
+    code, out, err = launch_plain(env, f"--workdir={workdir}", "--mode=eval")
+    assert code == 0, err[-3000:]
+    assert err.splitlines()[0] == (
+        f"warning: checkpoint {workdir}/checkpoints/{TOTAL_STEPS} is corrupt (its state does "
+        f"not match the sha256 saved with it); falling back to step {STEPS_PER_EPOCH}"), err
+    assert json.loads(out.strip().splitlines()[-1])["step"] == STEPS_PER_EPOCH
+    # None left: one line, nothing moved.
+    damage(workdir / "checkpoints" / str(STEPS_PER_EPOCH), "truncate")
+    before = snapshot(workdir)
+    code, _, err = launch(env, workdir)
+    assert code == 2 and one_line_error(err) == (
+        f"error: no good checkpoint in {workdir}/checkpoints (steps {STEPS_PER_EPOCH}, "
+        f"{TOTAL_STEPS} are damaged); start anew with --overwrite (the run is moved "
+        "aside) or another --workdir"), err
+    assert snapshot(workdir) == before
+
+
+def test_disk_full_during_a_save_stops_at_once(env, reference, tmp_path):
+    """Files limited to 30 kB (RLIMIT_FSIZE: root ignores permissions, not limits): the
+    array file of checkpoint 88 cannot be written; metrics, config.json are smaller."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    workdir = copy_reference(reference, tmp_path / "run", upto=STEPS_PER_EPOCH)
+    done = subprocess.run([sys.executable, "launch.py", *TINY, f"--workdir={workdir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                          preexec_fn=limit_file_size)
+    assert done.returncode == 1 and one_line_error(done.stderr) == (
+        f"error: saving checkpoint step {TOTAL_STEPS} in {workdir}/checkpoints failed (File "
+        f"too large); training stopped; the last good checkpoint (step {STEPS_PER_EPOCH}) is "
+        "kept"), done.stderr[-3000:]
+    assert committed_steps(workdir) == [STEPS_PER_EPOCH]
+    assert not os.path.exists(workdir / "results.json")

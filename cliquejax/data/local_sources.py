@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -18,13 +19,20 @@ SYNTHETIC_DEFAULTS = {"image_size": 32, "num_classes": 10, "num_train": 1024, "n
 
 
 class NpzSource:
-    """One split of the user's npz arrays (validated by `load_npz_arrays`)."""
+    """One split of the user's npz arrays (validated by `load_npz_arrays`).
 
-    def __init__(self, path: str, split: str):
-        arrays = load_npz_arrays(os.path.abspath(path))
+    The classes are `num_classes` (data.num_classes) when given, else those of y_train
+    (0..max): every label of both splits must lie in 0..num_classes-1, and an inferred
+    count must have every class in y_train, so a stray label (999) is an error instead of a
+    1000-way classifier.
+    """
+
+    def __init__(self, path: str, split: str, num_classes: int = 0):
+        path = os.path.abspath(path)
+        arrays = load_npz_arrays(path)
         self.images = arrays[f"x_{split}"]
         self.labels = arrays[f"y_{split}"]
-        self.num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+        self.num_classes = npz_num_classes(path, arrays, num_classes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,17 +70,49 @@ def _check_npz_labels(key: str, labels: np.ndarray, num_images: int) -> np.ndarr
     return labels
 
 
+def npz_num_classes(path: str, arrays: dict, num_classes: int = 0) -> int:
+    """The class count of an npz data set, with every label checked against it."""
+    if num_classes < 0:
+        raise ValueError(f"data.num_classes={num_classes} is negative; allowed: 0 (the classes "
+                         "of y_train) or the number of classes")
+    count = num_classes or int(arrays["y_train"].max()) + 1
+    for key in ("y_train", "y_test"):
+        labels = arrays[key]
+        if labels.max() >= count:
+            source = (f"data.num_classes={num_classes}" if num_classes else
+                      f"y_train's classes 0..{count - 1}")
+            raise ValueError(
+                f"npz file {path}: key {key!r} has label {int(labels.max())}; allowed: "
+                f"0..{count - 1} ({source}; set data.num_classes if there are more)")
+    if not num_classes:
+        present = np.unique(arrays["y_train"])
+        if len(present) != count:
+            missing = sorted(set(range(count)) - set(present.tolist()))
+            raise ValueError(
+                f"npz file {path}: y_train has {len(present)} distinct labels but its largest "
+                f"is {count - 1} (class {missing[0]} never occurs); allowed: labels 0..C-1 with "
+                "every class present, or data.num_classes set to the number of classes")
+    return count
+
+
 @functools.lru_cache(maxsize=4)
 def _load_npz_cached(path: str, modified_ns: int) -> dict[str, np.ndarray]:
     del modified_ns  # part of the cache key only: a rewritten file is loaded again
-    with np.load(path, allow_pickle=False) as npz_file:
-        missing = [key for key in NPZ_KEYS if key not in npz_file.files]
-        if missing:
-            raise ValueError(
-                f"npz file {path} lacks key {missing[0]!r}; it needs keys {NPZ_KEYS} "
-                f"(found {tuple(npz_file.files)})"
-            )
-        arrays = {key: npz_file[key] for key in NPZ_KEYS}
+    try:
+        with np.load(path, allow_pickle=False) as npz_file:
+            missing = [key for key in NPZ_KEYS if key not in npz_file.files]
+            if missing:
+                raise ValueError(
+                    f"npz file {path} lacks key {missing[0]!r}; it needs keys {NPZ_KEYS} "
+                    f"(found {tuple(npz_file.files)})"
+                )
+            arrays = {key: npz_file[key] for key in NPZ_KEYS}
+    except ValueError as error:
+        if str(error).startswith("npz file"):
+            raise
+        raise _unreadable_npz(path, error) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise _unreadable_npz(path, error) from None
     for split in ("train", "test"):
         images = _check_npz_images(f"x_{split}", arrays[f"x_{split}"])
         arrays[f"x_{split}"] = images
@@ -83,6 +123,12 @@ def _load_npz_cached(path: str, modified_ns: int) -> dict[str, np.ndarray]:
             f"the shape of x_train's images, {arrays['x_train'].shape[1:]}"
         )
     return arrays
+
+
+def _unreadable_npz(path: str, error: BaseException) -> ValueError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ValueError(f"npz file {path} cannot be read ({reason}); allowed: a complete file "
+                      f"written by numpy.savez with keys {', '.join(NPZ_KEYS)}")
 
 
 def load_npz_arrays(path: str) -> dict[str, np.ndarray]:
@@ -139,6 +185,8 @@ class ImageFolderSource:
             self.labels += [class_index[class_name]] * len(class_files)
         if not self.files:
             raise ValueError(f"image folder {split_dir!r} has no class folders of png/jpg images")
+        for path in self.files:  # headers only: a non-image file is named now, not mid-run
+            _check_image_file(path)
         self.num_classes = len(self.class_names)
         self.image_size = image_size or _first_image_size(train_dir, self.class_names)
 
@@ -146,11 +194,28 @@ class ImageFolderSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        with Image.open(self.files[index]) as opened:
-            image = opened.convert("RGB")
+        try:
+            with Image.open(self.files[index]) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt pixels
+            raise ValueError(_unreadable_image(self.files[index], error)) from None
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         return {"image": np.asarray(image, dtype=np.uint8), "label": self.labels[index]}
+
+
+def _unreadable_image(path: str, error: BaseException) -> str:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"image file {path} cannot be read ({reason}); allowed: png or jpeg images "
+            "(remove or replace the file)")
+
+
+def _check_image_file(path: str) -> None:
+    try:
+        with Image.open(path) as opened:
+            opened.size  # noqa: B018 - the header is parsed on open; size proves it
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(_unreadable_image(path, error)) from None
 
 
 def _first_image_size(train_dir: str, class_names: list[str]) -> int:

@@ -48,7 +48,8 @@ def load_source(data_config, split: str):
     if name == "synthetic":
         source = _synthetic_source(data_config, split)
     elif name == "npz":
-        source = local_sources.NpzSource(config_value(data_config, "path", ""), split)
+        source = local_sources.NpzSource(config_value(data_config, "path", ""), split,
+                                         config_value(data_config, "num_classes", 0) or 0)
     elif name == "image_folder":
         path = config_value(data_config, "path", "")
         source = local_sources.ImageFolderSource(path, split, image_size)

@@ -33,11 +33,25 @@ class TfdsExampleSource:
         return len(self._data_source)
 
     def __getitem__(self, index: int) -> dict:
-        example = self._data_source[int(index)]
+        try:
+            example = self._data_source[int(index)]
+        except IndexError:
+            raise
+        except Exception as error:  # noqa: BLE001 - array_record raises RuntimeError & co.
+            raise self._damaged(error) from None
         image = np.asarray(example["image"], dtype=np.uint8)
         if image.ndim == 2:
             image = image[:, :, None]
         return {"image": image, "label": int(example["label"])}
+
+    def _damaged(self, error: BaseException) -> ValueError:
+        directory = str(self._data_source.dataset_info.data_dir)
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        again = ("it is rebuilt from scikit-learn on the next run" if self.name == "digits"
+                 else prepare_command(self.name, os.path.dirname(os.path.dirname(directory))))
+        return ValueError(f"data set {self.name!r} ({self.split}) cannot be read from "
+                          f"{directory} ({reason}); its files are damaged: delete {directory} "
+                          f"and prepare it again ({again})")
 
     def __repr__(self) -> str:
         return f"TfdsExampleSource({self.name!r}, split={self.split!r}, len={len(self)})"

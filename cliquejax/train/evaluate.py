@@ -1,4 +1,5 @@
-"""`--mode=eval`: the test metrics of the latest checkpoint in a workdir."""
+"""`--mode=eval`: the test metrics of the latest good checkpoint in a workdir, with the
+run's own config.json (a config given as well must agree with it)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import os
 import jax
 
 from cliquejax import report
+from cliquejax.train import run_dir
 
 
-def restore_trainer(config, workdir: str):
-    """A Trainer holding the latest checkpoint of `workdir` (error if there is none)."""
+def restore_trainer(config, workdir: str, what: str = "--mode=eval"):
+    """A Trainer holding the latest good checkpoint of `workdir`, built from the run's
+    config.json (`config`, if not None, must agree with it). Creates nothing on disk;
+    one-line errors for a missing run, config or checkpoint."""
     from cliquejax.train.loop import Trainer
 
-    trainer = Trainer(config, workdir)
-    if not trainer.restore_latest():
+    config = run_dir.config_for_run(config, workdir, what)
+    trainer = Trainer(config, workdir, create_checkpoints=False)
+    if not trainer.restore_latest(move_aside=False):
         raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}; train first "
                                 f"(--mode=train) or point --workdir at a run")
     return trainer

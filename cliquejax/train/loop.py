@@ -4,7 +4,9 @@ effect; the jitted steps (`step.py`) stay pure."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import time
 
 import jax
@@ -63,9 +65,10 @@ def validate_train(train) -> None:
 
 
 class Trainer:
-    """Everything a run needs, built once from the config."""
+    """Everything a run needs, built once from the config. Building it reads the data and
+    traces nothing to disk; the checkpoint directory is opened on first use."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, create_checkpoints: bool = True):
         validate_train(config.train)
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
@@ -80,21 +83,49 @@ class Trainer:
         tx, self.schedule = optim.make_optimizer(config, self.steps_per_epoch)
         abstract = jax.eval_shape(lambda: step.init_state(
             self.model, (tx,), self.info.image_shape, config.seed))
+        check_image_size(self.model, self.info, config.model.name, abstract)
         self.transforms = step.make_transforms(config, tx, abstract["params"])
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
         self.train_step, self.eval_step = step.jit_steps(
             self.model, self.transforms, self.schedule, config, self.shardings, self.state)
-        self.checkpoints = checkpoint.Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+        self._create_checkpoints = create_checkpoints
+        self._checkpoints = None
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
+        # Seconds of this session; the meta carries those of earlier sessions.
+        self.session_started, self.session_train_seconds = time.perf_counter(), 0.0
+        self._base_seconds = {"train_seconds": 0.0, "wall_seconds": 0.0}
 
-    def restore_latest(self) -> bool:
-        if self.checkpoints.latest_step() is None:
+    @property
+    def checkpoints(self) -> checkpoint.Checkpointer:
+        if self._checkpoints is None:
+            directory = os.path.join(self.workdir, "checkpoints")
+            if not self._create_checkpoints and not os.path.isdir(directory):
+                raise FileNotFoundError(f"no checkpoint in {directory}; train first "
+                                        "(--mode=train) or point --workdir at a run")
+            self._checkpoints = checkpoint.Checkpointer(
+                directory, keep=self.config.train.keep_checkpoints,
+                create=self._create_checkpoints)
+        return self._checkpoints
+
+    def restore_latest(self, move_aside: bool = True) -> bool:
+        """Restores the newest good checkpoint; False when there is none. A damaged one is
+        reported on stderr and (with `move_aside`) moved to checkpoints-corrupt/."""
+        if not self.checkpoints.all_steps():
             return False
-        self.state, meta = self.checkpoints.restore(self.state)
+        warn = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main else \
+            (lambda line: None)
+        self.state, meta = self.checkpoints.restore_good(self.state, warn,
+                                                         move_aside=move_aside)
         self.meta.update(meta)
+        self._base_seconds = {key: float(self.meta.get(key, 0.0)) for key in self._base_seconds}
         return True
+
+    def seconds(self) -> dict:
+        """train_seconds (in steps) and wall_seconds of the run so far, over all sessions."""
+        return {"train_seconds": self._base_seconds["train_seconds"] + self.session_train_seconds,
+                "wall_seconds": self._base_seconds["wall_seconds"]
+                + time.perf_counter() - self.session_started}
 
     def evaluate(self) -> dict:
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -113,12 +144,77 @@ class Trainer:
         return step.make_shardings(self.config.train.eval_batch_size)
 
     def save(self, epoch: int, accuracy: float) -> None:
-        meta = dict(self.meta, epoch=epoch, step=int(self.state["step"]), accuracy=accuracy)
-        self.checkpoints.save(int(self.state["step"]), self.state, meta, force=True)
+        meta = dict(self.meta, epoch=epoch, step=int(self.state["step"]), accuracy=accuracy,
+                    **self.seconds())
+        try:
+            self.checkpoints.save(int(self.state["step"]), self.state, meta, force=True)
+        except checkpoint.CheckpointSaveError as error:
+            raise save_failed(self, error) from None
+
+    def check_saves(self) -> None:
+        """Stops the run as soon as a checkpoint written in the background has failed."""
+        if self._checkpoints is not None:
+            try:
+                self._checkpoints.check()
+            except checkpoint.CheckpointSaveError as error:
+                raise save_failed(self, error) from None
 
     def fingerprint(self) -> str:
         return checkpoint.params_fingerprint(
             {"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
+
+
+def save_failed(trainer: Trainer, error) -> checkpoint.CheckpointSaveError:
+    steps = trainer.checkpoints.committed_steps()
+    kept = f"the last good checkpoint (step {steps[-1]}) is kept" if steps else \
+        "no checkpoint was kept"
+    return checkpoint.CheckpointSaveError(f"{error}; training stopped; {kept}")
+
+
+# The deepest downsampling here (the ImageNet CliqueNet: stem, max pool, 3 transitions)
+# divides the size by 32: larger images always keep pixels, and skip the check's trace.
+CHECKED_BELOW = 64
+
+
+def check_image_size(model, info, name: str, abstract_state) -> None:
+    """Images too small for the network's downsampling leave a stage with no pixels, and
+    the pooled features are then empty (NaN) instead of an error."""
+    from flax import linen as nn
+
+    if min(info.image_shape[:2]) >= CHECKED_BELOW:
+        return
+    variables = {"params": abstract_state["params"],
+                 "batch_stats": abstract_state["batch_stats"]}
+
+    def forward(variables, x):
+        with nn.intercept_methods(_record_empty):
+            return model.apply(variables, x, train=False)
+
+    _EMPTY.clear()
+    image = jax.ShapeDtypeStruct((1, *info.image_shape), np.float32)
+    try:
+        outputs = jax.eval_shape(forward, variables, image)
+    except (ValueError, TypeError, ZeroDivisionError) as error:
+        raise ValueError(f"images of {info.image_shape[0]}x{info.image_shape[1]} do not fit "
+                         f"model {name} ({str(error).splitlines()[0][:200]}); allowed: images "
+                         "as large as the network's downsampling needs") from None
+    empty = list(_EMPTY) + [tuple(o.shape) for o in jax.tree.leaves(outputs) if 0 in o.shape]
+    if empty:
+        raise ValueError(f"images of {info.image_shape[0]}x{info.image_shape[1]} are too small "
+                         f"for model {name}: a layer's output {empty[0]} has no pixels; "
+                         "allowed: larger images (data.image_size resizes image folders and "
+                         "synthetic data)")
+
+
+_EMPTY: list = []
+
+
+def _record_empty(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    for leaf in jax.tree.leaves(out):
+        if hasattr(leaf, "shape") and 0 in leaf.shape:
+            _EMPTY.append(f"{type(context.module).__name__} {tuple(leaf.shape)}")
+    return out
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -141,23 +237,27 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     start = int(trainer.state["step"])
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=start)
-    history, pending, test, train_seconds, shown = [], None, {}, 0.0, {}
+    history, pending, test, shown = [], None, {}, {}
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
         batch = step.global_batch(next(batches), trainer.shardings)
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
         _check_finite(pending, current, trainer)  # the previous step's flag: no stall
+        trainer.check_saves()
         pending, done = metrics, current + 1
         history.append(metrics)
         if done % config.train.log_every_steps == 0 or done % spe == 0:
             mean = _mean_metrics(history[-config.train.log_every_steps:])
-            shown = {"loss": mean["loss"], "acc": mean["accuracy"]}
+            shown.update(loss=mean["loss"], acc=mean["accuracy"])
         bar.update(1, **shown)
-        train_seconds += time.perf_counter() - tick
+        trainer.session_train_seconds += time.perf_counter() - tick
         epoch_end, last = done % spe == 0, done == trainer.total_steps
         if epoch_end or last:
             _check_finite(pending, current + 1, trainer)
-            test = end_epoch(trainer, history, done, writer, last)
+            test = end_epoch(trainer, history, done, writer, last, bar) or test
+            if test:
+                shown["test"] = f"{100 * test['accuracy']:.2f}%"
+                bar.show(test=shown["test"])
             history = []
         if flag.any_process() and not last:
             _check_finite(pending, current + 1, trainer)  # never save after a bad step
@@ -166,11 +266,10 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
             raise Preempted(f"stopped by signal at step {done}: checkpoint saved in "
                             f"{trainer.checkpoints.directory}; run the same command to resume",
                             SIGNAL_EXIT_CODES.get(flag.received, 143))
-    trainer.meta["train_seconds"] = trainer.meta.get("train_seconds", 0.0) + train_seconds
     return test
 
 
-def end_epoch(trainer: Trainer, history, done: int, writer, last: bool) -> dict:
+def end_epoch(trainer: Trainer, history, done: int, writer, last: bool, bar) -> dict:
     config, spe = trainer.config, trainer.steps_per_epoch
     epoch = done / spe
     if history:
@@ -184,6 +283,9 @@ def end_epoch(trainer: Trainer, history, done: int, writer, last: bool) -> dict:
             trainer.meta.update(best_accuracy=test["accuracy"], best_loss=test["loss"],
                                 best_epoch=epoch)
         trainer.meta.update(final=test)
+        bar.write(f"epoch {epoch:g} (step {done}): test accuracy {100 * test['accuracy']:.2f}%"
+                  f", loss {test['loss']:.4g}; best {100 * trainer.meta['best_accuracy']:.2f}%"
+                  f" (epoch {trainer.meta['best_epoch']:g})")
     writer.flush()
     if last or whole % config.train.checkpoint_every_epochs == 0:
         trainer.save(whole, test.get("accuracy", -1.0))
@@ -191,24 +293,56 @@ def end_epoch(trainer: Trainer, history, done: int, writer, last: bool) -> dict:
 
 
 def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns results."""
-    run_dir.prepare(config, workdir, overwrite)
-    trainer = Trainer(config, workdir)
-    resumed = trainer.restore_latest()  # a checkpoint that does not fit leaves DIR untouched
-    run_dir.write_config(config, workdir)
-    writer = report.MetricWriter(workdir, enabled=trainer.is_main)
+    """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns the
+    results. Every check (workdir lock, config.json, data, model, checkpoint fit) runs before
+    anything in `workdir` changes; `overwrite` then moves an old run aside."""
+    validate_train(config.train)
+    created = not os.path.exists(workdir)
+    run_dir.check_writable(workdir)
+    lock = run_dir.WorkdirLock(workdir)
+    try:
+        lock.acquire()
+        changes = run_dir.check_resume(config, workdir, overwrite)
+        trainer = Trainer(config, workdir)
+        if overwrite:
+            run_dir.move_aside(workdir)
+        resumed = trainer.restore_latest()  # a checkpoint that does not fit changes nothing
+    except BaseException:
+        lock.release()
+        if created and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    try:
+        return _train(trainer, config, workdir, resumed, changes)
+    finally:
+        lock.release()
+
+
+def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict) -> dict:
     start = int(trainer.state["step"])
+    run_dir.write_config(config, workdir, changes, start)
+    if trainer.is_main:  # rows past the checkpoint resumed from are trained again
+        report.drop_rows_after(os.path.join(workdir, report.METRICS_FILE), start)
+    writer = report.MetricWriter(workdir, enabled=trainer.is_main)
     bar = report.ProgressBar(trainer.total_steps, initial=start, desc="train",
                              enabled=trainer.is_main, batch_size=trainer.global_batch)
-    started = time.perf_counter()
+    trainer.session_started = time.perf_counter()
+    failed = True
     try:
         with SignalFlag() as flag:
             run_epochs(trainer, flag, writer, bar)
+        failed = False
     finally:
         bar.close()
-        trainer.checkpoints.wait()
+        try:
+            trainer.checkpoints.wait()
+        except checkpoint.CheckpointSaveError as error:
+            if not failed:
+                raise save_failed(trainer, error) from None
         writer.close()
-    results = run_dir.results(trainer, resumed, start, time.perf_counter() - started)
+    seconds = trainer.seconds()
+    trainer.meta["train_seconds"] = seconds["train_seconds"]
+    results = run_dir.results(trainer, resumed, start, seconds["wall_seconds"])
     if trainer.is_main:
         run_dir.finish(workdir, results)
     trainer.checkpoints.close()

@@ -1,11 +1,20 @@
-"""The run directory: config.json (and the check that a resumed run is the same model),
-results.json and curves.png."""
+"""The run directory: its config.json is the run's identity.
+
+Training resumes only with a config that computes the same run: a change to the model,
+data, optimizer, schedule, seed, batch size, epochs or precision is refused (with the
+fields and the two ways out); the fields in `ALLOWED_CHANGES`, which cannot change the
+parameters a run ends with, may change and each change is recorded in `changes.jsonl`.
+Evaluation and export read config.json, so they need only `--workdir`. A lock file
+(`run.lock`, holding the pid) keeps a second process off a workdir that is training.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
+import socket
 import time
 
 import jax
@@ -13,9 +22,20 @@ import ml_collections
 
 from cliquejax import report
 
-MODEL_FIELDS = ("model", "data.name", "data.image_size")
-
-
+# Fields that may differ between a run and the config resuming or evaluating it: how often
+# to log, evaluate and checkpoint, how many checkpoints to keep, where to stop
+# (`max_steps` stops on the same trajectory: the schedule is set by epochs), how to batch
+# the evaluation, how many loader processes and where the TFDS files lie.
+ALLOWED_CHANGES = ("train.log_every_steps", "train.eval_every_epochs",
+                   "train.checkpoint_every_epochs", "train.keep_checkpoints",
+                   "train.max_steps", "train.eval_batch_size", "data.worker_count",
+                   "data.data_dir")
+# Groups whose every field shapes the result: a field present on one side only (a config
+# written before the field existed) counts as a difference there, and not elsewhere.
+RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
+                 "train.epochs", "train.compute_dtype", "train.remat")
+CHANGES_FILE = "changes.jsonl"
+LOCK_FILE = "run.lock"
 class ConfigMismatchError(ValueError):
     pass
 
@@ -38,6 +58,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                                   "config.json that launch.py wrote") from None
 
 
+class WorkdirLockedError(ValueError):
+    pass
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -50,16 +74,57 @@ def _config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def model_differences(old: dict, new: dict) -> list[str]:
-    """Fields that change the network between two config dicts (model.*, data set, size)."""
+def _in(name: str, groups) -> bool:
+    return any(name == group or name.startswith(group + ".") for group in groups)
+
+
+def config_differences(old: dict, new: dict) -> tuple[list[str], dict]:
+    """(refused, allowed) between two config dicts: `refused` lists the fields that change
+    the run as `name: old -> new`; `allowed` maps the other changed fields to [old, new]."""
     flat_old, flat_new = _flatten(old), _flatten(new)
-    keys = sorted(set(flat_old) | set(flat_new))
-    relevant = [k for k in keys if any(k == f or k.startswith(f + ".") for f in MODEL_FIELDS)]
-    return [f"{k}: {flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r}"
-            for k in relevant if flat_old.get(k) != flat_new.get(k)]
+    refused, allowed = [], {}
+    for key in sorted(set(flat_old) | set(flat_new)):
+        before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if before == after:
+            continue
+        one_sided = key not in flat_old or key not in flat_new
+        if _in(key, ALLOWED_CHANGES) or (one_sided and not _in(key, RESULT_GROUPS)):
+            allowed[key] = [before, after]
+        else:
+            refused.append(f"{key}: {before!r} -> {after!r}")
+    return refused, allowed
 
 
-def _check_writable(workdir: str) -> None:
+def read_config_json(workdir: str) -> dict | None:
+    """The run's config.json as a dict, None if there is none."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigMismatchError(f"{path} cannot be read ({error}); allowed: the "
+                                  "config.json that launch.py wrote (or --overwrite to move "
+                                  "the run aside)") from None
+
+
+def config_for_run(given, workdir: str, what: str = "--mode=eval"):
+    """The config to evaluate or export `workdir` with: its config.json, or `given` if it
+    agrees with it field by field (fields in ALLOWED_CHANGES may differ)."""
+    stored = load_config(workdir)
+    if given is None:
+        return stored
+    refused, _ = config_differences(_config_dict(stored), _config_dict(given))
+    if refused:
+        raise ConfigMismatchError(
+            f"--config differs from the run in {workdir} ({'; '.join(refused)}); {what} "
+            "reads the run's config.json: drop --config, or give the config it was trained "
+            "with")
+    return given
+
+
+def check_writable(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -71,50 +136,162 @@ def _check_writable(workdir: str) -> None:
                          "allowed: a directory this user can create and write") from None
 
 
-def prepare(config, workdir: str, overwrite: bool) -> None:
-    """Refuses a workdir whose config.json describes another model (unless `overwrite`,
-    which moves the old run aside, never deletes it)."""
-    _check_writable(workdir)
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+class WorkdirLock:
+    """`workdir/run.lock` holding "pid host" while a process trains in `workdir` (taken by
+    process 0 only). A lock whose pid no longer runs on this host is stale and replaced."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.held = False
+
+    def acquire(self) -> None:
+        if jax.process_index() != 0:
+            return
+        mine = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(3):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None:
+                    pid, host = holder
+                    raise WorkdirLockedError(  # noqa: B904 - not a failure of the open
+                        f"{os.path.dirname(self.path)} is in use by process {pid} on {host} "
+                        f"(lock file {self.path}); wait for it to end, or use another "
+                        "--workdir (delete the lock file only if no such process runs)")
+                try:
+                    os.remove(self.path)  # stale: its process has ended
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(handle, "w") as lock_file:
+                lock_file.write(mine)
+            self.held = True
+            return
+        raise WorkdirLockedError(f"cannot take the lock file {self.path}; allowed: a workdir "
+                                 "no other process is starting in")
+
+    def _holder(self):
+        """(pid, host) of a live holder, None when the lock is stale."""
+        try:
+            with open(self.path) as lock_file:
+                fields = lock_file.read().split()
+            pid, host = int(fields[0]), fields[1]
+        except (OSError, ValueError, IndexError):
+            # Being written this very moment, or garbage: garbage older than a minute is stale.
+            try:
+                young = time.time() - os.path.getmtime(self.path) < 60
+            except OSError:
+                return None
+            return ("?", "this host") if young else None
+        if host != socket.gethostname():
+            return pid, host  # cannot be checked from here: assume it runs
+        return (pid, host) if _pid_alive(pid) and pid != os.getpid() else None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def check_resume(config, workdir: str, overwrite: bool) -> dict:
+    """Refuses to resume `workdir` with a config that changes the run (unless `overwrite`);
+    returns the allowed changes ({field: [old, new]}) to record."""
+    if overwrite:
+        return {}
+    old = read_config_json(workdir)
+    if old is None:
+        return {}
+    refused, allowed = config_differences(old, _config_dict(config))
+    if refused:
+        raise ConfigMismatchError(
+            f"{workdir} holds a run made with another config ({'; '.join(refused)}); "
+            "resuming would mix two runs: use another --workdir, or --overwrite to move the "
+            "old run aside and start anew")
+    return allowed
+
+
+def move_aside(workdir: str) -> str | None:
+    """Moves everything of the old run in `workdir` into `workdir/previous-<time>/` (never
+    deletes); returns that directory, None when there was nothing to move."""
+    names = [name for name in os.listdir(workdir)
+             if not name.startswith("previous-") and name != LOCK_FILE]
+    if not names or jax.process_index() != 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = os.path.join(workdir, f"previous-{stamp}"), 1
+    while os.path.exists(aside):
+        aside, suffix = os.path.join(workdir, f"previous-{stamp}-{suffix}"), suffix + 1
+    os.makedirs(aside)
+    for name in names:
+        shutil.move(os.path.join(workdir, name), aside)
+    return aside
+
+
+def write_config(config, workdir: str, changes: dict | None = None, step: int = 0) -> None:
+    """config.json, once the config has been validated (the model and data built); allowed
+    changes against the previous config.json are appended to changes.jsonl."""
+    if jax.process_index() != 0:
+        return
+    if changes:
+        record = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "step": int(step), "changes": changes}
+        with open(os.path.join(workdir, CHANGES_FILE), "a") as handle:
+            handle.write(json.dumps(report.to_builtin(record), sort_keys=True) + "\n")
     path = os.path.join(workdir, "config.json")
-    new = _config_dict(config)
-    if os.path.exists(path):
-        with open(path) as handle:
-            old = json.load(handle)
-        differences = model_differences(old, new)
-        if differences and not overwrite:
-            raise ConfigMismatchError(
-                f"{workdir} holds a run of another model ({'; '.join(differences)}); use "
-                "another --workdir, or --overwrite to move the old run aside")
-        if differences and jax.process_index() == 0:
-            aside = os.path.join(workdir, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.makedirs(aside)
-            for name in os.listdir(workdir):
-                if not name.startswith("previous-"):
-                    shutil.move(os.path.join(workdir, name), aside)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(_config_dict(config), handle, indent=2, sort_keys=True)
+    os.replace(temporary, path)
 
 
-def write_config(config, workdir: str) -> None:
-    """config.json, once the config has been validated (the model and data built)."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as handle:
-            json.dump(_config_dict(config), handle, indent=2, sort_keys=True)
+def previous_results(workdir: str) -> dict:
+    try:
+        with open(os.path.join(workdir, "results.json")) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
 
 
 def results(trainer, resumed: bool, start_step: int, wall_seconds: float) -> dict:
+    """The run's results. Time and throughput cover every session of the run (the seconds
+    up to each checkpoint travel in its meta); a re-run that trains no step keeps the
+    figures results.json already holds."""
     final = trainer.meta.get("final", {})
     steps = int(trainer.state["step"])
     train_seconds = trainer.meta.get("train_seconds", 0.0)
     trained_now = steps - start_step
+    measured = {
+        "wall_seconds": wall_seconds,
+        "images_per_second": trainer.global_batch * steps / train_seconds
+        if steps and train_seconds > 0 else None,
+    }
+    fingerprint = trainer.fingerprint()
+    if not trained_now:
+        previous = previous_results(trainer.workdir)
+        if previous.get("steps") == steps and previous.get("params_fingerprint") == fingerprint:
+            return previous  # nothing trained: the run's results stand as measured
     return {
         "final_test_accuracy": final.get("accuracy"), "final_test_loss": final.get("loss"),
         "best_test_accuracy": trainer.meta.get("best_accuracy"),
         "best_test_loss": trainer.meta.get("best_loss"),
         "best_epoch": trainer.meta.get("best_epoch"),
         "epochs": steps / trainer.steps_per_epoch, "steps": steps,
-        "wall_seconds": wall_seconds, "resumed": resumed,
-        "images_per_second": trainer.global_batch * trained_now / max(train_seconds, 1e-9)
-        if trained_now else None,
-        "params_fingerprint": trainer.fingerprint(),
+        "resumed": resumed, **measured,
+        "params_fingerprint": fingerprint,
         "devices": jax.device_count(), "processes": jax.process_count(),
     }
 

@@ -1,0 +1,74 @@
+"""Command-line front ends (launch.py, cliquejax.summary): mistakes a user can make become
+one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE_EXIT = 2
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as a single line, without absl's and Python's decorations."""
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}, line {error.lineno}" if error.filename else "?"
+        return f"{error.msg} ({where})"
+    if isinstance(error, OSError) and error.strerror:
+        name = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{name}"
+    text = " ".join(str(error).replace("\\n", " ").replace("\\", "").split())
+    return text[1:-1] if text[:1] in "'\"" and text[-1:] == text[:1] else text
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def config_file_error(path: str, error: BaseException) -> str:
+    file_name = path.split(":", 1)[0]
+    reason = "no such file" if not os.path.isfile(file_name) else one_line(_root_cause(error))
+    return (f"error: --config={path} cannot be loaded ({reason}); allowed: a Python file "
+            "with get_config(), such as configs/mbclique_cifar10.py")
+
+
+def _config_argument() -> str:
+    return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "?")
+
+
+def load_config_flag(flag_values, name: str = "config"):
+    """The value of a config-file flag, loaded now (ml_collections defers a missing file's
+    error to the first access); None when the flag was not given."""
+    path = flag_values[name].config_filename if flag_values[name].present else None
+    if path is None:
+        return None
+    try:
+        config = flag_values[name].value
+        config.to_json_best_effort()  # touches every field: a deferred error surfaces here
+    except Exception as error:  # noqa: BLE001 - a user's file can raise anything
+        fail(config_file_error(path, error))
+    return config
+
+
+def fail(message: str, code: int = USAGE_EXIT):
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_app(main) -> None:
+    """absl's app.run(main), with mistakes raised while the flags and the config file are
+    parsed (a bad override, a config file with a syntax error) as one-line errors."""
+    from absl import app, flags
+
+    try:
+        app.run(main)
+    except SyntaxError as error:
+        fail(config_file_error(_config_argument(), error))
+    except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as error:
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        text = one_line(error)
+        if "Error whilst parsing config file" in text or not overrides:
+            fail(config_file_error(_config_argument(), error))
+        fail(f"error: bad config override {' '.join(overrides)}: {text}")
