@@ -308,39 +308,14 @@ def quiet_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def check_run(workdir: str):
-    """The run's config, after checking that `workdir` holds a run with a checkpoint (before
-    anything is built, so a wrong path creates nothing on disk)."""
-    from cliquejax.train import run_dir
+def restore(workdir: str, what: str = "export"):
+    """(config, trainer holding the latest good checkpoint) of the run in `workdir`, from its
+    own config.json (`evaluate.restore_trainer`: creates nothing on disk, one-line errors,
+    damaged checkpoints skipped)."""
+    from cliquejax.train.evaluate import restore_trainer
 
-    config = run_dir.load_config(workdir)
-    directory = os.path.join(workdir, "checkpoints")
-    steps = [n for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {directory}; allowed: a --workdir whose "
-                                "training saved at least one epoch")
-    return config
-
-
-def restore(workdir: str):
-    """(config, trainer holding the latest checkpoint) of the run in `workdir`."""
-    from cliquejax.checkpoint import CheckpointMismatchError
-    from cliquejax.train.loop import Trainer
-
-    config = check_run(workdir)
-    trainer = Trainer(config, workdir)
-    try:
-        if not trainer.restore_latest():
-            raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}")
-        return config, trainer
-    except (CheckpointMismatchError, FileNotFoundError):
-        trainer.checkpoints.close()
-        raise
-    except Exception as error:  # noqa: BLE001 - a damaged file: any type from Orbax/TensorStore
-        trainer.checkpoints.close()
-        raise ValueError(f"cannot restore the checkpoint in {workdir}/checkpoints "
-                         f"({first_line(error)}); allowed: a complete checkpoint written by "
-                         "training") from None
+    trainer = restore_trainer(None, workdir, what)
+    return trainer.config, trainer
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

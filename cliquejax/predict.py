@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         if missing:
             raise ValueError(f"{missing[0]!r} is not a file; allowed: one .npz (key 'images') "
                              "or PNG/JPEG files")
-        config, trainer = export.restore(args.workdir)
+        config, trainer = export.restore(args.workdir, "predict")
         trainer.checkpoints.close()
         images, labels = read_inputs(args.inputs, trainer.info.image_shape)
         logits = predictor(trainer)(images)
