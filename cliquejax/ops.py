@@ -39,7 +39,7 @@ class BNSpec:
 TF_BN = BNSpec(momentum=0.999, epsilon=1e-3, unbiased_running_var=False)
 # PyTorch `nn.BatchNorm2d` defaults (momentum 0.1 keeps 0.9, eps 1e-5, unbiased running var):
 # the authors' ImageNet CliqueNet and MBCliqueNet ("We implement our models in the Pytorch
-# platform", MBCliqueNet section 4).
+# platform", MBCliqueNet section 3.1).
 TORCH_BN = BNSpec(momentum=0.9, epsilon=1e-5, unbiased_running_var=True)
 BN_MOMENTS = "bn_moments"
 CLIQUE_1X1 = "clique_1x1"  # a bottleneck layer's 1x1 clique conv output (k channels)
