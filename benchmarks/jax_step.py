@@ -10,7 +10,7 @@ timed steps. init_s is building the `Trainer` (its initial state is compiled and
 there). peak_rss_mb is the process's peak RSS (VmHWM) at the end.
 
     python benchmarks/jax_step.py --model=cliquenet_k36_T12 [--dtype=bfloat16] [--remat=layer]
-                                                           [--unroll=0]
+                                                           [--unroll=0] [--kernels=reference]
     python benchmarks/jax_step.py --model=mbclique_cifar10 --flops_only
 """
 
@@ -45,6 +45,8 @@ def build_config(args):
     config.train.compute_dtype = args.dtype
     if args.remat:
         config.train.remat = args.remat
+    if getattr(args, "kernels", None):
+        config.train.kernels = args.kernels
     config.train.batch_size = batch
     config.data.update(name="synthetic", image_size=size, num_classes=spec["num_classes"],
                        num_train=PLACED_BATCHES * batch, num_test=batch, flip=False,
@@ -61,6 +63,7 @@ def forward_flops(config) -> int:
     config = config.copy_and_resolve_references()
     config.model.unroll = True
     config.train.compute_dtype = "float32"
+    config.train.kernels = "reference"  # stock convolutions and products only
     return int(summary.summarize(config)["flops"])
 
 
@@ -111,6 +114,8 @@ def main(argv=None) -> None:
                         default=None, help="config.train.remat (default: the config's own)")
     parser.add_argument("--unroll", type=int, choices=(0, 1), default=None,
                         help="config.model.unroll (default: the config's own)")
+    parser.add_argument("--kernels", choices=("auto", "reference", "cpu"), default=None,
+                        help="config.train.kernels (default: the config's own, auto)")
     harness.add_step_args(parser)
     parser.add_argument("--compilation_cache", default="",
                         help="a directory as launch.py's --compilation_cache; '' (default): "
@@ -129,8 +134,10 @@ def main(argv=None) -> None:
         harness.emit({"model": args.model, "forward_flops_per_image": forward_flops(config)})
         return
     result = measure(config, args.warmup, args.steps, args.budget_s)
+    from cliquejax import kernels
+
     harness.emit(dict(result, model=args.model, dtype=args.dtype,
-                      unroll=bool(config.model.unroll)))
+                      unroll=bool(config.model.unroll), kernels=kernels.resolve(config)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Thin Flax Linen wrappers: they name and initialise parameters, the math lives in
-`ops` and `clique` (pure functions)."""
+`ops` and `clique` (pure functions). Modules that convolve or normalise take the operations
+as a field, `kernels` (`ops.Kernels`, chosen by `config.train.kernels`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from cliquejax import binary, clique, ops
 
 Initializer = Callable[..., jax.Array]
 
-# SPEC section 1: He init, fan-in per kernel piece, truncated normal (TF variance_scaling).
+# CliqueNet's TensorFlow code: He init, fan-in per kernel piece, truncated normal
+# (TF variance_scaling).
 he_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-# SPEC section 2 (ImageNet model): N(0, sqrt(2 / (kh * kw * out))).
+# The authors' PyTorch ImageNet CliqueNet: N(0, sqrt(2 / (kh * kw * out))).
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 xavier = nn.initializers.xavier_uniform()
 
@@ -39,6 +41,7 @@ class BatchNorm(nn.Module):
 
     bn: ops.BNSpec = ops.TF_BN
     relu: bool = False
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -47,7 +50,7 @@ class BatchNorm(nn.Module):
                   "bias": self.param("bias", nn.initializers.zeros, shape)}
         mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
         var = self.variable("batch_stats", "var", jnp.ones, shape)
-        norm = ops.bn_relu if self.relu else ops.batch_norm
+        norm = self.kernels.bn_relu if self.relu else self.kernels.batch_norm
         y, new_stats = norm(x, params, {"mean": mean.value, "var": var.value}, train, self.bn)
         if train and self.is_mutable_collection("batch_stats"):
             mean.value, var.value = new_stats["mean"], new_stats["var"]
@@ -55,20 +58,21 @@ class BatchNorm(nn.Module):
 
 
 class Conv(nn.Module):
-    """Bias-free NHWC convolution through `ops.conv2d`."""
+    """Bias-free NHWC convolution through `kernels.conv2d`."""
 
     features: int
     kernel_size: int = 3
     stride: int = 1
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x):
         ks = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (ks, ks, x.shape[-1], self.features))
         pad = "SAME" if self.stride == 1 else [(ks // 2, (ks - 1) // 2)] * 2
-        return ops.conv2d(x, kernel, self.stride, pad, self.dtype)
+        return self.kernels.conv2d(x, kernel, self.stride, pad, self.dtype)
 
 
 class Dropout(nn.Module):
@@ -90,17 +94,18 @@ class BNReLUConv(nn.Module):
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = BatchNorm(self.bn, relu=True, name="bn")(x, train)
+        y = BatchNorm(self.bn, relu=True, kernels=self.kernels, name="bn")(x, train)
         y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
-                 name="conv")(y)
+                 kernels=self.kernels, name="conv")(y)
         return Dropout(self.dropout_rate)(y, train)
 
 
 class Attention(nn.Module):
-    """Squeeze-excitation of the attentional transition (SPEC section 1, `if_a`)."""
+    """Squeeze-excitation of the attentional transition (CliqueNet's `if_a` option)."""
 
     reduction: int = 2
 
@@ -122,11 +127,12 @@ class Transition(nn.Module):
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = BNReLUConv(x.shape[-1], 1, self.dropout_rate, self.kernel_init, self.dtype,
-                       self.bn, name="unit")(x, train)
+                       self.bn, self.kernels, name="unit")(x, train)
         if self.attention:
             y = Attention(name="attention")(y)
         return ops.avg_pool(y, 2)
@@ -136,10 +142,12 @@ class PooledFeature(nn.Module):
     """BN -> ReLU -> global average pool: one block's contribution to the multi-scale head."""
 
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return ops.global_avg_pool(BatchNorm(self.bn, relu=True, name="bn")(x, train))
+        bn = BatchNorm(self.bn, relu=True, kernels=self.kernels, name="bn")
+        return ops.global_avg_pool(bn(x, train))
 
 
 class CliqueBlock(nn.Module):
@@ -184,17 +192,19 @@ class BinaryConv(nn.Module):
     kernel_size: int = 3
     quantize: Callable | None = binary.sign_ste
     dtype: Any = None
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x):
         ks = self.kernel_size
         shape = (ks, ks, x.shape[-1], self.features)
         latent = self.param("kernel", binary.binary_kernel_init, shape)
-        return ops.conv2d(x, binary_kernel(latent, self.quantize), 1, "SAME", self.dtype)
+        return self.kernels.conv2d(x, binary_kernel(latent, self.quantize), 1, "SAME",
+                                   self.dtype)
 
 
 class ModulatedBinaryConv(nn.Module):
-    """A modulated binary conv (SPEC section 3): `features // K` latent filters, binarised
+    """A modulated binary conv (MBCliqueNet section 2.1): `features // K` latent filters, binarised
     and modulated by the (shared) M-filter passed in: Q = modulate(sign(C), M)."""
 
     features: int
@@ -202,14 +212,15 @@ class ModulatedBinaryConv(nn.Module):
     quantize: Callable | None = binary.sign_ste
     latent_std: float | None = None  # None: He fan-in; u-MBCliqueNet uses 1.0
     dtype: Any = None
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, m_filter):
         ks = m_filter.shape[-1]
         shape = (ks, ks, x.shape[-1], self.features // self.num_planes)
         latent = self.param("kernel", latent_init(self.latent_std), shape)
-        return ops.conv2d(x, modulated_kernel(latent, m_filter, self.quantize), 1, "SAME",
-                          self.dtype)
+        return self.kernels.conv2d(x, modulated_kernel(latent, m_filter, self.quantize), 1,
+                                   "SAME", self.dtype)
 
 
 def latent_init(std: float | None):

@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "sharded_steps.py")
 
 
-def run_steps(model: str, devices: int, out: str, steps: int) -> dict:
+def run_steps(model: str, devices: int, out: str, steps: int, kernels: str = "auto") -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    done = subprocess.run([sys.executable, SCRIPT, model, out, str(steps)], env=env,
+    done = subprocess.run([sys.executable, SCRIPT, model, out, str(steps), kernels], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(np.load(out))
@@ -32,11 +32,14 @@ def run_steps(model: str, devices: int, out: str, steps: int) -> dict:
 # M-filter, shared by every filter of a block: one step moves the whole block at once.
 # So MBCliqueNet is compared over one step, whose updated parameters carry the global BN
 # statistics, the gradients through the STE and the modulation, their reduction and the
-# optimizer update.
-@pytest.mark.parametrize("model,steps", [("cliquenet", 4), ("mbcliquenet", 1)])
-def test_eight_devices_equal_one(model, steps, tmp_path):
-    one = run_steps(model, 1, str(tmp_path / "one.npz"), steps)
-    eight = run_steps(model, 8, str(tmp_path / "eight.npz"), steps)
+# optimizer update. The CPU kernels run both models (`auto` on this CPU host), the reference
+# (stock) operations CliqueNet.
+@pytest.mark.parametrize("model,steps,kernels", [("cliquenet", 4, "auto"),
+                                                 ("mbcliquenet", 1, "auto"),
+                                                 ("cliquenet", 4, "reference")])
+def test_eight_devices_equal_one(model, steps, kernels, tmp_path):
+    one = run_steps(model, 1, str(tmp_path / "one.npz"), steps, kernels)
+    eight = run_steps(model, 8, str(tmp_path / "eight.npz"), steps, kernels)
     assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5, atol=1e-5)
     for name in one:

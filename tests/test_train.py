@@ -47,13 +47,16 @@ def test_eval_mode_reproduces_the_final_accuracy(trained_digits_run):
     assert evaluated["params_fingerprint"] == results["params_fingerprint"]
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+def test_resumed_run_equals_uninterrupted(kernels, tmp_path):
     steps_per_epoch = 1437 // 64
-    whole = loop.train_and_evaluate(tiny_digits_config(), str(tmp_path / "whole"))
-    first = loop.train_and_evaluate(tiny_digits_config(max_steps=steps_per_epoch),
+    whole = loop.train_and_evaluate(tiny_digits_config(kernels=kernels), str(tmp_path / "whole"))
+    first = loop.train_and_evaluate(tiny_digits_config(max_steps=steps_per_epoch,
+                                                       kernels=kernels),
                                     str(tmp_path / "split"))
     assert first["steps"] == steps_per_epoch
-    resumed = loop.train_and_evaluate(tiny_digits_config(), str(tmp_path / "split"))
+    resumed = loop.train_and_evaluate(tiny_digits_config(kernels=kernels),
+                                      str(tmp_path / "split"))
     assert resumed["resumed"] and resumed["steps"] == whole["steps"]
     assert resumed["params_fingerprint"] == whole["params_fingerprint"]
 

@@ -1,6 +1,7 @@
 """Runs a few training steps of a tiny model on every visible device and saves the losses
-and final parameters: `python sharded_steps.py MODEL OUT.npz`. The 1-device vs 8-device test
-runs it twice with different XLA_FLAGS."""
+and final parameters: `python sharded_steps.py MODEL OUT.npz STEPS [KERNELS]` (KERNELS:
+`config.train.kernels`, default auto). The 1-device vs 8-device test runs it twice with
+different XLA_FLAGS."""
 
 import os
 import sys
@@ -19,8 +20,8 @@ from cliquejax.train import loop, step  # noqa: E402
 from tests.conftest import tiny_digits_config  # noqa: E402
 
 
-def config_for(model: str):
-    config = tiny_digits_config(batch_size=16)
+def config_for(model: str, kernels: str = "auto"):
+    config = tiny_digits_config(batch_size=16, kernels=kernels)
     # A small step: at lr 0.1 and batch 16 the first steps are chaotic enough to blow the
     # devices' float32 reduction-order differences (~1e-7) up past 1e-5 by step 3.
     config.optimizer.lr = 0.01
@@ -33,9 +34,10 @@ def config_for(model: str):
     return config
 
 
-def main(model: str, out: str, steps: int = 4) -> None:
-    config = config_for(model)
+def main(model: str, out: str, steps: int = 4, kernels: str = "auto") -> None:
+    config = config_for(model, kernels)
     trainer = loop.Trainer(config, os.path.dirname(out))
+    assert trainer.model.kernels.name == (kernels if kernels != "auto" else "cpu")
     batches = data.make_train_iterator(config.data, global_batch_size=16, seed=config.seed)
     losses = []
     for _ in range(steps):
@@ -50,4 +52,4 @@ def main(model: str, out: str, steps: int = 4) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
