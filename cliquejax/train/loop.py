@@ -62,6 +62,15 @@ def validate_train(train) -> None:
         check_range(f"train.{field}", train[field], 1)
 
 
+def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_epoch: int):
+    """(model, optimizer transforms, lr schedule) of a run: what `Trainer` trains and
+    `cliquejax.lower` lowers."""
+    model = models.build_model(config, num_classes)
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+    abstract = jax.eval_shape(lambda: step.init_state(model, (tx,), image_shape, config.seed))
+    return model, step.make_transforms(config, tx, abstract["params"]), schedule
+
+
 class Trainer:
     """Everything a run needs, built once from the config."""
 
@@ -75,12 +84,9 @@ class Trainer:
         self.total_steps = config.train.epochs * self.steps_per_epoch
         if config.train.max_steps > 0:
             self.total_steps = min(self.total_steps, config.train.max_steps)
-        self.model = models.build_model(config, self.info.num_classes)
+        self.model, self.transforms, self.schedule = build_model_and_transforms(
+            config, self.info.image_shape, self.info.num_classes, self.steps_per_epoch)
         self.shardings = step.make_shardings(self.global_batch)
-        tx, self.schedule = optim.make_optimizer(config, self.steps_per_epoch)
-        abstract = jax.eval_shape(lambda: step.init_state(
-            self.model, (tx,), self.info.image_shape, config.seed))
-        self.transforms = step.make_transforms(config, tx, abstract["params"])
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
         self.train_step, self.eval_step = step.jit_steps(
