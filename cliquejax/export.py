@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cliquejax import binary, models
+from cliquejax import binary, bits, models
 
 MAGIC, VERSION = b"CLQX", 1
 _PREFIX = struct.Struct("<4sIQ")
@@ -39,17 +39,16 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def _binary_paths(config, params) -> set[str]:
-    module = models.get_module(config.model.name)
-    if not hasattr(module, "binary_mask"):
-        return set()
-    mask = module.binary_mask(config.model, params)
+def _binary_paths(config, image_shape, num_classes: int) -> set[str]:
+    """The parameters the model's layers store in 1 bit (`cliquejax.bits`)."""
+    model = models.build_model(config, num_classes)
+    mask = bits.binary_mask(bits.abstract_variables(model, image_shape))
     return {_path(p) for p, is_binary in jax.tree_util.tree_leaves_with_path(mask) if is_binary}
 
 
 def serialize(config, variables, image_shape, num_classes: int) -> bytes:
     """The file's bytes for trained `variables` ({"params", "batch_stats"})."""
-    binary_paths = _binary_paths(config, variables["params"])
+    binary_paths = _binary_paths(config, image_shape, num_classes)
     tensors, chunks, offset = [], [], 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables)):
         name = _path(path)

@@ -95,12 +95,13 @@ def traced_steps(config):
     """(traced train step, traced eval step, abstract state) of `config`, on abstract inputs.
     The steps are the ones a run jits (`loop.build_model_and_transforms`, `step.jit_steps`)."""
     image_shape, num_classes = summary.model_input(config)
-    model, transforms, schedule = loop.build_model_and_transforms(
+    model, transforms, schedule, binary_mask = loop.build_model_and_transforms(
         config, image_shape, num_classes, steps_per_epoch=1)
     state = jax.eval_shape(lambda: step.init_state(model, transforms, image_shape, config.seed))
     shardings = step.make_shardings(config.train.batch_size)
     step.make_shardings(config.train.eval_batch_size)  # the same check a run makes
-    train, evaluate = step.jit_steps(model, transforms, schedule, config, shardings, state)
+    train, evaluate = step.jit_steps(model, transforms, schedule, config, shardings, state,
+                                     binary_mask)
 
     def batch(size, mask):
         spec = {"image": jax.ShapeDtypeStruct((size, *image_shape), jnp.float32),

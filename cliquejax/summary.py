@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import models
+from cliquejax import bits, models
 
 STATIC_INPUTS = {  # data set -> (image shape, classes); others come from config.data
     "cifar10": ((32, 32, 3), 10),
@@ -111,7 +111,7 @@ def summarize(config) -> dict:
     result = {"model": config.model.name, "input": list(image_shape), "classes": num_classes,
               "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
               "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
-    if hasattr(models.get_module(config.model.name), "binary_mask"):
+    if bits.has_quantized_layers(variables):
         result.update(storage_report(config, variables, rows))
     return result
 
@@ -121,7 +121,7 @@ def storage_report(config, variables, rows) -> dict:
     parameter and BN statistic; per module and in total, plus the papers' conv-filter ratio."""
     module = models.get_module(config.model.name)
     params = variables["params"]
-    binary = module.binary_mask(config.model, params)
+    binary = bits.binary_mask(variables)
     equivalent = module.conv_filter_equivalent(config.model, params)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     flat_binary, flat_equivalent = jax.tree.leaves(binary), jax.tree.leaves(equivalent)

@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from cliquejax import checkpoint, data, models, report
+from cliquejax import bits, checkpoint, data, models, report
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, run_dir, step
 
@@ -63,12 +63,14 @@ def validate_train(train) -> None:
 
 
 def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_epoch: int):
-    """(model, optimizer transforms, lr schedule) of a run: what `Trainer` trains and
-    `cliquejax.lower` lowers."""
+    """(model, optimizer transforms, lr schedule, binary mask or None) of a run: what
+    `Trainer` trains and `cliquejax.lower` lowers. The mask marks the weights the model's
+    layers store in 1 bit (`cliquejax.bits`); None for a model without binary layers."""
     model = models.build_model(config, num_classes)
     tx, schedule = optim.make_optimizer(config, steps_per_epoch)
-    abstract = jax.eval_shape(lambda: step.init_state(model, (tx,), image_shape, config.seed))
-    return model, step.make_transforms(config, tx, abstract["params"]), schedule
+    variables = bits.abstract_variables(model, image_shape)
+    binary = bits.binary_mask(variables) if bits.has_quantized_layers(variables) else None
+    return model, step.make_transforms(config, tx, variables["params"]), schedule, binary
 
 
 class Trainer:
@@ -84,13 +86,14 @@ class Trainer:
         self.total_steps = config.train.epochs * self.steps_per_epoch
         if config.train.max_steps > 0:
             self.total_steps = min(self.total_steps, config.train.max_steps)
-        self.model, self.transforms, self.schedule = build_model_and_transforms(
+        self.model, self.transforms, self.schedule, binary_mask = build_model_and_transforms(
             config, self.info.image_shape, self.info.num_classes, self.steps_per_epoch)
         self.shardings = step.make_shardings(self.global_batch)
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
         self.train_step, self.eval_step = step.jit_steps(
-            self.model, self.transforms, self.schedule, config, self.shardings, self.state)
+            self.model, self.transforms, self.schedule, config, self.shardings, self.state,
+            binary_mask)
         self.checkpoints = checkpoint.Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
