@@ -9,6 +9,8 @@ import tensorflow_datasets as tfds
 
 from cliquejax.data import digits_builder
 
+# The data sets the configs use; `data.name` may name any other TFDS image-classification
+# data set prepared under `data.data_dir` (`open_tfds_source`).
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped", "mnist")
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
@@ -84,19 +86,44 @@ def _open_data_source(tfds_name: str, split: str, data_dir: str):
         raise diagnosis from None
 
 
+def _tfds_split(name: str, split: str, data_dir: str) -> str:
+    """The TFDS split read for `split` ('train' or 'test') of data set `name`: 'test' is its
+    'validation' split when it has no labelled 'test' split (imagenet2012). Checks that
+    `name` is a TFDS data set (registered, or prepared under `data_dir`) of `image` and
+    `label` (ClassLabel) features."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise DatasetNotFoundError(
+            f"data.name={name!r} is neither one of the project's sources nor a TFDS data set "
+            f"(none of that name is registered or prepared under data_dir={data_dir!r}); "
+            f"allowed: digits, npz, image_folder, synthetic, or a TFDS image-classification "
+            f"data set such as {', '.join(TFDS_NAMES)}, imagenet2012") from None
+    features = builder.info.features
+    found = tuple(features.keys()) if features is not None else ()
+    if "image" not in found or "label" not in found or \
+            not isinstance(features["label"], tfds.features.ClassLabel):
+        raise ValueError(f"data.name={name!r} has features ({', '.join(found)}); allowed: a "
+                         f"data set with an 'image' feature and a 'label' ClassLabel feature")
+    splits = builder.info.splits.keys()
+    if split == "test" and "test" not in splits and "validation" in splits:
+        return "validation"
+    return split
+
+
 def open_tfds_source(name: str, split: str, data_dir: str, *, svhn_extra: bool = False):
     """Opens split 'train' or 'test' of a TFDS data set, or of the project's digits.
 
-    `svhn_extra` makes svhn_cropped's train split TFDS's 'train+extra'.
+    `name` is any TFDS image-classification data set prepared under `data_dir` in
+    array_record format (e.g. cifar10, imagenet2012): a config change adds one. `svhn_extra`
+    makes svhn_cropped's train split TFDS's 'train+extra'.
     """
     if name == "digits":
         digits_builder.ensure_digits_prepared(data_dir)
         tfds_name = digits_builder.DIGITS_NAME
-    elif name in TFDS_NAMES:
-        tfds_name = name
     else:
-        raise ValueError(f"data.name={name!r} is not a TFDS data set; allowed: {TFDS_NAMES}")
+        tfds_name = name
     with_extra = name == "svhn_cropped" and svhn_extra and split == "train"
-    tfds_split = "train+extra" if with_extra else split
+    tfds_split = "train+extra" if with_extra else _tfds_split(tfds_name, split, data_dir)
     data_source = _open_data_source(tfds_name, tfds_split, data_dir)
     return TfdsExampleSource(data_source, name=name, split=tfds_split)
