@@ -38,6 +38,10 @@ def get_config():
     # 26 img/s); on an accelerator with memory to spare, `none` may be faster: measure.
     # On CPU it needs XLA's cse_barrier_expander pass off, which cliquejax.platform does.
     config.train.remat = "layer"
+    # Which implementation of the operations runs (cliquejax/kernels.py): auto (the XLA:CPU
+    # kernels of cliquejax/cpu/ when JAX runs on the CPU, else the stock JAX operations) |
+    # reference (stock JAX operations on every backend) | cpu. Same values and gradients.
+    config.train.kernels = "auto"
     config.train.log_every_steps = 50
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_epochs = 1

@@ -1,0 +1,69 @@
+"""Which implementation of the network's operations runs: the one place that chooses.
+
+`config.train.kernels`:
+- `reference`: stock JAX operations (`lax.conv_general_dilated`, jnp BatchNorm and ReLU,
+  `lax.reduce_window` pooling, JAX's own derivatives, Optax's per-parameter updates). The
+  program every backend can run, and what a GPU or TPU compiles.
+- `cpu`: the XLA:CPU kernels of `cliquejax/cpu/` (convolutions as bfloat16 matrix products,
+  written-out gradients, remat values saved as bits, ...). Same values and gradients.
+- `auto` (default): `cpu` when JAX's default backend is the CPU and `cliquejax/cpu/` is
+  present, else `reference`.
+
+The models take the chosen namespace (`namespace(...)`) as a field, so that the math never
+asks which backend it runs on. Only this module imports `cliquejax.cpu`, and only when the
+CPU kernels are chosen: a fork without that folder keeps a working codebase.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+KERNEL_CHOICES = ("auto", "reference", "cpu")
+CPU_PACKAGE = "cliquejax.cpu"
+
+
+def cpu_kernels_present() -> bool:
+    """Whether the `cliquejax/cpu/` package exists (a fork for accelerators may delete it)."""
+    return importlib.util.find_spec(CPU_PACKAGE) is not None
+
+
+def resolve_name(choice: str, backend: str | None = None) -> str:
+    """`reference` or `cpu` for a `train.kernels` value; `backend` (default: JAX's default
+    backend, read only for `auto`) is the platform the program is built for."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"train.kernels={choice!r} is not one of: {', '.join(KERNEL_CHOICES)}")
+    if choice != "auto":
+        return choice
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return "cpu" if backend == "cpu" and cpu_kernels_present() else "reference"
+
+
+def resolve(config, backend: str | None = None) -> str:
+    """`reference` or `cpu`: `config.train.kernels` (auto | reference | cpu; auto when the
+    config has no such field), `auto` resolved for `backend` (default: JAX's default)."""
+    train = config.get("train") if hasattr(config, "get") else None
+    choice = train.get("kernels", "auto") if train is not None else "auto"
+    return resolve_name(choice, backend)
+
+
+def namespace(name: str):
+    """The operations namespace (`ops.Kernels`) of a resolved choice."""
+    if name == "reference":
+        from cliquejax import ops
+
+        return ops.REFERENCE
+    if name == "cpu":
+        if not cpu_kernels_present():
+            raise ValueError("train.kernels='cpu' needs the cliquejax/cpu/ package, which is "
+                             "not installed; allowed: auto, reference")
+        return importlib.import_module(CPU_PACKAGE).KERNELS
+    raise ValueError(f"kernels {name!r} is not one of: reference, cpu")
+
+
+def for_config(config, backend: str | None = None):
+    """The operations namespace `config.train.kernels` resolves to."""
+    return namespace(resolve(config, backend))
