@@ -7,9 +7,9 @@ builds them, for `--platform` (cuda | tpu | cpu) from abstract inputs
 (`jax.ShapeDtypeStruct`: nothing is allocated, no data is read, no accelerator is needed),
 and counts what the StableHLO program holds: convolutions, dot products, conditionals and
 custom calls. An op in a function called n times counts n times; an op in a loop body
-counts once. Kernels (`config.train.kernels`, when the config has it) set to `auto` are
-resolved as the target platform resolves them: the CPU kernels for `cpu`, the reference
-operations for `cuda` and `tpu`.
+counts once. Kernels (`config.train.kernels`) set to `auto` are
+resolved as the target platform resolves them (`kernels.resolve`): the CPU kernels for
+`cpu`, the reference operations for `cuda` and `tpu`.
 
 FLOPs come from the project's counter (`summary.jaxpr_macs`, every convolution and dot
 product of the jaxpr, FLOPs = 2 x MACs): `flops` is the whole train step, forward,
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import summary
+from cliquejax import kernels, summary
 from cliquejax.train import loop, step
 
 PLATFORMS = ("cuda", "tpu", "cpu")
@@ -82,12 +82,13 @@ def count_ops(module_text: str) -> dict:
 
 
 def for_platform(config, platform: str):
-    """A copy of `config` with `train.kernels: auto` resolved as `platform` resolves it."""
+    """A copy of `config` with `train.kernels` resolved as `platform` resolves it (`auto`:
+    the CPU kernels for `cpu`, the reference operations for `cuda` and `tpu`)."""
     if platform not in PLATFORMS:
         raise ValueError(f"--platform={platform!r} is not one of: {', '.join(PLATFORMS)}")
     config = copy.deepcopy(config)
-    if config.train.get("kernels", "auto") == "auto" and "kernels" in config.train:
-        config.train.kernels = "cpu" if platform == "cpu" else "reference"
+    if "kernels" in config.train:
+        config.train.kernels = kernels.resolve(config, backend=platform)
     return config
 
 
