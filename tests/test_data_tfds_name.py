@@ -37,11 +37,34 @@ class CliquejaxTestStripes(tfds.core.GeneratorBasedBuilder):
             yield index, {"image": image, "label": label}
 
 
+class CliquejaxTestSizes(tfds.core.GeneratorBasedBuilder):
+    """Images of varying size (like imagenet2012): example i is (4 + i) x (9 - i), grey
+    level 10 * label."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8,
+                                           encoding="bytes"),
+            "label": tfds.features.ClassLabel(num_classes=2),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+    def _generate_examples(self):
+        for index in range(4):
+            image = np.full((4 + index, 9 - index, 3), 10 * (index % 2), np.uint8)
+            yield index, {"image": image, "label": index % 2}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tfds"))
-    CliquejaxTestStripes(data_dir=directory, file_format="array_record").download_and_prepare(
-        file_format="array_record")
+    for builder in (CliquejaxTestStripes, CliquejaxTestSizes):
+        builder(data_dir=directory, file_format="array_record").download_and_prepare(
+            file_format="array_record")
     return directory
 
 
@@ -80,3 +103,17 @@ def test_unknown_and_non_classification_names_are_one_line_errors(data_dir, tmp_
         message = str(error_info.value)
         assert "\n" not in message and all(f in message for f in fragments), message
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_images_of_varying_size_are_resized_to_data_image_size(data_dir):
+    config = stripes_config(data_dir)
+    config.data.name = "cliquejax_test_sizes"
+    with pytest.raises(ValueError, match="data.image_size > 0"):
+        data.load_source(config.data, "train")
+    config.data.image_size = 5
+    info = data.dataset_info(config.data)
+    assert (info.image_shape, info.num_classes, info.num_train) == ((5, 5, 3), 2, 4)
+    source = data.load_source(config.data, "train")
+    for example in (source[i] for i in range(len(source))):
+        assert example["image"].shape == (5, 5, 3)
+        assert set(np.unique(example["image"])) == {10 * example["label"]}

@@ -56,6 +56,7 @@ def load_source(data_config, split: str):
             split,
             config_value(data_config, "data_dir", "data/tfds"),
             svhn_extra=bool(config_value(data_config, "svhn_extra", False)),
+            image_size=image_size,
         )
     if image_size and name not in _RESIZING_SOURCES:
         native_size = source[0]["image"].shape[0]
