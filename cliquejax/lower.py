@@ -175,7 +175,7 @@ def main(argv) -> None:
         jax.config.update("jax_platforms", "cpu")
     try:
         result = describe(flags.FLAGS.config, flags.FLAGS.platform)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result) if flags.FLAGS.json else format_report(result))
