@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cliquejax import conv  # noqa: E402
+from cliquejax.cpu import conv  # noqa: E402
 
 SHAPES = (  # name, batch, height = width, cin, cout, kernel
     ("clique stem 3x3 3->64", 64, 32, 3, 64, 3),

@@ -1,4 +1,5 @@
-"""Binarisation and modulation for MBCliqueNet (SPEC section 3), as pure functions.
+"""Binarisation and modulation for MBCliqueNet (MBCliqueNet sections 2.1-2.2), as pure
+functions.
 
 Kernels use Flax's HWIO layout `(w, w, in_channels, out_channels)`. A modulated conv with
 `width` outputs keeps `width // K` latent filters C_i; the block's M-filter has shape
@@ -12,7 +13,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 # ---------------------------------------------------------------------------------------
 # Sign functions: forward sign(w) = +1 for w >= 0 and -1 otherwise (never 0), each with
@@ -86,7 +86,7 @@ def get_sign_function(name: str, field: str = "model.sign_fn"):
 
 
 # ---------------------------------------------------------------------------------------
-# Modulation (SPEC section 3, paper eq. 3).
+# Modulation (MBCliqueNet section 2.1, eq. 3).
 
 
 def modulate(binary_kernel, m_filter):
@@ -119,7 +119,7 @@ def reconstructed_filters(latent_kernel, m_filter, sign_fn=sign_ste):
 
 
 # ---------------------------------------------------------------------------------------
-# Initialisation (SPEC section 3, paper section 2.2). Plain (untruncated) normals.
+# Initialisation (MBCliqueNet section 2.2). Plain (untruncated) normals.
 # Since |sign(C)| = 1, std(Q) = std(M); for Q to match He-initialised full-precision
 # filters of the modulated conv (fan-in w*w*width), M gets std sqrt(2 / (w*w*width)),
 # the block's unified fan-in. The latent std only sets how far C sits from the STE clip.
@@ -189,8 +189,7 @@ def unpack_signs(packed, shape, dtype=np.float32) -> np.ndarray:
 
 
 def flip_ratio(old_latent, new_latent):
-    """Fraction of weights whose sign (>= 0 is +) differs; arrays or matching pytrees.
-    The leaves are compared as one concatenated vector: one kernel, not one per leaf."""
+    """Fraction of weights whose sign (>= 0 is +) differs; arrays or matching pytrees."""
     old_leaves, old_tree = jax.tree.flatten(old_latent)
     new_leaves, new_tree = jax.tree.flatten(new_latent)
     if old_tree != new_tree:
@@ -198,6 +197,6 @@ def flip_ratio(old_latent, new_latent):
     total = sum(math.prod(jnp.shape(leaf)) for leaf in old_leaves)
     if total == 0:
         raise ValueError("flip_ratio needs at least one weight")
-    signs = lambda leaves: ravel_pytree(leaves)[0] >= 0
-    flips = jnp.sum(signs(old_leaves) != signs(new_leaves), dtype=jnp.int32)
+    flips = sum(jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32)
+                for old, new in zip(old_leaves, new_leaves, strict=True))
     return (flips / total).astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""One clique block as pure functions (SPEC section 1: Stage I, Stage II, variants).
+"""One clique block as pure functions (CliqueNet, Yang et al., CVPR 2018: Stage I,
+Stage II, and the variants of the authors' README).
 
 Parameters of a block are a flat dict whose keys name the pieces of the paper:
 
@@ -27,11 +28,12 @@ Rematerialisation (`BlockSpec.remat`, `config.train.remat`): "layer" wraps each 
 in `jax.checkpoint` (unrolled: the concatenation of its inputs too, so only the features
 X_j it reads are kept; loop: the loop body), "block" wraps the whole block;
 "layer_keep_1x1" is "layer" keeping the output of each bottleneck layer's 1x1 conv (k
-channels), so that no convolution is recomputed (CliqueNet-S0: +8% speed, +4% memory).
-The backward pass then recomputes those activations instead of storing them; values are
-unchanged. On XLA:CPU this only saves memory with
---xla_disable_hlo_passes=cse_barrier_expander (which `platform.configure_xla` sets):
-otherwise that pass removes the optimization barriers and CSE merges the recomputation back.
+channels), so that no convolution is recomputed, at the memory of those outputs. The
+backward pass then recomputes those activations instead of storing them; values are
+unchanged. What is kept is tagged by `spec.kernels.saved_name` (`checkpoint_name`).
+
+The operations themselves (BN-ReLU, convolution) come from `spec.kernels` (`ops.Kernels`:
+stock JAX operations, or the XLA:CPU kernels of `cliquejax/cpu/`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class BlockSpec:
     unroll: bool = True
     dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
     remat: str = "none"  # REMAT_POLICIES (module docstring)
+    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     @property
     def kernel_size(self) -> int:
@@ -120,16 +123,17 @@ def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
     input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
     Returns (output, new BN stats, new bottleneck BN stats or None)."""
-    y, new_bn = ops.bn_relu(x, bn[0], bn[1], train, spec.bn)
-    y = ops.conv2d(y, kernel, dtype=spec.dtype)
+    k = spec.kernels
+    y, new_bn = k.bn_relu(x, bn[0], bn[1], train, spec.bn)
+    y = k.conv2d(y, kernel, dtype=spec.dtype)
     if bottleneck is not None:
-        y = ops.saved_name(y, ops.CLIQUE_1X1)
+        y = k.saved_name(y, ops.CLIQUE_1X1)
     y = ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 0), train)
     if bottleneck is None:
         return y, new_bn, None
     b_params, b_stats, b_kernel = bottleneck
-    y, new_b = ops.bn_relu(y, b_params, b_stats, train, spec.bn)
-    y = ops.conv2d(y, b_kernel, dtype=spec.dtype)
+    y, new_b = k.bn_relu(y, b_params, b_stats, train, spec.bn)
+    y = k.conv2d(y, b_kernel, dtype=spec.dtype)
     return ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 1), train), new_bn, new_b
 
 
@@ -187,7 +191,8 @@ def stage_one_unrolled(params, stats, x0, seed, train, spec: BlockSpec):
 
 
 def stage_two_unrolled(params, stats, features, seed, train, spec: BlockSpec):
-    """Stage II for layers 1..spec.stage_two_layers, in place, in order (SPEC section 1)."""
+    """Stage II for layers 1..spec.stage_two_layers, in place, in order (CliqueNet's
+    alternate update)."""
     stats, features = dict(stats), list(features)
     for i in range(1, spec.stage_two_layers + 1):
         pieces = [(j, features[j - 1]) for j in spec.stage_two_inputs(i)]
@@ -295,7 +300,8 @@ def stage_two_loop(params, stats, features, seed, train, spec: BlockSpec):
 
 def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
     """Runs one block. Returns (block_feature, transit_feature, new_stats) per the variant
-    table of SPEC section 1 (block feature -> head, transit feature -> next block)."""
+    (CliqueNet README: I+I, I+II, II+II, X; block feature -> head, transit feature -> next
+    block)."""
     block_policy = ops.REMAT_SAVED if spec.remat == "block" else None
     block = _remat_if(block_policy, _block, train=train, spec=spec)
     return block(params, stats, x0, ops.dropout_seed(rng))

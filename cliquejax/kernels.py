@@ -60,7 +60,7 @@ def namespace(name: str):
         if not cpu_kernels_present():
             raise ValueError("train.kernels='cpu' needs the cliquejax/cpu/ package, which is "
                              "not installed; allowed: auto, reference")
-        return importlib.import_module(CPU_PACKAGE).KERNELS
+        return importlib.import_module(f"{CPU_PACKAGE}.ops").KERNELS
     raise ValueError(f"kernels {name!r} is not one of: reference, cpu")
 
 

@@ -1,5 +1,6 @@
 """Thin Flax Linen wrappers: they name and initialise parameters, the math lives in
-`ops` and `clique` (pure functions)."""
+`ops` and `clique` (pure functions). Modules that convolve or normalise take the operations
+as a field, `kernels` (`ops.Kernels`, chosen by `config.train.kernels`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from cliquejax import binary, bits, clique, names, ops
 
 Initializer = Callable[..., jax.Array]
 
-# SPEC section 1: He init, fan-in per kernel piece, truncated normal (TF variance_scaling).
+# CliqueNet's TensorFlow code: He init, fan-in per kernel piece, truncated normal
+# (TF variance_scaling).
 he_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-# SPEC section 2 (ImageNet model): N(0, sqrt(2 / (kh * kw * out))).
+# The authors' PyTorch ImageNet CliqueNet: N(0, sqrt(2 / (kh * kw * out))).
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 xavier = nn.initializers.xavier_uniform()
 
@@ -39,6 +41,7 @@ class BatchNorm(nn.Module):
 
     bn: ops.BNSpec = ops.TF_BN
     relu: bool = False
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -47,7 +50,7 @@ class BatchNorm(nn.Module):
                   names.BIAS: self.param(names.BIAS, nn.initializers.zeros, shape)}
         mean = self.variable(names.BATCH_STATS, names.MEAN, jnp.zeros, shape)
         var = self.variable(names.BATCH_STATS, names.VAR, jnp.ones, shape)
-        norm = ops.bn_relu if self.relu else ops.batch_norm
+        norm = self.kernels.bn_relu if self.relu else self.kernels.batch_norm
         stats = {names.MEAN: mean.value, names.VAR: var.value}
         y, new_stats = norm(x, params, stats, train, self.bn)
         if train and self.is_mutable_collection(names.BATCH_STATS):
@@ -56,20 +59,21 @@ class BatchNorm(nn.Module):
 
 
 class Conv(nn.Module):
-    """Bias-free NHWC convolution through `ops.conv2d`."""
+    """Bias-free NHWC convolution through `kernels.conv2d`."""
 
     features: int
     kernel_size: int = 3
     stride: int = 1
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x):
         ks = self.kernel_size
         kernel = self.param(names.KERNEL, self.kernel_init, (ks, ks, x.shape[-1], self.features))
         pad = "SAME" if self.stride == 1 else [(ks // 2, (ks - 1) // 2)] * 2
-        return ops.conv2d(x, kernel, self.stride, pad, self.dtype)
+        return self.kernels.conv2d(x, kernel, self.stride, pad, self.dtype)
 
 
 class Dropout(nn.Module):
@@ -91,17 +95,18 @@ class BNReLUConv(nn.Module):
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = BatchNorm(self.bn, relu=True, name="bn")(x, train)
+        y = BatchNorm(self.bn, relu=True, kernels=self.kernels, name="bn")(x, train)
         y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
-                 name="conv")(y)
+                 kernels=self.kernels, name="conv")(y)
         return Dropout(self.dropout_rate)(y, train)
 
 
 class Attention(nn.Module):
-    """Squeeze-excitation of the attentional transition (SPEC section 1, `if_a`)."""
+    """Squeeze-excitation of the attentional transition (CliqueNet's `if_a` option)."""
 
     reduction: int = 2
 
@@ -123,11 +128,12 @@ class Transition(nn.Module):
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = BNReLUConv(x.shape[-1], 1, self.dropout_rate, self.kernel_init, self.dtype,
-                       self.bn, name="unit")(x, train)
+                       self.bn, self.kernels, name="unit")(x, train)
         if self.attention:
             y = Attention(name="attention")(y)
         return ops.avg_pool(y, 2)
@@ -137,10 +143,12 @@ class PooledFeature(nn.Module):
     """BN -> ReLU -> global average pool: one block's contribution to the multi-scale head."""
 
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return ops.global_avg_pool(BatchNorm(self.bn, relu=True, name="bn")(x, train))
+        bn = BatchNorm(self.bn, relu=True, kernels=self.kernels, name="bn")
+        return ops.global_avg_pool(bn(x, train))
 
 
 class CliqueBlock(nn.Module):
@@ -185,6 +193,7 @@ class BinaryConv(nn.Module):
     kernel_size: int = 3
     quantize: Callable | None = binary.sign_ste
     dtype: Any = None
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x):
@@ -192,12 +201,12 @@ class BinaryConv(nn.Module):
         shape = (ks, ks, x.shape[-1], self.features)
         weight = quantized_param(self, names.KERNEL, binary.binary_kernel_init, shape,
                                  self.quantize)
-        return ops.conv2d(x, binary_kernel(weight, self.quantize is not None), 1, "SAME",
-                          self.dtype)
+        return self.kernels.conv2d(x, binary_kernel(weight, self.quantize is not None), 1,
+                                   "SAME", self.dtype)
 
 
 class ModulatedBinaryConv(nn.Module):
-    """A modulated binary conv (SPEC section 3): `features // K` latent filters, binarised
+    """A modulated binary conv (MBCliqueNet section 2.1): `features // K` latent filters, binarised
     and modulated by the (shared) M-filter passed in: Q = modulate(sign(C), M)."""
 
     features: int
@@ -205,6 +214,7 @@ class ModulatedBinaryConv(nn.Module):
     quantize: Callable | None = binary.sign_ste
     latent_std: float | None = None  # None: He fan-in; u-MBCliqueNet uses 1.0
     dtype: Any = None
+    kernels: ops.Kernels = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, m_filter):
@@ -212,7 +222,8 @@ class ModulatedBinaryConv(nn.Module):
         shape = (ks, ks, x.shape[-1], self.features // self.num_planes)
         weight = quantized_param(self, names.KERNEL, latent_init(self.latent_std), shape,
                                  self.quantize)
-        return ops.conv2d(x, binary.modulate(weight, m_filter), 1, "SAME", self.dtype)
+        return self.kernels.conv2d(x, binary.modulate(weight, m_filter), 1, "SAME",
+                                   self.dtype)
 
 
 def latent_init(std: float | None):

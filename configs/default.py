@@ -49,10 +49,15 @@ def get_config():
     config.train.max_steps = -1  # >0: stop after this many steps (tests, debugging)
 
     config.optimizer = ml_collections.ConfigDict()
+    # Any Optax optimizer by name (optax.<name>, given the schedule as its learning rate):
+    # sgd | adam | adamw | lamb | lion | ...; its other arguments in `kwargs`.
     config.optimizer.name = "sgd"
     config.optimizer.lr = 0.1
-    config.optimizer.momentum = 0.9
-    config.optimizer.nesterov = False
+    config.optimizer.momentum = 0.9  # sgd only (0: plain SGD)
+    config.optimizer.nesterov = False  # sgd only
+    # Keyword arguments of optax.<name> (e.g. b1, b2, weight_decay for adamw), set in a config
+    # file; for sgd they override momentum / nesterov above.
+    config.optimizer.kwargs = ml_collections.ConfigDict()
     config.optimizer.weight_decay = 1e-4  # L2: wd * w added to the gradient (wd/2 w^2 in loss)
     config.optimizer.weight_decay_on = "all"  # all (trainable, as the originals) | kernels
 

@@ -1,6 +1,8 @@
-"""`conv.conv2d_matmul` (a convolution written as matrix products, with its own backward
-pass) against `lax.conv_general_dilated`: outputs and both gradients, float32 and bfloat16,
-and the compiled program really runs bfloat16 dots (no silent float32 fallback)."""
+"""The XLA:CPU convolutions (`cliquejax.cpu.conv`): `conv2d_matmul` (a convolution written
+as matrix products, with its own backward pass) against `lax.conv_general_dilated`: outputs
+and both gradients, float32 and bfloat16, and the compiled program really runs bfloat16 dots
+(no silent float32 fallback); the CPU `conv2d` dispatch, while the reference `ops.conv2d`
+stays one XLA convolution."""
 
 import re
 
@@ -9,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cliquejax import conv, ops
+from cliquejax import ops
+from cliquejax.cpu import conv
+from cliquejax.cpu import ops as cpu_ops
 
 CASES = [  # (batch, height, width, cin, cout, kernel, padding)
     (2, 8, 8, 6, 4, 3, "SAME"),
@@ -75,21 +79,24 @@ def test_bfloat16_within_rounding(case):
         assert relative_error(g, w) < 2e-2, name
 
 
-def test_ops_conv2d_dispatch():
-    """bf16 stride 1 runs as dots; float32, strided and RGB-stem convolutions stay XLA's."""
+def test_cpu_conv2d_dispatch():
+    """CPU kernels: bf16 stride 1 runs as dots; float32, strided and RGB-stem convolutions
+    stay XLA's. The reference `ops.conv2d` is one XLA convolution in every case."""
     x, kernel, _ = operands((2, 8, 8, 16, 8, 3, "SAME"))
 
     def hlo(fn, x=x, kernel=kernel):
         return jax.jit(fn).lower(x, kernel).as_text()
 
-    assert "convolution" not in hlo(lambda a, b: ops.conv2d(a, b, dtype=jnp.bfloat16))
-    assert "convolution" in hlo(lambda a, b: ops.conv2d(a, b))
-    assert "convolution" in hlo(lambda a, b: ops.conv2d(a, b, 2, "SAME", jnp.bfloat16))
+    assert "convolution" not in hlo(lambda a, b: cpu_ops.conv2d(a, b, dtype=jnp.bfloat16))
+    assert "convolution" in hlo(lambda a, b: cpu_ops.conv2d(a, b))
+    assert "convolution" in hlo(lambda a, b: cpu_ops.conv2d(a, b, 2, "SAME", jnp.bfloat16))
     rgb = operands((2, 8, 8, 3, 8, 3, "SAME"))[:2]
-    assert "convolution" in hlo(lambda a, b: ops.conv2d(a, b, dtype=jnp.bfloat16), *rgb)
-    y = ops.conv2d(x, kernel, dtype=jnp.bfloat16)
-    assert y.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(ops.conv2d(x, kernel), reference(x, kernel, "SAME"))
+    assert "convolution" in hlo(lambda a, b: cpu_ops.conv2d(a, b, dtype=jnp.bfloat16), *rgb)
+    stock = hlo(lambda a, b: ops.conv2d(a, b, dtype=jnp.bfloat16))
+    assert stock.count("convolution(") == 1 and " dot" not in stock
+    y = cpu_ops.conv2d(x, kernel, dtype=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16 == ops.conv2d(x, kernel, dtype=jnp.bfloat16).dtype
+    np.testing.assert_array_equal(cpu_ops.conv2d(x, kernel), reference(x, kernel, "SAME"))
 
 
 def operand_types(hlo_text: str, line: str):
@@ -126,8 +133,9 @@ def test_rejects_negative_padding():
 
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7, 5), (3, 4, 4, 16, 3)])
 def test_pointwise_conv_equals_xla(shape):
-    """`conv.pointwise_conv` (float32 1x1: kernel gradient as one dot) and `ops.conv2d`,
-    which uses it for every stride-1 1x1 convolution: the output and both gradients of a
+    """`conv.pointwise_conv` (float32 1x1: kernel gradient as one dot) and the CPU
+    `conv2d`, which uses it for every stride-1 1x1 convolution: the output and both
+    gradients of a
     nonlinear loss equal XLA's convolution's."""
     n, h, w, cin, cout = shape
     x = jax.random.normal(jax.random.PRNGKey(0), (n, h, w, cin))
@@ -138,10 +146,11 @@ def test_pointwise_conv_equals_xla(shape):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
 
     expected = grads(lambda x, k: reference(x, k, "SAME"))
-    for ours in (conv.pointwise_conv, lambda x, k: ops.conv2d(x, k)):
+    for ours in (conv.pointwise_conv, lambda x, k: cpu_ops.conv2d(x, k)):
         (value, (dx, dk)), (ref_value, (ref_dx, ref_dk)) = grads(ours), expected
         np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-4)
-    hlo = jax.jit(jax.grad(lambda k: jnp.sum(ops.conv2d(x, k) ** 2))).lower(kernel).compile()
+    hlo = jax.jit(jax.grad(lambda k: jnp.sum(cpu_ops.conv2d(x, k) ** 2))).lower(kernel)
+    hlo = hlo.compile()
     assert " dot(" in hlo.as_text() or "dot_general" in hlo.as_text()

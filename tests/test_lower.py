@@ -10,7 +10,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from cliquejax import lower
 from configs import cliquenet_cifar10, cliquenet_imagenet, mbclique_cifar10
@@ -78,8 +77,6 @@ def test_float32_steps_lower_for_cuda_and_tpu():
             assert_portable(result)
 
 
-@pytest.mark.xfail(strict=True, reason="ops.conv2d sends bfloat16 convolutions through the "
-                   "CPU im2col matmul on every backend until config.train.kernels exists")
 def test_bfloat16_convolutions_stay_convolutions_on_cuda_and_tpu():
     for name, forward in FORWARD_CONVOLUTIONS.items():
         float32 = described(name, "float32")

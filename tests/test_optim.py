@@ -1,4 +1,5 @@
-"""Schedules, weight-decay masks and the SGD optimizer against hand-computed values."""
+"""Schedules, weight-decay masks and the optimizer against hand-computed values; any Optax
+optimizer by name, with one-line errors for an unknown name or argument."""
 
 import math
 import re
@@ -12,8 +13,6 @@ import pytest
 from cliquejax import bits, names
 from cliquejax.models import build_model
 from cliquejax.train.optim import (
-    decay_then_flat,
-    flat_decay_rate,
     l2_penalty,
     make_optimizer,
     make_schedule,
@@ -260,48 +259,51 @@ def test_weight_decay_equals_l2_in_loss():
     np.testing.assert_allclose(with_decay[-1]["bias"], bias_without_decay, rtol=1e-7)
 
 
-@pytest.mark.parametrize("target", ["kernels", "all"])
-@pytest.mark.parametrize("masked", [False, True])
-def test_flat_decay_equals_per_leaf_decay_chain(masked, target):
-    """decay_then_flat = optax.chain(add_decayed_weights, flatten(sgd)): the same updates
-    bit for bit and a state of the same structure (checkpoints written before it load),
-    also under optax.masked (MBCliqueNet's alternating update)."""
-    sgd = optax.sgd(0.1, momentum=0.9, nesterov=True)
-    mask_fn = lambda params: weight_decay_mask(params, target)
-    flat = decay_then_flat(sgd, 5e-4, mask_fn)
-    chained = optax.chain(optax.add_decayed_weights(5e-4, mask=mask_fn), optax.flatten(sgd))
-    if masked:
-        only_kernels = {"kernel": True, "bias": False, "block": {"W_0to1": True, "scale": False}}
-        flat, chained = optax.masked(flat, only_kernels), optax.masked(chained, only_kernels)
-    keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
-    params = {"kernel": jax.random.normal(next(keys), (3, 4)), "bias": jnp.ones(4),
-              "block": {"W_0to1": jax.random.normal(next(keys), (2, 2)), "scale": jnp.ones(2)}}
-    states = flat.init(params), chained.init(params)
-    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
-    for _ in range(3):
-        grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
-        (u_flat, s_flat), (u_chain, s_chain) = (
-            jax.jit(tx.update)(grads, state, params)
-            for tx, state in zip((flat, chained), states, strict=True))
-        jax.tree.map(np.testing.assert_array_equal, u_flat, u_chain)
-        jax.tree.map(np.testing.assert_array_equal, s_flat, s_chain)
-        params, states = optax.apply_updates(params, u_flat), (s_flat, s_chain)
+def test_optimizer_by_name_equals_optax_with_the_configs_arguments():
+    """`optimizer.name` names any Optax optimizer: it gets the schedule as learning rate and
+    `optimizer.kwargs`; L2 decay (`optimizer.weight_decay`) is added to the gradient first,
+    and an optimizer with its own decoupled decay gets the `weight_decay_on` mask."""
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    for name, kwargs in (("adamw", {"b1": 0.8, "weight_decay": 0.01}),
+                         ("lamb", {"eps": 1e-5}), ("adam", {})):
+        config = make_config(schedule="cosine", min_lr=0.001)
+        config.optimizer.update(name=name, weight_decay=0.05, weight_decay_on="kernels")
+        config.optimizer.kwargs.update(kwargs)
+        optimizer, schedule = make_optimizer(config, steps_per_epoch=10)
+        mask = lambda p: weight_decay_mask(p, "kernels")
+        extra = {"mask": mask} if name in ("adamw", "lamb") else {}
+        expected = optax.chain(optax.add_decayed_weights(0.05, mask=mask),
+                               getattr(optax, name)(schedule, **kwargs, **extra))
+        for got, want in zip(run_two_steps(optimizer, params), run_two_steps(expected, params),
+                             strict=True):
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+        moved = run_two_steps(optimizer, params)[-1]["kernel"]
+        assert not np.allclose(moved, params["kernel"]), name
 
 
-@pytest.mark.parametrize("target, concatenations", [("all", 2), ("kernels", 3)])
-def test_uniform_decay_builds_no_rate_vector(target, concatenations):
-    """With weight decay on every parameter the rate is one scalar: the update concatenates
-    only the parameters and the gradients, not a per-element rate vector as well."""
-    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}
-    mask_fn = lambda p: weight_decay_mask(p, target)
-    tx = decay_then_flat(optax.sgd(0.1, momentum=0.9), 5e-4, mask_fn)
-    rate = flat_decay_rate(params, mask_fn(params), 5e-4)
-    # ravel_pytree order: "bias" (not a kernel) before "kernel"
-    per_element = np.array([0.0] * 4 + [5e-4] * 12, np.float32)
-    np.testing.assert_array_equal(rate, 5e-4 if target == "all" else per_element)
-    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-    names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
-    assert names.count("concatenate") == concatenations
+def test_sgd_kwargs_override_the_momentum_fields():
+    config = make_config()
+    config.optimizer.update(momentum=0.9, weight_decay=0.0)
+    config.optimizer.kwargs.momentum = 0.5
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    got = run_two_steps(make_optimizer(config, 10)[0], params)[-1]
+    want = run_two_steps(optax.sgd(0.1, momentum=0.5), params)[-1]
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("adamx", {}, "optimizer.name='adamx' is not an Optax optimizer"),
+    ("chain", {}, "optimizer.name='chain' is not an Optax optimizer"),
+    ("adamw", {"beta1": 0.9}, "optimizer.kwargs.beta1 is not an argument of optax.adamw"),
+    ("sgd", {"nesterow": True}, "optimizer.kwargs.nesterow is not an argument of optax.sgd")])
+def test_unknown_optimizer_or_argument_is_a_one_line_error(name, kwargs, message):
+    config = make_config()
+    config.optimizer.name = name
+    config.optimizer.kwargs.update(kwargs)
+    with pytest.raises(ValueError) as error:
+        make_optimizer(config, steps_per_epoch=10)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert "allowed" in str(error.value)
 
 
 def real_params(config_module):
@@ -361,7 +363,7 @@ def test_unknown_weight_decay_target():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("name", "adam"), ("lr", 0.0), ("lr", -0.1), ("momentum", 1.0), ("momentum", -0.5),
+    [("lr", 0.0), ("lr", -0.1), ("momentum", 1.0), ("momentum", -0.5),
      ("weight_decay", -1e-4), ("weight_decay_on", "bogus")],
 )
 def test_bad_optimizer_settings(field, value):

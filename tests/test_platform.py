@@ -1,5 +1,6 @@
-"""platform.configure_xla: the CPU flags are added on CPU only, and a flag the user set
-keeps the user's value; restart_with_huge_pages re-executes with malloc's huge pages on."""
+"""platform.configure_xla: the XLA:CPU flags (`cliquejax.cpu.platform`) are added on CPU
+only, and a flag the user set keeps the user's value; restart_with_huge_pages re-executes
+with malloc's huge pages on, on a CPU host only."""
 
 import os
 import pathlib
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from cliquejax import platform
+from cliquejax.cpu import platform as cpu_platform
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,7 +23,7 @@ def test_cpu_flags_are_added_on_cpu(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     flags = platform.configure_xla()
-    wanted = flag_names(" ".join(platform.CPU_XLA_FLAGS)) | {"--xla_dump_to"}
+    wanted = flag_names(" ".join(cpu_platform.CPU_XLA_FLAGS)) | {"--xla_dump_to"}
     assert flag_names(flags) == wanted
     assert "--xla_cpu_use_fusion_emitters=false" in flags.split()
 
@@ -52,19 +54,21 @@ def test_huge_pages_are_not_asked_for_twice_or_against_the_user(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setenv("CLIQUEJAX_HUGE_PAGES", "0")
-    assert not platform.huge_pages_wanted()
+    assert not cpu_platform.huge_pages_wanted()
     monkeypatch.delenv("CLIQUEJAX_HUGE_PAGES")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
-    assert not platform.huge_pages_wanted()
+    assert not cpu_platform.huge_pages_wanted()
     monkeypatch.delenv("GLIBC_TUNABLES")
+    assert platform.cpu_platform() is cpu_platform
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
-    assert not platform.huge_pages_wanted()
+    assert platform.cpu_platform() is None  # neither flags nor the restart on an accelerator
 
 
 RESTARTED_SCRIPT = """
 import ctypes, os, sys
 sys.path.insert(0, {root!r})
 from cliquejax import platform
+from cliquejax.cpu import platform as cpu_platform
 print("run", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
 platform.restart_with_huge_pages()
 libc = ctypes.CDLL(None)
@@ -87,12 +91,12 @@ def run_restarting_script(tmp_path, **env) -> list[str]:
     return done.stdout.splitlines()
 
 
-@pytest.mark.skipif(not platform.huge_pages_available(),
+@pytest.mark.skipif(not cpu_platform.huge_pages_available(),
                     reason="no glibc >= 2.35 with transparent huge pages on this host")
 def test_restart_keeps_the_arguments_and_gives_malloc_huge_pages(tmp_path):
     lines = run_restarting_script(tmp_path)
     assert lines[:2] == ["run None ['a', '--b=1']",
-                         f"run {platform.HUGE_PAGES_TUNABLE} ['a', '--b=1']"]
+                         f"run {cpu_platform.HUGE_PAGES_TUNABLE} ['a', '--b=1']"]
     huge_kib = int(lines[2].split()[1])
     assert huge_kib >= 32 << 10  # at least half of the 64 MiB buffer in 2 MiB pages
     opted_out = run_restarting_script(tmp_path, CLIQUEJAX_HUGE_PAGES="0")

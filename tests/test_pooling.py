@@ -1,5 +1,6 @@
-"""ops.max_pool: its hand-written gradient equals XLA's select-and-scatter gradient of the
-same reduce_window, ties included (first maximum in row-major window order)."""
+"""The CPU kernels' max_pool (`cliquejax.cpu.ops`): its hand-written gradient equals JAX's
+gradient of the reference `ops.max_pool` (XLA's select-and-scatter of the same reduce_window),
+ties included (first maximum in row-major window order)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 
 from cliquejax import ops
+from cliquejax.cpu import ops as cpu_ops
 
 
 def gradients(x, dy, size, stride):
-    ours = jax.vjp(lambda x: ops.max_pool(x, size, stride), x)[1](dy)[0]
-    xla = jax.vjp(lambda x: ops._max_pool_window(x, size, stride), x)[1](dy)[0]
+    ours = jax.vjp(lambda x: cpu_ops.max_pool(x, size, stride), x)[1](dy)[0]
+    xla = jax.vjp(lambda x: ops.max_pool(x, size, stride), x)[1](dy)[0]
     return np.asarray(ours), np.asarray(xla)
 
 
@@ -22,8 +24,8 @@ def test_gradient_equals_xla(shape, size, stride, ties):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     if ties:  # few distinct values: most windows hold their maximum more than once
         x = jnp.round(x)
-    y = ops.max_pool(x, size, stride)
-    np.testing.assert_array_equal(y, ops._max_pool_window(x, size, stride))
+    y = cpu_ops.max_pool(x, size, stride)
+    np.testing.assert_array_equal(y, ops.max_pool(x, size, stride))
     dy = jax.random.normal(jax.random.PRNGKey(1), y.shape)
     ours, xla = gradients(x, dy, size, stride)
     np.testing.assert_allclose(ours, xla, rtol=0, atol=1e-6)

@@ -1,4 +1,5 @@
-"""CliqueNet (Yang et al., CVPR 2018), CIFAR/SVHN model: SPEC section 1.
+"""CliqueNet (Yang et al., CVPR 2018), CIFAR/SVHN model, as the
+authors' TensorFlow code builds it.
 
 The `CliqueNet` module is shared with the ImageNet model (`cliquenet_imagenet.py`), which
 only changes the stem, the per-block widths and the options."""
@@ -17,6 +18,7 @@ from cliquejax.models.common import (
     check_choice,
     check_range,
     compute_dtype,
+    kernel_ops,
     remat_policy,
 )
 
@@ -37,21 +39,22 @@ class CliqueNet(nn.Module):
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
     remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
+    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     def block_spec(self, b: int, in_channels: int) -> clique.BlockSpec:
         return clique.BlockSpec(
             in_channels=in_channels, channels=self.channels[b], num_layers=self.num_layers[b],
             variant=self.variant, x=self.x, bottleneck=self.bottleneck,
             dropout_rate=self.dropout_rate, bn=self.bn, unroll=self.unroll,
-            dtype=self.dtype, remat=self.remat)
+            dtype=self.dtype, remat=self.remat, kernels=self.kernels)
 
     def _stem(self, x, train):
         if self.stem == "cifar":
             return layers.Conv(64, 3, kernel_init=self.kernel_init, dtype=self.dtype,
-                               name="stem")(x)
-        x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, name="stem")(x)
-        x = layers.BatchNorm(self.bn, relu=True, name="stem_bn")(x, train)
-        return ops.max_pool(x, 3, 2)
+                               kernels=self.kernels, name="stem")(x)
+        x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, self.kernels, name="stem")(x)
+        x = layers.BatchNorm(self.bn, relu=True, kernels=self.kernels, name="stem_bn")(x, train)
+        return self.kernels.max_pool(x, 3, 2)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -65,19 +68,19 @@ class CliqueNet(nn.Module):
             if self.compression:
                 block = unit(layers.BNReLUConv)(
                     block.shape[-1] // 2, 1, self.dropout_rate, self.kernel_init, self.dtype,
-                    self.bn, name=f"compression{b + 1}")(block, train)
-            pooled.append(unit(layers.PooledFeature)(self.bn, name=f"pool{b + 1}")(
-                block, train))
+                    self.bn, self.kernels, name=f"compression{b + 1}")(block, train)
+            pooled.append(unit(layers.PooledFeature)(self.bn, self.kernels,
+                                                     name=f"pool{b + 1}")(block, train))
             if b < len(self.channels) - 1:
                 x = unit(layers.Transition)(self.dropout_rate, self.attention, self.kernel_init,
-                                            self.dtype, self.bn,
+                                            self.dtype, self.bn, self.kernels,
                                             name=f"transition{b + 1}")(transit, train)
         features = jnp.concatenate(pooled, axis=-1).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
 
 
 def layers_per_block(model_config) -> int:
-    """n = T // 3, halved again with the bottleneck (SPEC section 1, `if_b`)."""
+    """n = T // 3, halved again with the bottleneck (CliqueNet's `if_b` option)."""
     n = model_config.T // 3
     return n // 2 if model_config.bottleneck else n
 
@@ -108,4 +111,4 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
         x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn=bn_spec(m), remat=remat_policy(config))
+        bn=bn_spec(m), remat=remat_policy(config), kernels=kernel_ops(config))

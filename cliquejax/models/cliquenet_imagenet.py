@@ -1,4 +1,4 @@
-"""CliqueNet-S0..S3 for ImageNet: SPEC section 2 (the authors' PyTorch model).
+"""CliqueNet-S0..S3 for ImageNet, as the authors' PyTorch model builds them.
 
 Four blocks with their own k and layer counts, a 7x7/2 stem with BN-ReLU and 3x3/2 max
 pool, bottleneck layers always (1x1 clique kernels + shared 3x3), compression of every block
@@ -14,6 +14,7 @@ from cliquejax.models.common import (
     check_choice,
     check_lengths,
     compute_dtype,
+    kernel_ops,
     remat_policy,
 )
 
@@ -38,4 +39,5 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=channels, num_layers=num_layers, variant="II+II",
         attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
         stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
-        dtype=compute_dtype(config), bn=bn_spec(m), remat=remat_policy(config))
+        dtype=compute_dtype(config), bn=bn_spec(m), remat=remat_policy(config),
+        kernels=kernel_ops(config))

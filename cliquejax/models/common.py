@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from cliquejax import ops
+from cliquejax import kernels, ops
 from cliquejax.clique import REMAT_POLICIES
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -53,6 +53,11 @@ def compute_dtype(config):
     name = config.train.get("compute_dtype", "float32") if "train" in config else "float32"
     check_choice("train.compute_dtype", name, COMPUTE_DTYPES)
     return COMPUTE_DTYPES[name]
+
+
+def kernel_ops(config) -> ops.Kernels:
+    """The operations the model runs, from `config.train.kernels` (`cliquejax.kernels`)."""
+    return kernels.for_config(config)
 
 
 def remat_policy(config) -> str:

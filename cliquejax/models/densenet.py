@@ -12,7 +12,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import layers, ops
-from cliquejax.models.common import bn_spec, check_range, compute_dtype, remat_policy
+from cliquejax.models.common import (
+    bn_spec,
+    check_range,
+    compute_dtype,
+    kernel_ops,
+    remat_policy,
+)
 
 
 class DenseNet(nn.Module):
@@ -23,10 +29,11 @@ class DenseNet(nn.Module):
     dtype: Any = None
     remat: str = "none"  # none | layer (each conv unit) | block (each dense block; transitions)
     bn: ops.BNSpec = ops.TF_BN
+    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = layers.Conv(16, 3, dtype=self.dtype, name="stem")(
+        x = layers.Conv(16, 3, dtype=self.dtype, kernels=self.kernels, name="stem")(
             images.astype(self.dtype or jnp.float32))
         unit = layers.checkpointed(layers.BNReLUConv, self.remat)
         for b in range(3):
@@ -35,9 +42,10 @@ class DenseNet(nn.Module):
                 self, x, train)
             if b < 2:
                 x = unit(x.shape[-1], 1, self.dropout_rate, dtype=self.dtype, bn=self.bn,
-                         name=f"transition{b + 1}")(x, train)
+                         kernels=self.kernels, name=f"transition{b + 1}")(x, train)
                 x = ops.avg_pool(x, 2)
-        pooled = layers.PooledFeature(self.bn, name="pool")(x, train).astype(jnp.float32)
+        pooled = layers.PooledFeature(self.bn, self.kernels, name="pool")(x, train)
+        pooled = pooled.astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(pooled)
 
 
@@ -47,7 +55,7 @@ def _dense_block(model: DenseNet, x, train: bool, *, index: int):
     unit = layers.checkpointed(layers.BNReLUConv, per_layer)
     for i in range(model.layers_per_block):
         new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype, bn=model.bn,
-                   name=f"block{index}_layer{i + 1}")(x, train)
+                   kernels=model.kernels, name=f"block{index}_layer{i + 1}")(x, train)
         x = jnp.concatenate([x, new], axis=-1)
     return x
 
@@ -59,4 +67,4 @@ def build(config, num_classes: int) -> DenseNet:
         raise ValueError(f"model.T={m.T} gives 0 layers per block; allowed: T >= 3")
     check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
     return DenseNet(num_classes, m.k, m.T // 3, m.dropout_rate, compute_dtype(config),
-                    remat_policy(config), bn_spec(m))
+                    remat_policy(config), bn_spec(m), kernel_ops(config))

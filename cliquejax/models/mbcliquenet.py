@@ -1,4 +1,4 @@
-"""MBCliqueNet, the modulated binary CliqueNet (SPEC section 3).
+"""MBCliqueNet, the modulated binary CliqueNet (MBCliqueNet section 2.1).
 
 A CliqueNet II+II whose layers are BN-ReLU-1x1 conv (the clique kernels W[j->i], concatenated
 inputs -> width) then BN-ReLU-modulated binary 3x3 conv (width -> width, shared by both
@@ -33,6 +33,7 @@ from cliquejax.models.common import (
     check_lengths,
     check_range,
     compute_dtype,
+    kernel_ops,
     remat_policy,
 )
 
@@ -82,6 +83,7 @@ class MBCliqueNet(nn.Module):
     dtype: Any = None
     bn: ops.BNSpec = ops.TORCH_BN
     remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
+    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     def _quantize_if(self, flag: bool):
         return self.quantize if flag else None
@@ -89,33 +91,35 @@ class MBCliqueNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         x = layers.BinaryConv(self.widths[0], 3, self._quantize_if(self.binarize_stem),
-                              self.dtype, name="stem")(images.astype(self.dtype or jnp.float32))
+                              self.dtype, self.kernels, name="stem")(
+            images.astype(self.dtype or jnp.float32))
         pooled = []
         for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
                                     bottleneck=True, dropout_rate=self.dropout_rate,
                                     bn=self.bn, unroll=self.unroll,
-                                    dtype=self.dtype, remat=self.remat)
+                                    dtype=self.dtype, remat=self.remat, kernels=self.kernels)
             block, transit = ModulatedCliqueBlock(
                 spec, num_planes=self.num_planes, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
             pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
-                self.bn, name=f"pool{b + 1}")(block, train))
+                self.bn, self.kernels, name=f"pool{b + 1}")(block, train))
             if b + 1 < len(self.widths):
                 transition = functools.partial(_transition, index=b + 1)
                 x = layers.checkpointed(transition, self.remat)(self, transit, train)
         features = jnp.concatenate(pooled, axis=-1)[:, None, None, :]
         logits = layers.BinaryConv(self.num_classes, 1, self._quantize_if(self.binarize_head),
-                                   self.dtype, name="head_conv")(features)[:, 0, 0, :]
-        return layers.BatchNorm(self.bn, name="head_bn")(logits.astype(jnp.float32),
-                                                                   train)
+                                   self.dtype, self.kernels, name="head_conv")(features)
+        head_bn = layers.BatchNorm(self.bn, kernels=self.kernels, name="head_bn")
+        return head_bn(logits[:, 0, 0, :].astype(jnp.float32), train)
 
 
 def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
     """BN -> ReLU -> (binary) 1x1 conv -> 2x2 average pool, from block `index` to the next."""
-    x = layers.BatchNorm(model.bn, relu=True, name=f"transition{index}_bn")(x, train)
+    x = layers.BatchNorm(model.bn, relu=True, kernels=model.kernels,
+                         name=f"transition{index}_bn")(x, train)
     x = layers.BinaryConv(model.widths[index], 1, model._quantize_if(model.binarize_transition),
-                          model.dtype, name=f"transition{index}")(x)
+                          model.dtype, model.kernels, name=f"transition{index}")(x)
     return ops.avg_pool(x, 2)
 
 
@@ -143,7 +147,7 @@ def build(config, num_classes: int) -> MBCliqueNet:
         binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
         binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn=bn_spec(m), remat=remat_policy(config))
+        bn=bn_spec(m), remat=remat_policy(config), kernels=kernel_ops(config))
 
 
 # ----------------------------------------------------------------------------- storage

@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cliquejax import binary, names
+from cliquejax import binary, names, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ def m_filter_mask(params):
 
 def make_transforms(config, tx: optax.GradientTransformation, params):
     """One transform, or two (latent filters first, then M-filters) for the alternating
-    update of MBCliqueNet (SPEC section 3)."""
+    update of MBCliqueNet (section 2.3, eqs. 6-7)."""
     if config.model.get("update_order", "simultaneous") != "alternating":
         return (tx,)
     m_mask = m_filter_mask(params)
@@ -74,17 +73,18 @@ def init_state(model, transforms, image_shape, seed: int) -> dict:
             "opt_state": tuple(t.init(params) for t in transforms)}
 
 
-# The initial state is computed once: on CPU, LLVM's optimisations are not worth their
-# time there (measured, CliqueNet k=36 T=12: 42 s to compile at the default level, 3.2 s at
-# level 0; the values differ by at most one float32 ulp, from the truncated-normal math).
-_INIT_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+def model_kernels(model) -> ops.Kernels:
+    """The operations namespace the model was built with (`cliquejax.kernels`); the
+    reference one for a model without that field."""
+    return getattr(model, "kernels", ops.REFERENCE)
 
 
 def initial_state(model, transforms, image_shape, seed: int, sharding) -> dict:
-    """`init_state` computed under `jit`, placed with `sharding`."""
+    """`init_state` computed under `jit`, placed with `sharding`, with the compiler options
+    of the model's kernels for a program that runs once."""
     init = jax.jit(lambda: init_state(model, transforms, image_shape, seed),
                    out_shardings=sharding)
-    options = _INIT_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    options = dict(model_kernels(model).init_compiler_options) or None
     return init.lower().compile(compiler_options=options)()
 
 
@@ -103,13 +103,6 @@ def _loss_fn(model, state, batch, rng):
     return loss
 
 
-def global_norm(tree):
-    """optax.global_norm as one reduction over the concatenated leaves (one kernel, not one
-    per parameter)."""
-    flat = ravel_pytree(tree)[0].astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(flat)))
-
-
 def keep_if(finite, new, old):
     """`new` where `finite` holds, else `old`, leaf by leaf: a bad update is never kept."""
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -121,6 +114,7 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
     `finite = 0`, so a bad update is never kept (or saved)."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     loss = _loss_fn(model, state, batch, rng)
+    global_norm = model_kernels(model).global_norm
     params, opt_states, finite = state["params"], [], jnp.array(True)
     for idx, tx in enumerate(transforms):  # one pass, or C then M (alternating update)
         (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)

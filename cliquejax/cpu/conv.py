@@ -1,4 +1,4 @@
-"""Stride-1 convolution written as matrix products, for bfloat16 on CPU.
+"""Stride-1 convolution written as matrix products, for bfloat16 on XLA:CPU.
 
 XLA's CPU backend runs a bfloat16 `conv_general_dilated` in float32, but a bfloat16 `dot`
 with a float32 result runs on the AMX units (YNNPACK), several times faster than float32.
@@ -24,7 +24,7 @@ Where XLA's CPU backend needs steering (each checked in tests/test_conv.py by th
 - pads, slices and concatenations run on 16-bit integer views (`_bit_view`): in bfloat16
   they are converted to float32 and back;
 - the padded input is kept in a buffer of its own (`_materialised`): fused into the
-  transpose that the kernel gradient needs, its pads make that transpose 2-3x slower.
+  transpose that the kernel gradient needs, its pads make that transpose much slower.
 
 Products are accumulated in float32; results are returned in the compute dtype.
 """
@@ -129,7 +129,7 @@ def _transpose(a):
 
 def _materialised(a):
     """`a` in a buffer of its own, not recomputed inside its consumers' fusions: a transpose
-    fused with a bitcast or pad runs 2-3x slower on XLA's CPU backend. Fusion does not cross
+    fused with a bitcast or pad runs much slower on XLA's CPU backend. Fusion does not cross
     a conditional; the predicate is always true but XLA cannot know it."""
     bits = lax.bitcast_convert_type(a.reshape(-1)[0], jnp.uint16 if a.dtype.itemsize == 2
                                     else jnp.uint32)
@@ -256,9 +256,9 @@ def pointwise_conv(x, kernel):
     """A 1x1, stride-1 NHWC x HWIO convolution in the input's dtype: XLA's convolution
     forward and for the input gradient, but the kernel gradient as one dot over all pixels,
     x(pixels, Cin)^T dy(pixels, Cout), which needs no transposed copy of the activations.
-    XLA:CPU's own kernel gradient transposes them channel-major first; measured on 2 cores,
-    training steps side by side: CliqueNet-S0 b8 4.69-4.76 -> 5.12-5.34 img/s, MBCliqueNet
-    CIFAR-10 b128 10.8 -> 12.4, k=36 T=12 (few 1x1 convs) unchanged."""
+    XLA:CPU's own kernel gradient transposes them channel-major first, which made the
+    training steps of the models with many 1x1 convolutions (CliqueNet-S0, MBCliqueNet)
+    measurably slower (README, "Speed on CPU")."""
     return _xla_pointwise(x, kernel)
 
 
