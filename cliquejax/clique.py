@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from cliquejax import ops
-from cliquejax.names import bottleneck_kernel, clique_kernel
+from cliquejax.names import BIAS, MEAN, SCALE, VAR, bottleneck_kernel, clique_kernel
 
 VARIANTS = ("II+II", "I+I", "I+II", "X")
 # What `jax.checkpoint` wraps (module docstring).
@@ -241,7 +241,7 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
         _insert(jnp.concatenate([params[kernel_name(j, i)] for j in inputs(i)], 2), at, n, 0, 2)
         for i, (at, n) in zip(layers, gaps, strict=True)
     ])
-    fills = {"scale": 0.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
+    fills = {SCALE: 0.0, BIAS: 0.0, MEAN: 0.0, VAR: 1.0}
     pad = lambda tree, at, n: {key: _insert(v, at, n, fills[key]) for key, v in tree.items()}
     names = [bn_name(stage, i) for i in layers]
     bn_p = _stack([pad(params[m], *g) for m, g in zip(names, gaps, strict=True)])

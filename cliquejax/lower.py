@@ -14,7 +14,9 @@ resolved as the target platform resolves them (`kernels.resolve`): the CPU kerne
 FLOPs come from the project's counter (`summary.jaxpr_macs`, every convolution and dot
 product of the jaxpr, FLOPs = 2 x MACs): `flops` is the whole train step, forward,
 backward and recomputation, for the global batch of `train.batch_size`;
-`flops_per_image` is the inference forward pass of one image (the `summary` figure).
+`flops_per_image` is the inference forward pass of one image (the `summary` figure on the
+reference operations; the CPU kernels' matrix products also multiply padding, so theirs
+is higher).
 The learning-rate schedule is built for one step per epoch: only its constants depend on
 the data set size, not the program's operations.
 """
