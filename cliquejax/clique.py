@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from cliquejax import ops
+from cliquejax.names import BIAS, MEAN, SCALE, VAR, bottleneck_kernel, clique_kernel
 
 VARIANTS = ("II+II", "I+I", "I+II", "X")
 # What `jax.checkpoint` wraps (module docstring).
@@ -90,7 +91,7 @@ class BlockSpec:
 
 
 def kernel_name(j: int, i: int) -> str:
-    return f"W_{j}to{i}"
+    return clique_kernel(j, i)
 
 
 def bn_name(stage: int, i: int, bottleneck: bool = False) -> str:
@@ -109,7 +110,7 @@ def param_layout(spec: BlockSpec) -> dict[str, tuple]:
     for i in range(1, n + 1):
         layout[bn_name(1, i)] = ("bn", spec.in_channels + (i - 1) * k)
         if spec.bottleneck:
-            layout[f"W_bottleneck_{i}"] = ("kernel", (3, 3, k, k))
+            layout[bottleneck_kernel(i)] = ("kernel", (3, 3, k, k))
             layout[bn_name(1, i, True)] = ("bn", k)
     for i in range(1, spec.stage_two_layers + 1):
         layout[bn_name(2, i)] = ("bn", (n - 1) * k)
@@ -168,7 +169,8 @@ def _concat_layer(features, kernels, bn, bottleneck, seed, train, spec):
 def _update_unrolled(params, stats, stage, i, pieces, seed, train, spec):
     """Layer i of `stage` from `pieces` [(source j, X_j)]; writes new BN stats into `stats`."""
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
-    bott = (params[b_name], stats[b_name], params[f"W_bottleneck_{i}"]) if spec.bottleneck else None
+    bott = ((params[b_name], stats[b_name], params[bottleneck_kernel(i)]) if spec.bottleneck
+            else None)
     layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
     y, stats[name], new_b = layer([f for _, f in pieces],
                                   [params[kernel_name(j, i)] for j, _ in pieces],
@@ -239,7 +241,7 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
         _insert(jnp.concatenate([params[kernel_name(j, i)] for j in inputs(i)], 2), at, n, 0, 2)
         for i, (at, n) in zip(layers, gaps, strict=True)
     ])
-    fills = {"scale": 0.0, "bias": 0.0, "mean": 0.0, "var": 1.0}
+    fills = {SCALE: 0.0, BIAS: 0.0, MEAN: 0.0, VAR: 1.0}
     pad = lambda tree, at, n: {key: _insert(v, at, n, fills[key]) for key, v in tree.items()}
     names = [bn_name(stage, i) for i in layers]
     bn_p = _stack([pad(params[m], *g) for m, g in zip(names, gaps, strict=True)])
@@ -247,7 +249,7 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
     b_names = [bn_name(stage, i, True) for i in layers] if spec.bottleneck else []
     b_p = _stack([params[m] for m in b_names] or [{}])
     b_s = _stack([stats[m] for m in b_names] or [{}])
-    b_k = jnp.stack([params[f"W_bottleneck_{i}"] for i in layers]) if spec.bottleneck else None
+    b_k = jnp.stack([params[bottleneck_kernel(i)] for i in layers]) if spec.bottleneck else None
 
     def body(idx, carry):
         buffer, bn_s, b_s = carry

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cliquejax import binary, models, standalone
+from cliquejax import binary, bits, models, standalone
 
 MAGIC, VERSION = b"CLQX", 2
 _PREFIX = struct.Struct("<4sIQI")  # magic, version, header length, header crc32
@@ -57,24 +57,22 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def binary_paths(config, params) -> set[str]:
-    """Paths ("a/b/kernel") of the parameters stored as 1-bit signs: the one place that asks
-    the model which leaves are binary."""
-    module = models.get_module(config.model.name)
-    if not hasattr(module, "binary_mask"):
-        return set()
-    mask = module.binary_mask(config.model, params)
+def binary_paths(config, info) -> set[str]:
+    """Paths ("a/b/kernel") of the parameters stored as 1-bit signs, as the model's layers
+    record them (`cliquejax.bits`): the one place export asks which leaves are binary."""
+    model = models.build_model(config, info.num_classes)
+    mask = bits.binary_mask(bits.abstract_variables(model, info.image_shape))
     return {_path(p) for p, is_binary in jax.tree_util.tree_leaves_with_path(mask) if is_binary}
 
 
-def _binary_names(config, variables) -> set[str]:
-    return {"params/" + name for name in binary_paths(config, variables["params"])}
+def _binary_names(config, info) -> set[str]:
+    return {"params/" + name for name in binary_paths(config, info)}
 
 
-def _leaves(config, variables) -> list[tuple[np.ndarray, bool]]:
+def _leaves(config, variables, info) -> list[tuple[np.ndarray, bool]]:
     """(value, is_binary) of every leaf of {"params", "batch_stats"}, in tree order."""
-    bits = _binary_names(config, variables)
-    return [(np.asarray(leaf), _path(path) in bits)
+    binary_names = _binary_names(config, info)
+    return [(np.asarray(leaf), _path(path) in binary_names)
             for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))]
 
 
@@ -106,7 +104,7 @@ def serialize(config, variables, info, class_names=None) -> bytes:
     """The clqx file's bytes for trained `variables` ({"params", "batch_stats"}) of a run on
     the data set `info` (a `DatasetInfo`: shape, classes, mean, std)."""
     rows, chunks, offset = [], [], 0
-    for leaf, is_binary in _leaves(config, variables):
+    for leaf, is_binary in _leaves(config, variables, info):
         data = (binary.pack_signs(leaf)[0].tobytes() if is_binary
                 else np.ascontiguousarray(leaf, dtype="<f4").tobytes())
         rows.append([list(leaf.shape), "b" if is_binary else "f", offset])
@@ -230,7 +228,7 @@ def standalone_program(config, variables, info):
     any batch size, bits, floats) to logits, lowered for cpu, cuda and tpu."""
     model = models.build_model(config, info.num_classes)
     values, constants = fold_batch_norms(variables, model.bn.epsilon)
-    bits_at = _binary_names(config, variables)
+    bits_at = _binary_names(config, info)
     paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
     _, tree = jax.tree.flatten(variables)
     bit_chunks, float_chunks, layout = [], [], []
@@ -360,8 +358,7 @@ def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
         else:
             blob, sizes = serialize_standalone(config, variables, trainer.info, names)
             sizes["packed_weight_bytes"] = sizes["bits_bytes"] + sizes["floats_bytes"]
-        sizes["float32_model_bytes"] = 4 * sum(leaf.size for leaf, _ in _leaves(config,
-                                                                                  variables))
+        sizes["float32_model_bytes"] = 4 * sum(np.size(leaf) for leaf in jax.tree.leaves(variables))
         sizes["step"] = trainer.checkpoints.latest_step()
     finally:
         trainer.checkpoints.close()

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cliquejax import binary, clique, ops
+from cliquejax import binary, bits, clique, names, ops
 
 Initializer = Callable[..., jax.Array]
 
@@ -46,14 +46,15 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         shape = (x.shape[-1],)
-        params = {"scale": self.param("scale", nn.initializers.ones, shape),
-                  "bias": self.param("bias", nn.initializers.zeros, shape)}
-        mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
-        var = self.variable("batch_stats", "var", jnp.ones, shape)
+        params = {names.SCALE: self.param(names.SCALE, nn.initializers.ones, shape),
+                  names.BIAS: self.param(names.BIAS, nn.initializers.zeros, shape)}
+        mean = self.variable(names.BATCH_STATS, names.MEAN, jnp.zeros, shape)
+        var = self.variable(names.BATCH_STATS, names.VAR, jnp.ones, shape)
         norm = self.kernels.bn_relu if self.relu else self.kernels.batch_norm
-        y, new_stats = norm(x, params, {"mean": mean.value, "var": var.value}, train, self.bn)
-        if train and self.is_mutable_collection("batch_stats"):
-            mean.value, var.value = new_stats["mean"], new_stats["var"]
+        stats = {names.MEAN: mean.value, names.VAR: var.value}
+        y, new_stats = norm(x, params, stats, train, self.bn)
+        if train and self.is_mutable_collection(names.BATCH_STATS):
+            mean.value, var.value = new_stats[names.MEAN], new_stats[names.VAR]
         return y
 
 
@@ -70,7 +71,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
         ks = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (ks, ks, x.shape[-1], self.features))
+        kernel = self.param(names.KERNEL, self.kernel_init, (ks, ks, x.shape[-1], self.features))
         pad = "SAME" if self.stride == 1 else [(ks // 2, (ks - 1) // 2)] * 2
         return self.kernels.conv2d(x, kernel, self.stride, pad, self.dtype)
 
@@ -170,12 +171,12 @@ class CliqueBlock(nn.Module):
         for name, (kind, arg) in layout.items():
             if kind == "bn":
                 params[name] = self.param(name, _bn_param_init, arg)
-                stats[name] = self.variable("batch_stats", name, ops.bn_stats, arg)
+                stats[name] = self.variable(names.BATCH_STATS, name, ops.bn_stats, arg)
         use_rng = train and self.spec.dropout_rate > 0
         rng = self.make_rng("dropout") if use_rng else jax.random.PRNGKey(0)
         current = {name: v.value for name, v in stats.items()}
         block, transit, new_stats = clique.clique_block(params, current, x, rng, train, self.spec)
-        if train and self.is_mutable_collection("batch_stats"):
+        if train and self.is_mutable_collection(names.BATCH_STATS):
             for name, variable in stats.items():
                 variable.value = new_stats[name]
         return block, transit
@@ -198,9 +199,10 @@ class BinaryConv(nn.Module):
     def __call__(self, x):
         ks = self.kernel_size
         shape = (ks, ks, x.shape[-1], self.features)
-        latent = self.param("kernel", binary.binary_kernel_init, shape)
-        return self.kernels.conv2d(x, binary_kernel(latent, self.quantize), 1, "SAME",
-                                   self.dtype)
+        weight = quantized_param(self, names.KERNEL, binary.binary_kernel_init, shape,
+                                 self.quantize)
+        return self.kernels.conv2d(x, binary_kernel(weight, self.quantize is not None), 1,
+                                   "SAME", self.dtype)
 
 
 class ModulatedBinaryConv(nn.Module):
@@ -218,9 +220,10 @@ class ModulatedBinaryConv(nn.Module):
     def __call__(self, x, m_filter):
         ks = m_filter.shape[-1]
         shape = (ks, ks, x.shape[-1], self.features // self.num_planes)
-        latent = self.param("kernel", latent_init(self.latent_std), shape)
-        return self.kernels.conv2d(x, modulated_kernel(latent, m_filter, self.quantize), 1,
-                                   "SAME", self.dtype)
+        weight = quantized_param(self, names.KERNEL, latent_init(self.latent_std), shape,
+                                 self.quantize)
+        return self.kernels.conv2d(x, binary.modulate(weight, m_filter), 1, "SAME",
+                                   self.dtype)
 
 
 def latent_init(std: float | None):
@@ -229,15 +232,23 @@ def latent_init(std: float | None):
     return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
 
 
-def binary_kernel(latent, quantize):
+def quantized_param(module, name: str, init, shape, quantize: Callable | None):
+    """Declares `module`'s latent parameter `name` and returns it as the forward pass uses it:
+    `quantize(latent)` (e.g. sign(C)), or the latent itself when `quantize` is None. Records
+    its storage (1 bit when quantized, else 32) in the `bits` collection at the same path:
+    every binary weight is made here, so `summary` and `export` count exactly the weights
+    the forward pass binarises (`cliquejax.bits`)."""
+    latent = module.param(name, init, shape)
+    bits.record(module, name, bits.FLOAT_BITS if quantize is None else 1)
+    return latent if quantize is None else quantize(latent)
+
+
+def binary_kernel(weight, binarised: bool):
     """sign(C) times the constant He std sqrt(2 / fan_in) (as the 1-bit WRN of McDonnell
     2018, the source's [14]): a 1-bit filter with the scale of a He-initialised one, at no
-    storage cost. Modulated convs need no constant: the M-filter carries the scale."""
-    if quantize is None:
-        return latent
-    fan_in = latent.shape[0] * latent.shape[1] * latent.shape[2]
-    return quantize(latent) * jnp.asarray((2.0 / fan_in) ** 0.5, latent.dtype)
-
-
-def modulated_kernel(latent, m_filter, quantize):
-    return binary.modulate(latent if quantize is None else quantize(latent), m_filter)
+    storage cost; a full-precision `weight` is used as it is. Modulated convs need no
+    constant: the M-filter carries the scale."""
+    if not binarised:
+        return weight
+    fan_in = weight.shape[0] * weight.shape[1] * weight.shape[2]
+    return weight * jnp.asarray((2.0 / fan_in) ** 0.5, weight.dtype)

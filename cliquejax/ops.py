@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
 
+from cliquejax import names
+
 
 @dataclasses.dataclass(frozen=True)
 class BNSpec:
@@ -51,11 +53,11 @@ REMAT_SAVED_WITH_1X1 = jax.checkpoint_policies.save_only_these_names(BN_MOMENTS,
 
 
 def bn_params(channels: int) -> dict:
-    return {"scale": jnp.ones((channels,)), "bias": jnp.zeros((channels,))}
+    return {names.SCALE: jnp.ones((channels,)), names.BIAS: jnp.zeros((channels,))}
 
 
 def bn_stats(channels: int) -> dict:
-    return {"mean": jnp.zeros((channels,)), "var": jnp.ones((channels,))}
+    return {names.MEAN: jnp.zeros((channels,)), names.VAR: jnp.ones((channels,))}
 
 
 def batch_moments(x, name=checkpoint_name):

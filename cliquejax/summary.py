@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import models
+from cliquejax import bits, models
 
 STATIC_INPUTS = {  # data set -> (image shape, classes); others come from config.data
     "cifar10": ((32, 32, 3), 10),
@@ -118,7 +118,7 @@ def summarize(config) -> dict:
     result = {"model": config.model.name, "input": list(image_shape), "classes": num_classes,
               "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
               "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
-    if hasattr(models.get_module(config.model.name), "binary_mask"):
+    if bits.has_quantized_layers(variables):
         result.update(storage_report(config, variables, rows))
         result.update(u_model_ratio(config, image, num_classes, result["conv_packed_bytes"]))
     return result
@@ -154,7 +154,7 @@ def storage_report(config, variables, rows) -> dict:
     modulated latent filter), the reading of the papers' "reduced by at least 32x"."""
     module = models.get_module(config.model.name)
     params = variables["params"]
-    binary = module.binary_mask(config.model, params)
+    binary = bits.binary_mask(variables)
     equivalent = module.conv_filter_equivalent(config.model, params)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     flat_binary, flat_equivalent = jax.tree.leaves(binary), jax.tree.leaves(equivalent)

@@ -185,5 +185,5 @@ def test_cifar10_standalone_file_is_small():
     assert len(blob) <= sizes["bits_bytes"] + sizes["floats_bytes"] + sizes["program_bytes"] \
         + 4096
     assert sizes["bits_bytes"] == sum(
-        (leaf.size + 7) // 8 for leaf, is_binary in export._leaves(config, variables)
+        (leaf.size + 7) // 8 for leaf, is_binary in export._leaves(config, variables, info)
         if is_binary)

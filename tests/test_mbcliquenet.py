@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from cliquejax import binary, layers, ops, summary
-from cliquejax.models import build_model, mbcliquenet
+from cliquejax import binary, bits, layers, ops, summary
+from cliquejax.models import build_model
 from cliquejax.train import step
 from configs import mbclique_cifar10
 
@@ -29,6 +29,23 @@ def test_modulated_binary_conv_module():
     assert latent.shape == (3, 3, 3, 2)  # width / K binary filters are all that is stored
     expected = ops.conv2d(x, binary.modulate(jnp.where(latent >= 0, 1.0, -1.0), m_filter))
     np.testing.assert_allclose(conv.apply(variables, x, m_filter), expected, atol=1e-5)
+
+
+def test_recorded_1_bit_weights_are_the_ones_the_forward_pass_binarises():
+    """The `bits` record comes from the layer that quantizes: rescaling every weight it marks
+    1-bit by a positive factor (same signs) leaves the network's output unchanged, and
+    rescaling the others changes it."""
+    config = small_config(binarize_stem=True)
+    model = build_model(config, 10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    mask = bits.binary_mask(variables)
+    assert sum(jax.tree.leaves(mask)) == 3 * (4 + 2) + 2 + 2  # blocks, stem, transitions, head
+    scaled = lambda which: dict(variables, params=jax.tree.map(
+        lambda leaf, binary: leaf * 3.0 if binary == which else leaf, variables["params"], mask))
+    out = model.apply(variables, x)
+    np.testing.assert_array_equal(model.apply(scaled(True), x), out)
+    assert not np.allclose(model.apply(scaled(False), x), out)
 
 
 def test_cifar10_storage_is_at_least_32x_smaller():
@@ -81,7 +98,7 @@ def test_conv_ratios_against_both_baselines_come_from_the_real_models():
                                                 "conv_compression_vs_u_mbcliquenet"}
 
 
-def effective_binary_weights(config, params):
+def effective_binary_weights(variables):
     """The weights a binary net convolves with: sign(C) for modulated latents (the M-filter
     scales them), sign(C) * sqrt(2 / fan_in) for the other 1-bit kernels."""
     def effective(path, leaf, is_binary):
@@ -91,8 +108,8 @@ def effective_binary_weights(config, params):
         if str(path[-1].key).startswith("W_bottleneck"):
             return signs
         return signs * (2.0 / np.prod(leaf.shape[:3])) ** 0.5
-    mask = mbcliquenet.binary_mask(config.model, params)
-    return jax.tree_util.tree_map_with_path(effective, params, mask)
+    mask = bits.binary_mask(variables)  # as the layers recorded it at init
+    return jax.tree_util.tree_map_with_path(effective, variables["params"], mask)
 
 
 def test_u_mbcliquenet_is_mbcliquenet_with_signs_as_latents():
@@ -100,9 +117,10 @@ def test_u_mbcliquenet_is_mbcliquenet_with_signs_as_latents():
     binary_net, u_net = build_model(binary_config, 10), build_model(u_config, 10)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
     variables = binary_net.init(jax.random.PRNGKey(1), x)
-    assert jax.tree.structure(variables) == jax.tree.structure(
-        u_net.init(jax.random.PRNGKey(1), x))
-    signed = dict(variables, params=effective_binary_weights(binary_config, variables["params"]))
+    trained = lambda v: {k: v[k] for k in ("params", "batch_stats")}  # bits differ, 1 vs 32
+    assert jax.tree.structure(trained(variables)) == jax.tree.structure(
+        trained(u_net.init(jax.random.PRNGKey(1), x)))
+    signed = dict(variables, params=effective_binary_weights(variables))
     for train in (False, True):
         kwargs = dict(train=train, mutable=["batch_stats"]) if train else {}
         out_binary = binary_net.apply(variables, x, **kwargs)

@@ -10,12 +10,15 @@ import numpy as np
 import optax
 import pytest
 
+from cliquejax import bits, names
+from cliquejax.models import build_model
 from cliquejax.train.optim import (
     l2_penalty,
     make_optimizer,
     make_schedule,
     weight_decay_mask,
 )
+from configs import cliquenet_cifar10, mbclique_cifar10
 from configs.default import get_config
 
 
@@ -303,31 +306,43 @@ def test_unknown_optimizer_or_argument_is_a_one_line_error(name, kwargs, message
     assert "allowed" in str(error.value)
 
 
-def nested_params():
-    leaf = jnp.ones((2,))
-    return {
-        "stem": {"kernel": leaf, "bias": leaf},
-        "block_0": {"W_0to1": leaf, "W_2to1": leaf, "W_bottleneck_1": leaf,
-                    "BN_I_1": {"scale": leaf, "bias": leaf}},
-        "binary": {"latent_kernel": leaf, "m_filter": leaf, "kernel_scale": leaf},
-        "head": {"Dense_0": {"kernel": leaf, "bias": leaf}},
-    }
+def real_params(config_module):
+    """The parameter tree of a config's model, as shapes (`jax.eval_shape` of its init)."""
+    config = config_module.get_config()
+    model = build_model(config, 10)
+    return bits.abstract_variables(model, (32, 32, 3))["params"]
 
 
-def test_weight_decay_mask_kernels_picks_exactly_the_kernels():
-    mask = weight_decay_mask(nested_params(), "kernels")
-    assert mask == {
-        "stem": {"kernel": True, "bias": False},
-        "block_0": {"W_0to1": True, "W_2to1": True, "W_bottleneck_1": True,
-                    "BN_I_1": {"scale": False, "bias": False}},
-        "binary": {"latent_kernel": True, "m_filter": True, "kernel_scale": False},
-        "head": {"Dense_0": {"kernel": True, "bias": False}},
-    }
+def names_where(params, mask, value: bool) -> set[str]:
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    return {names.leaf_name(path) for (path, _), on in zip(flat, jax.tree.leaves(mask),
+                                                          strict=True) if on == value}
+
+
+def test_weight_decay_on_kernels_decays_mbcliquenet_m_filters_and_latent_kernels():
+    params = real_params(mbclique_cifar10)
+    decayed = names_where(params, weight_decay_mask(params, "kernels"), True)
+    assert names.M_FILTER in decayed  # one per block, modulating its 3x3 convs
+    assert {"kernel", "W_bottleneck_1", "W_0to1", "W_2to1"} <= decayed  # latent kernels
+    assert not any(n.startswith("BN") or n in ("scale", "bias") for n in decayed)
+    kept = names_where(params, weight_decay_mask(params, "kernels"), False)
+    assert kept == {"scale", "bias"}  # BatchNorm only (the head is a conv, no bias)
+
+
+def test_weight_decay_on_kernels_on_cliquenet():
+    params = real_params(cliquenet_cifar10)
+    mask = weight_decay_mask(params, "kernels")
+    assert names_where(params, mask, False) == {"scale", "bias"}  # BN, classifier bias
+    assert mask["classifier"] == {"kernel": True, "bias": False}
+    assert mask["stem"] == {"kernel": True}
+    assert all(mask["block1"][f"W_{j}to{i}"] for i in range(1, 5) for j in range(5) if j != i)
+    assert not any(jax.tree.leaves(mask["block1"]["BN_I_1"]))
 
 
 def test_weight_decay_mask_all():
-    mask = weight_decay_mask(nested_params(), "all")
-    assert jax.tree.leaves(mask) == [True] * len(jax.tree.leaves(nested_params()))
+    params = real_params(mbclique_cifar10)
+    mask = weight_decay_mask(params, "all")
+    assert jax.tree.leaves(mask) == [True] * len(jax.tree.leaves(params))
 
 
 def test_l2_penalty_sums_masked_squares():
@@ -343,7 +358,7 @@ def test_unknown_schedule_name():
 
 def test_unknown_weight_decay_target():
     with pytest.raises(ValueError, match="'bogus'"):
-        weight_decay_mask(nested_params(), "bogus")
+        weight_decay_mask({"kernel": jnp.ones(2)}, "bogus")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cliquejax.data import augment, local_sources, tfds_sources
 
+# Any other `data.name` is a TFDS data set prepared under `data.data_dir` (tfds_sources).
 SOURCE_NAMES = ("digits", *tfds_sources.TFDS_NAMES, "npz", "image_folder", "synthetic")
 SPLITS = ("train", "test")
 _RESIZING_SOURCES = ("image_folder", "synthetic")
@@ -34,8 +35,9 @@ def load_source(data_config, split: str):
     a `num_classes` attribute.
     """
     name = config_value(data_config, "name")
-    if name not in SOURCE_NAMES:
-        raise ValueError(f"data.name={name!r} is not known; allowed: {', '.join(SOURCE_NAMES)}")
+    if not name or not isinstance(name, str):
+        raise ValueError(f"data.name={name!r} is not a data set name; allowed: "
+                         f"{', '.join(SOURCE_NAMES)} or another prepared TFDS data set")
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not known; allowed: {', '.join(SPLITS)}")
     # checked here too, so a bad choice stops a run before it writes anything
@@ -59,6 +61,7 @@ def load_source(data_config, split: str):
             split,
             config_value(data_config, "data_dir", "data/tfds"),
             svhn_extra=bool(config_value(data_config, "svhn_extra", False)),
+            image_size=image_size,
         )
     if image_size and name not in _RESIZING_SOURCES:
         native_size = source[0]["image"].shape[0]

@@ -9,6 +9,8 @@ import tensorflow_datasets as tfds
 
 from cliquejax.data import digits_builder
 
+# The data sets the configs use; `data.name` may name any other TFDS image-classification
+# data set prepared under `data.data_dir` (`open_tfds_source`).
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped", "mnist")
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
@@ -57,6 +59,28 @@ class TfdsExampleSource:
         return f"TfdsExampleSource({self.name!r}, split={self.split!r}, len={len(self)})"
 
 
+class ResizedTfdsSource(TfdsExampleSource):
+    """A TFDS source whose images vary in size (imagenet2012), resized to `image_size` x
+    `image_size` (bilinear, as image folders are)."""
+
+    def __init__(self, data_source, *, name: str, split: str, image_size: int):
+        super().__init__(data_source, name=name, split=split)
+        self.image_size = image_size
+        self.stats_cache_key += f"-{image_size}px"
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        example = super().__getitem__(index)
+        image, size = example["image"], self.image_size
+        if image.shape[:2] != (size, size):
+            channels = image.shape[-1]
+            resized = Image.fromarray(image[..., 0] if channels == 1 else image).resize(
+                (size, size), Image.Resampling.BILINEAR)
+            image = np.asarray(resized, dtype=np.uint8).reshape(size, size, channels)
+        return dict(example, image=image)
+
+
 def prepare_command(name: str, data_dir: str) -> str:
     """How to produce `name` in array_record format under `data_dir` (one line)."""
     target = os.path.abspath(data_dir)
@@ -98,19 +122,53 @@ def _open_data_source(tfds_name: str, split: str, data_dir: str):
         raise diagnosis from None
 
 
-def open_tfds_source(name: str, split: str, data_dir: str, *, svhn_extra: bool = False):
+def _resolve(name: str, split: str, data_dir: str) -> tuple[str, bool]:
+    """(the TFDS split read for `split`, whether the images vary in size) of data set `name`.
+    The 'test' split is 'validation' when there is no labelled 'test' split (imagenet2012).
+    Checks that `name` is a TFDS data set (registered, or prepared under `data_dir`) of
+    `image` and `label` (ClassLabel) features."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise DatasetNotFoundError(
+            f"data.name={name!r} is neither one of the project's sources nor a TFDS data set "
+            f"(none of that name is registered or prepared under data_dir={data_dir!r}); "
+            f"allowed: digits, npz, image_folder, synthetic, or a TFDS image-classification "
+            f"data set such as {', '.join(TFDS_NAMES)}, imagenet2012") from None
+    features = builder.info.features
+    found = tuple(features.keys()) if features is not None else ()
+    if "image" not in found or "label" not in found or \
+            not isinstance(features["label"], tfds.features.ClassLabel):
+        raise ValueError(f"data.name={name!r} has features ({', '.join(found)}); allowed: a "
+                         f"data set with an 'image' feature and a 'label' ClassLabel feature")
+    varying = None in tuple(features["image"].shape)[:2]
+    splits = builder.info.splits.keys()
+    if split == "test" and "test" not in splits and "validation" in splits:
+        return "validation", varying
+    return split, varying
+
+
+def open_tfds_source(name: str, split: str, data_dir: str, *, svhn_extra: bool = False,
+                     image_size: int = 0):
     """Opens split 'train' or 'test' of a TFDS data set, or of the project's digits.
 
-    `svhn_extra` makes svhn_cropped's train split TFDS's 'train+extra'.
+    `name` is any TFDS image-classification data set prepared under `data_dir` in
+    array_record format (e.g. cifar10, imagenet2012): a config change adds one. Images of
+    varying size (imagenet2012) are resized to `image_size`, which they need. `svhn_extra`
+    makes svhn_cropped's train split TFDS's 'train+extra'.
     """
     if name == "digits":
         digits_builder.ensure_digits_prepared(data_dir)
         tfds_name = digits_builder.DIGITS_NAME
-    elif name in TFDS_NAMES:
-        tfds_name = name
     else:
-        raise ValueError(f"data.name={name!r} is not a TFDS data set; allowed: {TFDS_NAMES}")
-    with_extra = name == "svhn_cropped" and svhn_extra and split == "train"
-    tfds_split = "train+extra" if with_extra else split
+        tfds_name = name
+    tfds_split, varying = _resolve(tfds_name, split, data_dir)
+    if varying and not image_size:
+        raise ValueError(f"data.name={name!r} has images of varying size and "
+                         f"data.image_size=0; allowed: data.image_size > 0 (they are resized)")
+    if name == "svhn_cropped" and svhn_extra and split == "train":
+        tfds_split = "train+extra"
     data_source = _open_data_source(tfds_name, tfds_split, data_dir)
+    if varying:
+        return ResizedTfdsSource(data_source, name=name, split=tfds_split, image_size=image_size)
     return TfdsExampleSource(data_source, name=name, split=tfds_split)

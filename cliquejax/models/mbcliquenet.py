@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cliquejax import binary, clique, layers, ops
+from cliquejax import binary, clique, layers, names, ops
 from cliquejax.models.common import (
     bn_spec,
     check_choice,
@@ -51,18 +51,20 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
 
     def kernels(self, shapes):
         width, K = self.spec.channels, self.num_planes
-        m_filter = self.param("M_filter", binary.m_filter_init(binary.unified_fan_in(3, width)),
-                              (K, 3, 3))
+        m_filter = self.param(names.M_FILTER,
+                              binary.m_filter_init(binary.unified_fan_in(3, width)), (K, 3, 3))
         latent_std = None if self.quantize else U_LATENT_STD
         out = {}
         for name, shape in shapes.items():
-            if name.startswith("W_bottleneck"):
-                latent = self.param(name, layers.latent_init(latent_std), (*shape[:3], width // K))
-                out[name] = layers.modulated_kernel(latent, m_filter, self.quantize)
+            if name.startswith(names.BOTTLENECK_KERNEL_PREFIX):
+                weight = layers.quantized_param(self, name, layers.latent_init(latent_std),
+                                                (*shape[:3], width // K), self.quantize)
+                out[name] = binary.modulate(weight, m_filter)
             else:
-                latent = self.param(name, binary.binary_kernel_init, shape)
-                out[name] = layers.binary_kernel(latent, self.quantize if self.binarize_1x1
-                                                 else None)
+                quantize = self.quantize if self.binarize_1x1 else None
+                weight = layers.quantized_param(self, name, binary.binary_kernel_init, shape,
+                                                quantize)
+                out[name] = layers.binary_kernel(weight, quantize is not None)
         return out
 
 
@@ -151,47 +153,19 @@ def build(config, num_classes: int) -> MBCliqueNet:
 # ----------------------------------------------------------------------------- storage
 
 
-def _keys(path) -> list[str]:
-    return [str(getattr(k, "key", k)) for k in path]
-
-
-def binary_mask(model_config, params):
-    """Pytree of bools: which parameters the deployable model stores as 1-bit signs."""
-    m = model_config
-
-    def is_binary(path, _):
-        keys = _keys(path)
-        top, name = keys[0], keys[-1]
-        if not m.binarize:
-            return False
-        if top.startswith("block"):
-            return name.startswith("W_bottleneck") or (name.startswith("W_") and m.binarize_1x1)
-        flags = {"stem": m.binarize_stem, "head_conv": m.binarize_head}
-        if top.startswith("transition") and name == "kernel":
-            return m.binarize_transition
-        return name == "kernel" and flags.get(top, False)
-
-    return _map_with_path(is_binary, params)
-
-
 def conv_filter_equivalent(model_config, params):
     """Pytree of ints: per leaf, the filter weights of the full-precision network with the same
     widths and no modulation (K times the latent filters of a modulated conv; 0 for M-filters
     and any non-conv parameter)."""
 
     def count(path, leaf):
-        name = _keys(path)[-1]
-        if name.startswith("W_bottleneck"):
+        name = names.leaf_name(path)
+        if name.startswith(names.BOTTLENECK_KERNEL_PREFIX):
             return leaf.size * model_config.K
-        return leaf.size if name.startswith("W_") or name == "kernel" else 0
+        return 0 if name == names.M_FILTER or not names.is_kernel(name) else leaf.size
 
-    return _map_with_path(count, params)
+    return jax.tree_util.tree_map_with_path(count, params)
 
 
 def is_conv_filter(path) -> bool:
-    name = _keys(path)[-1]
-    return name.startswith("W_") or name in ("kernel", "M_filter")
-
-
-def _map_with_path(fn, tree):
-    return jax.tree_util.tree_map_with_path(fn, tree)
+    return names.is_kernel(names.leaf_name(path))

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from cliquejax import checkpoint, data, models, report
+from cliquejax import bits, checkpoint, data, models, report
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, run_dir, step
 
@@ -64,6 +64,17 @@ def validate_train(train) -> None:
         check_range(f"train.{field}", train[field], 1)
 
 
+def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_epoch: int):
+    """(model, optimizer transforms, lr schedule, binary mask or None) of a run: what
+    `Trainer` trains and `cliquejax.lower` lowers. The mask marks the weights the model's
+    layers store in 1 bit (`cliquejax.bits`); None for a model without binary layers."""
+    model = models.build_model(config, num_classes)
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+    variables = bits.abstract_variables(model, image_shape)
+    binary = bits.binary_mask(variables) if bits.has_quantized_layers(variables) else None
+    return model, step.make_transforms(config, tx, variables["params"]), schedule, binary
+
+
 class Trainer:
     """Everything a run needs, built once from the config. Building it reads the data and
     traces nothing to disk; the checkpoint directory is opened on first use."""
@@ -78,17 +89,15 @@ class Trainer:
         self.total_steps = config.train.epochs * self.steps_per_epoch
         if config.train.max_steps > 0:
             self.total_steps = min(self.total_steps, config.train.max_steps)
-        self.model = models.build_model(config, self.info.num_classes)
+        self.model, self.transforms, self.schedule, binary_mask = build_model_and_transforms(
+            config, self.info.image_shape, self.info.num_classes, self.steps_per_epoch)
         self.shardings = step.make_shardings(self.global_batch)
-        tx, self.schedule = optim.make_optimizer(config, self.steps_per_epoch)
-        abstract = jax.eval_shape(lambda: step.init_state(
-            self.model, (tx,), self.info.image_shape, config.seed))
-        check_image_size(self.model, self.info, config.model.name, abstract)
-        self.transforms = step.make_transforms(config, tx, abstract["params"])
+        check_image_size(self.model, self.info, config.model.name)
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
         self.train_step, self.eval_step = step.jit_steps(
-            self.model, self.transforms, self.schedule, config, self.shardings, self.state)
+            self.model, self.transforms, self.schedule, config, self.shardings, self.state,
+            binary_mask)
         self._create_checkpoints = create_checkpoints
         self._checkpoints = None
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
@@ -176,15 +185,15 @@ def save_failed(trainer: Trainer, error) -> checkpoint.CheckpointSaveError:
 CHECKED_BELOW = 64
 
 
-def check_image_size(model, info, name: str, abstract_state) -> None:
+def check_image_size(model, info, name: str) -> None:
     """Images too small for the network's downsampling leave a stage with no pixels, and
     the pooled features are then empty (NaN) instead of an error."""
     from flax import linen as nn
 
     if min(info.image_shape[:2]) >= CHECKED_BELOW:
         return
-    variables = {"params": abstract_state["params"],
-                 "batch_stats": abstract_state["batch_stats"]}
+    abstract = bits.abstract_variables(model, info.image_shape)
+    variables = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
 
     def forward(variables, x):
         with nn.intercept_methods(_record_empty):

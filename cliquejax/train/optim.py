@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cliquejax import names
+
 SCHEDULE_NAMES = ("constant", "cosine", "sgdr", "step")
 # Optimizers of `optax` to name in an error; any function of `optax` that takes a
 # `learning_rate` may be named.
 OPTIMIZER_EXAMPLES = ("sgd", "adam", "adamw", "lamb", "lion", "rmsprop")
 WEIGHT_DECAY_TARGETS = ("all", "kernels")
-KERNEL_LEAF_NAMES = ("kernel", "latent_kernel", "m_filter")
-CLIQUE_KERNEL_PREFIX = "W_"
 
 
 def _not_one_of(field: str, value, allowed) -> ValueError:
@@ -132,24 +132,13 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     raise _not_one_of("schedule.name", sched.name, SCHEDULE_NAMES)
 
 
-def _key_name(path_entry) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(path_entry, attribute):
-            return str(getattr(path_entry, attribute))
-    return str(path_entry)
-
-
-def _is_kernel(path) -> bool:
-    leaf_name = _key_name(path[-1]) if path else ""
-    return leaf_name in KERNEL_LEAF_NAMES or leaf_name.startswith(CLIQUE_KERNEL_PREFIX)
-
-
 def weight_decay_mask(params, on: str):
     """A pytree of bools like `params`: True where weight decay applies."""
     if on == "all":
         return jax.tree.map(lambda _: True, params)
     if on == "kernels":
-        return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: names.is_kernel(names.leaf_name(path)), params)
     raise _not_one_of("optimizer.weight_decay_on", on, WEIGHT_DECAY_TARGETS)
 
 

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cliquejax import binary, models, ops
+from cliquejax import binary, names, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +46,10 @@ def global_batch(local_batch: dict, shardings: Shardings) -> dict:
             for key, value in local_batch.items()}
 
 
-def partition_masks(config, params):
-    """(m_filter_mask, binary_mask or None) for the model's update rule and flip metric."""
-    module = models.get_module(config.model.name)
-    m_mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", "")) == "M_filter", params)
-    b_mask = module.binary_mask(config.model, params) if hasattr(module, "binary_mask") else None
-    return m_mask, b_mask
+def m_filter_mask(params):
+    """True at the M-filters, for the alternating update of MBCliqueNet."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: names.leaf_name(path) == names.M_FILTER, params)
 
 
 def make_transforms(config, tx: optax.GradientTransformation, params):
@@ -60,7 +57,7 @@ def make_transforms(config, tx: optax.GradientTransformation, params):
     update of MBCliqueNet (section 2.3, eqs. 6-7)."""
     if config.model.get("update_order", "simultaneous") != "alternating":
         return (tx,)
-    m_mask, _ = partition_masks(config, params)
+    m_mask = m_filter_mask(params)
     not_m = jax.tree.map(lambda b: not b, m_mask)
     only = lambda mask, other: optax.chain(optax.masked(tx, mask),
                                            optax.masked(optax.set_to_zero(), other))
@@ -154,13 +151,14 @@ def eval_step(state, batch, *, model):
             "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
-def jit_steps(model, transforms, schedule, config, shardings: Shardings, state):
-    """(train_step, eval_step) jitted with explicit shardings; the state is donated."""
+def jit_steps(model, transforms, schedule, config, shardings: Shardings, state,
+              binary_mask=None):
+    """(train_step, eval_step) jitted with explicit shardings; the state is donated.
+    `binary_mask` (`bits.binary_mask`: the 1-bit parameters) adds the flip ratio."""
     state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
-    _, b_mask = partition_masks(config, state["params"])
     train = jax.jit(
         lambda s, b: train_step(s, b, model=model, transforms=transforms, schedule=schedule,
-                                seed=config.seed, binary_mask=b_mask),
+                                seed=config.seed, binary_mask=binary_mask),
         in_shardings=(state_sharding, shardings.batch),
         out_shardings=(state_sharding, shardings.replicated), donate_argnums=(0,))
     evaluate = jax.jit(lambda s, b: eval_step(s, b, model=model),

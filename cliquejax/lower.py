@@ -1,0 +1,195 @@
+"""What the jitted train step will run on an accelerator, read on any machine.
+
+    python -m cliquejax.lower --config=configs/mbclique_cifar10.py --platform=cuda [--json]
+
+Lowers (does not compile) the train step and the eval step of a config, as `launch.py`
+builds them, for `--platform` (cuda | tpu | cpu) from abstract inputs
+(`jax.ShapeDtypeStruct`: nothing is allocated, no data is read, no accelerator is needed),
+and counts what the StableHLO program holds: convolutions, dot products, conditionals and
+custom calls. An op in a function called n times counts n times; an op in a loop body
+counts once. Kernels (`config.train.kernels`) set to `auto` are
+resolved as the target platform resolves them (`kernels.resolve`): the CPU kernels for
+`cpu`, the reference operations for `cuda` and `tpu`.
+
+FLOPs come from the project's counter (`summary.jaxpr_macs`, every convolution and dot
+product of the jaxpr, FLOPs = 2 x MACs): `flops` is the whole train step, forward,
+backward and recomputation, for the global batch of `train.batch_size`;
+`flops_per_image` is the inference forward pass of one image (the `summary` figure on the
+reference operations; the CPU kernels' matrix products also multiply padding, so theirs
+is higher).
+The learning-rate schedule is built for one step per epoch: only its constants depend on
+the data set size, not the program's operations.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cliquejax import kernels, summary
+from cliquejax.train import loop, step
+
+PLATFORMS = ("cuda", "tpu", "cpu")
+# Custom-call targets every XLA backend implements (sharding annotations, host offload).
+PORTABLE_CALL_TARGETS = frozenset({
+    "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "annotate_device_placement",
+    "MoveToHost", "MoveToDevice",
+})
+
+_SYMBOL = r'@("[^"]+"|[\w.$-]+)'  # a function name, quoted when it has other characters
+_FUNC = re.compile(r"^\s*func\.func (?:public |private )?" + _SYMBOL + r"\(", re.M)
+_OPS = re.compile(r"\bstablehlo\.(convolution|dot_general|dot|case|if)\b")
+_CALL = re.compile(r"\bcall " + _SYMBOL + r"\(")
+_CUSTOM = re.compile(r"stablehlo\.custom_call\s*@([\w.$-]+)|call_target_name\s*=\s*\"([^\"]+)\"")
+_KINDS = {"convolution": "convolutions", "dot_general": "dots", "dot": "dots",
+          "case": "conditionals", "if": "conditionals"}
+
+
+def count_ops(module_text: str) -> dict:
+    """Convolutions, dots, conditionals and custom calls of a StableHLO module's text,
+    counting each function's ops once per call from `main`."""
+    starts = [(m.start(), m.group(1)) for m in _FUNC.finditer(module_text)]
+    bodies = {name: module_text[begin:end] for (begin, name), (end, _) in
+              zip(starts, [*starts[1:], (len(module_text), "")], strict=True)}
+    own, calls = {}, {}
+    for name, body in bodies.items():
+        counts = collections.Counter(_KINDS[op] for op in _OPS.findall(body))
+        for target in _CUSTOM.findall(body):
+            counts["custom_call:" + (target[0] or target[1])] += 1
+        own[name], calls[name] = counts, collections.Counter(_CALL.findall(body))
+    totals: dict[str, collections.Counter] = {}
+
+    def total(name):
+        if name not in totals:
+            counts = collections.Counter(own.get(name, {}))
+            for callee, times in calls.get(name, {}).items():
+                for key, value in total(callee).items():
+                    counts[key] += value * times
+            totals[name] = counts
+        return totals[name]
+
+    counts = total("main" if "main" in bodies else next(iter(bodies), "main"))
+    custom = {key.split(":", 1)[1]: n for key, n in counts.items()
+              if key.startswith("custom_call:")}
+    return {"convolutions": counts["convolutions"], "dots": counts["dots"],
+            "conditionals": counts["conditionals"], "custom_calls": sorted(custom),
+            "custom_call_counts": dict(sorted(custom.items()))}
+
+
+def for_platform(config, platform: str):
+    """A copy of `config` with `train.kernels` resolved as `platform` resolves it (`auto`:
+    the CPU kernels for `cpu`, the reference operations for `cuda` and `tpu`)."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"--platform={platform!r} is not one of: {', '.join(PLATFORMS)}")
+    config = copy.deepcopy(config)
+    if "kernels" in config.train:
+        config.train.kernels = kernels.resolve(config, backend=platform)
+    return config
+
+
+def traced_steps(config):
+    """(traced train step, traced eval step, abstract state) of `config`, on abstract inputs.
+    The steps are the ones a run jits (`loop.build_model_and_transforms`, `step.jit_steps`)."""
+    image_shape, num_classes = summary.model_input(config)
+    model, transforms, schedule, binary_mask = loop.build_model_and_transforms(
+        config, image_shape, num_classes, steps_per_epoch=1)
+    state = jax.eval_shape(lambda: step.init_state(model, transforms, image_shape, config.seed))
+    shardings = step.make_shardings(config.train.batch_size)
+    step.make_shardings(config.train.eval_batch_size)  # the same check a run makes
+    train, evaluate = step.jit_steps(model, transforms, schedule, config, shardings, state,
+                                     binary_mask)
+
+    def batch(size, mask):
+        spec = {"image": jax.ShapeDtypeStruct((size, *image_shape), jnp.float32),
+                "label": jax.ShapeDtypeStruct((size,), jnp.int32)}
+        return dict(spec, mask=jax.ShapeDtypeStruct((size,), jnp.float32)) if mask else spec
+
+    return (train.trace(state, batch(config.train.batch_size, False)),
+            evaluate.trace(state, batch(config.train.eval_batch_size, True)), state)
+
+
+def describe_lowered(traced, platform: str) -> dict:
+    """Op counts of `traced` lowered for `platform`, and its FLOPs (2 x MACs)."""
+    lowered = traced.lower(lowering_platforms=(platform,))
+    counts = count_ops(lowered.as_text())
+    counts["flops"] = 2 * int(sum(summary.jaxpr_macs(traced.jaxpr.jaxpr).values()))
+    return counts
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
+
+
+def describe(config, platform: str, traced=None) -> dict:
+    """What the lowered train step (and eval step) of `config` holds on `platform`.
+    `traced`: `traced_steps(for_platform(config, platform))` when already computed."""
+    config = for_platform(config, platform)
+    train, evaluate, state = traced or traced_steps(config)
+    result = {"platform": platform, "model": config.model.name,
+              "compute_dtype": config.train.get("compute_dtype", "float32"),
+              "kernels": config.train.get("kernels", "(none)"),
+              "batch_size": config.train.batch_size}
+    result.update(describe_lowered(train, platform))
+    eval_counts = describe_lowered(evaluate, platform)
+    result["flops_per_image"] = eval_counts["flops"] // config.train.eval_batch_size
+    result["param_bytes"] = _nbytes(state["params"])
+    result["state_bytes"] = _nbytes(state)
+    result["eval"] = {key: eval_counts[key] for key in
+                      ("convolutions", "dots", "conditionals", "custom_calls", "flops")}
+    return result
+
+
+def format_report(result: dict) -> str:
+    ev = result["eval"]
+    calls = ", ".join(f"{name} x{n}" for name, n in result["custom_call_counts"].items())
+    return "\n".join([
+        f"{result['model']} train step lowered for {result['platform']} "
+        f"({result['compute_dtype']}, kernels {result['kernels']}, "
+        f"batch {result['batch_size']}; not compiled)",
+        f"  convolutions  {result['convolutions']:>8}   (eval step {ev['convolutions']})",
+        f"  dot products  {result['dots']:>8}   (eval step {ev['dots']})",
+        f"  conditionals  {result['conditionals']:>8}   (eval step {ev['conditionals']})",
+        f"  custom calls  {calls or 'none'}",
+        f"  parameters    {result['param_bytes']:,} bytes; train state "
+        f"{result['state_bytes']:,} bytes",
+        f"  FLOPs         {result['flops'] / 1e9:,.2f} G per train step "
+        f"(forward + backward, the whole batch); {result['flops_per_image'] / 1e9:.3f} G "
+        f"per image forward",
+    ])
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; allowed: --config, --platform, --json",
+              file=sys.stderr)
+        sys.exit(2)
+    if not jax.config.jax_platforms:
+        # lowering needs no accelerator: skip probing for one (and its log lines)
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        result = describe(flags.FLAGS.config, flags.FLAGS.platform)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result) if flags.FLAGS.json else format_report(result))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+    flags.DEFINE_string("platform", "cuda", f"The platform to lower for: {' | '.join(PLATFORMS)}.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+    flags.mark_flags_as_required(["config"])
+    sys.path.insert(0, ".")
+    app.run(main)

@@ -1,0 +1,58 @@
+"""The parameter and variable names that code matches on, defined once.
+
+The layers and models that create parameters take their names from here, and so does every
+piece of code that selects parameters by name: weight decay on kernels
+(`train/optim.py`), the M-filter step of the alternating update (`train/step.py`), the
+storage report (`summary`, `models/mbcliquenet.py`).
+"""
+
+from __future__ import annotations
+
+# Variable collections.
+PARAMS = "params"
+BATCH_STATS = "batch_stats"
+BITS = "bits"  # storage bits of quantized weights, at their parameter paths (`cliquejax.bits`)
+
+# Convolution and dense weights (`layers.Conv`, `layers.BinaryConv`, the latent kernel of
+# `layers.ModulatedBinaryConv`, `flax.linen.Dense`).
+KERNEL = "kernel"
+# BatchNorm: parameters {SCALE, BIAS} and statistics {MEAN, VAR}; BIAS is also a dense bias.
+SCALE = "scale"
+BIAS = "bias"
+MEAN = "mean"
+VAR = "var"
+# A clique block's kernel pieces all start with CLIQUE_KERNEL_PREFIX (CliqueNet, section 3.1:
+# W_ij from layer i to layer j; the paper's notation, kept in the parameter names).
+CLIQUE_KERNEL_PREFIX = "W_"
+BOTTLENECK_KERNEL_PREFIX = "W_bottleneck_"
+# MBCliqueNet: each block's modulation filter M (K, w, w), shared by its modulated convs.
+M_FILTER = "M_filter"
+
+
+def clique_kernel(j: int, i: int) -> str:
+    """The kernel piece from layer j (0: the block input) to layer i of a clique block."""
+    return f"{CLIQUE_KERNEL_PREFIX}{j}to{i}"
+
+
+def bottleneck_kernel(i: int) -> str:
+    """Layer i's 3x3 conv after its 1x1 clique conv (bottleneck blocks; latent filters of the
+    modulated 3x3 conv in MBCliqueNet)."""
+    return f"{BOTTLENECK_KERNEL_PREFIX}{i}"
+
+
+def leaf_name(path) -> str:
+    """The last key of a pytree path (`jax.tree_util.tree_map_with_path`), as a string."""
+    if not path:
+        return ""
+    entry = path[-1]
+    for attribute in ("key", "name", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def is_kernel(name: str) -> bool:
+    """A convolution or dense kernel, a clique kernel piece or an M-filter: what
+    `optimizer.weight_decay_on="kernels"` decays (not BN parameters or biases)."""
+    return name in (KERNEL, M_FILTER) or name.startswith(CLIQUE_KERNEL_PREFIX)
+
