@@ -1,4 +1,4 @@
-"""PyTorch MBCliqueNet (SPEC section 3) and CliqueNet-S0..S3 (SPEC section 2): the baselines
+"""PyTorch MBCliqueNet (docs/papers.md §3) and CliqueNet-S0..S3 (docs/papers.md §2): the baselines
 compare.py times beside ours, written as a PyTorch user would, with the same parameters and
 the same function as `cliquejax.models.mbcliquenet` / `cliquenet_imagenet` (no dropout:
 both use rate 0). Both use bottleneck clique layers: BN-ReLU-1x1 clique conv over the
@@ -80,7 +80,7 @@ class BottleneckCliqueBlock(nn.Module):
         self.bn_two = nn.ModuleList(batch_norm((n - 1) * k, decay) for _ in range(n))
         self.bn_one_b = nn.ModuleList(batch_norm(k, decay) for _ in range(n))
         self.bn_two_b = nn.ModuleList(batch_norm(k, decay) for _ in range(n))
-        with torch.no_grad():  # SPEC section 2: N(0, sqrt(2 / (kh * kw * out)))
+        with torch.no_grad():  # docs/papers.md §2: N(0, sqrt(2 / (kh * kw * out)))
             for weight, bottleneck in zip(self.weights, self.bottlenecks, strict=True):
                 normal_(weight, k)
                 normal_(bottleneck, 9 * k)
@@ -118,7 +118,7 @@ class ModulatedCliqueBlock(BottleneckCliqueBlock):
         self.m_filter = nn.Parameter(torch.empty(num_planes, 3, 3))
         fans = [in_channels] * in_channels + [k] * ((n - 1) * k)
         self.register_buffer("scale", torch.tensor([math.sqrt(2.0 / f) for f in fans]))
-        with torch.no_grad():  # SPEC section 3: latent He fan-in, M-filter unified fan-in
+        with torch.no_grad():  # docs/papers.md §3: latent He fan-in, M-filter unified fan-in
             for weight in self.weights:
                 weight[:, :in_channels].normal_(0.0, math.sqrt(2.0 / in_channels))
                 weight[:, in_channels:].normal_(0.0, math.sqrt(2.0 / k))

@@ -1,4 +1,4 @@
-"""PyTorch CliqueNet (CIFAR model, SPEC section 1, variant II+II): the baseline a user would
+"""PyTorch CliqueNet (CIFAR model, docs/papers.md §1, variant II+II): the baseline a user would
 write in PyTorch, used to check that our JAX model computes the same function and to
 benchmark its training step.
 

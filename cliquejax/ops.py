@@ -127,7 +127,7 @@ def dropout(x, rate: float, rng, train: bool):
     comes from `dropout_bits`, a counter-based hash that XLA fuses into the masking: on
     every backend a handful of integer operations per element, where threefry
     (`jax.random.bernoulli`) costs several rounds of them and cost a CliqueNet training step
-    on CPU a large part of its speed (README, "Speed on CPU")."""
+    on CPU a large part of its speed (benchmarks/README.md)."""
     if not train or rate == 0.0:
         return x
     threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)

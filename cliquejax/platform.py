@@ -68,7 +68,7 @@ def use_compilation_cache(directory: str) -> None:
     """Keeps every compiled program that took over a second (or
     $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) in `directory`, so that the next process
     with the same program, flags and JAX version loads it instead of compiling it again
-    (README, "Speed on CPU"). '' turns the cache off; a directory that cannot be written
+    (benchmarks/README.md). '' turns the cache off; a directory that cannot be written
     only costs a warning."""
     import jax
 

@@ -1,4 +1,4 @@
-"""CliqueNet on CIFAR-10, the original recipe (SPEC section 1): Nesterov SGD 0.9, lr 0.1
+"""CliqueNet on CIFAR-10, the original recipe (docs/papers.md §1): Nesterov SGD 0.9, lr 0.1
 divided by 10 at 50% and 75% of 300 epochs, batch 64, L2 1e-4 on every trainable variable,
 dropout 0.2, no augmentation. Rows of Table 3: --config.model.k=64 --config.model.T=15 etc."""
 
@@ -21,7 +21,7 @@ def get_config(arg=None):
     config.model.bn_momentum = 0.999
     config.model.bn_epsilon = 1e-3
     config.model.bn_running_var = "biased"
-    config.model.unroll = True  # Python-unrolled layers (faster here, README "Speed")
+    config.model.unroll = True  # Python-unrolled layers (faster on CPU: benchmarks/README.md)
 
     config.data.name = "cifar10"
     config.data.augment = "none"  # the published errors are without augmentation

@@ -1,4 +1,4 @@
-"""CliqueNet-S0..S3 on ImageNet (SPEC section 2): `--config=configs/cliquenet_imagenet.py:S3`.
+"""CliqueNet-S0..S3 on ImageNet (docs/papers.md §2): `--config=configs/cliquenet_imagenet.py:S3`.
 
 Recipe: SGD momentum 0.9 (not Nesterov), weight decay 1e-4, lr 0.1 x 0.1^(epoch // 30),
 100 epochs, batch 160, random-resized-crop 224 + flip. Data: an image folder

@@ -1,4 +1,4 @@
-"""CliqueNet on SVHN: train + extra, 40 epochs, otherwise the CIFAR recipe (SPEC section 1)."""
+"""CliqueNet on SVHN: train + extra, 40 epochs, otherwise the CIFAR recipe (docs/papers.md §1)."""
 
 from configs import cliquenet_cifar10
 

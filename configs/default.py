@@ -37,8 +37,8 @@ def get_config():
     # Rematerialisation (gradient checkpointing): layer (default: recompute each clique layer
     # / conv unit in the backward pass) | block (recompute each whole block) | none (keep
     # every activation). Same values and gradients. On CPU `layer` was both faster and far
-    # smaller than `none` (README, "Speed on CPU": k=36 T=12 b64 2005 -> 1109 MB peak, 22 ->
-    # 26 img/s); on an accelerator with memory to spare, `none` may be faster: measure.
+    # smaller than `none` (benchmarks/README.md); on an accelerator with memory to spare,
+    # `none` may be faster: measure.
     # On CPU it needs XLA's cse_barrier_expander pass off, which cliquejax.platform does.
     config.train.remat = "layer"
     # Which implementation of the operations runs (cliquejax/kernels.py): auto (the XLA:CPU

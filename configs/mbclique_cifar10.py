@@ -1,4 +1,4 @@
-"""MBCliqueNet on CIFAR-10 (SPEC section 3): 3 blocks x 4 layers, widths 64-128-256, K = 4.
+"""MBCliqueNet on CIFAR-10 (docs/papers.md §3): 3 blocks x 4 layers, widths 64-128-256, K = 4.
 Recipe: SGD momentum 0.9, weight decay 5e-4, batch 128, flip + pad-4 random crop, SGDR from
 0.1 to 1e-5 (CIFAR) with cycles ending at epochs 2, 4, 8, ..., 256; 256 epochs.
 K ablation (widths 64-64-128): --config.model.widths=64,64,128 --config.model.K=8"""

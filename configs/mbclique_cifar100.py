@@ -1,4 +1,4 @@
-"""MBCliqueNet on CIFAR-100: the CIFAR-10 setting with 100 classes (SPEC section 3)."""
+"""MBCliqueNet on CIFAR-100: the CIFAR-10 setting with 100 classes (docs/papers.md §3)."""
 
 from configs import mbclique_cifar10
 

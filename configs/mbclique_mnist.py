@@ -1,4 +1,4 @@
-"""MBCliqueNet on MNIST (SPEC section 3): widths 64-64-128, K = 4, 32 epochs, SGDR 0.1 -> 1e-4.
+"""MBCliqueNet on MNIST (docs/papers.md §3): widths 64-64-128, K = 4, 32 epochs, SGDR 0.1 -> 1e-4.
 The source flips every data set; a mirrored digit is another digit, so the flip is off here
 (--config.data.flip=True restores the source's recipe). Pad-4 crop at 28x28."""
 

@@ -1,4 +1,4 @@
-"""MBCliqueNet on 100-class Tiny ImageNet (SPEC section 3): 4 blocks x 6 layers, widths
+"""MBCliqueNet on 100-class Tiny ImageNet (docs/papers.md §3): 4 blocks x 6 layers, widths
 64-128-128-160, K = 4, weight decay 1e-4, 64x64 images from an image folder
 (--config.data.path=DIR with train/ and val/ class subfolders). Epochs are not given by the
 source; 256, as for CIFAR, ends at the end of an SGDR cycle (cycles end at 2, 4, ..., 256)."""

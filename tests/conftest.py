@@ -26,7 +26,8 @@ def tiny_digits_config(**train):
 
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory):
-    """(config, workdir, results) of a finished six-epoch run (SGDR periods 2 + 4)."""
+    """(config, workdir, results) of a finished six-epoch run (SGDR cycles end at epochs 2
+    and 4; the run ends halfway through the next)."""
     from cliquejax.train import loop
 
     workdir = str(tmp_path_factory.mktemp("digits_run"))

@@ -1,4 +1,4 @@
-"""Tests for cliquejax.binary: sign functions, modulation (SPEC section 3), init, packing."""
+"""Tests for cliquejax.binary: sign functions, modulation (docs/papers.md §3), init, packing."""
 
 import math
 
@@ -124,7 +124,7 @@ def test_reconstructed_filters_use_signs_and_jit():
 
 
 def _eq6_eq7(grad_q, latent, m_filter):
-    """Hand-derived SPEC section 3 / paper eqs. 6-7, written with explicit loops."""
+    """Hand-derived docs/papers.md §3 / paper eqs. 6-7, written with explicit loops."""
     grad_q, latent, planes = (np.asarray(a, np.float64) for a in (grad_q, latent, m_filter))
     n_binary, n_planes = latent.shape[3], planes.shape[0]
     signs = np.where(latent >= 0, 1.0, -1.0)

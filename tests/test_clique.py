@@ -1,5 +1,5 @@
 """The clique block's pure functions: loop form == unrolled form (outputs, statistics and
-gradients), and Stage II follows SPEC section 1 (in place, in order, without X0)."""
+gradients), and Stage II follows docs/papers.md §1 (in place, in order, without X0)."""
 
 import dataclasses
 

@@ -15,7 +15,7 @@ from cliquejax.models import build_model
 from cliquejax.models import cliquenet_imagenet as imagenet_model
 from configs import cliquenet_cifar10, cliquenet_imagenet, densenet_cifar10
 
-# SPEC section 1 and the CliqueNet README's Table 3: (k, T, params, FLOPs) as printed.
+# docs/papers.md §1 and the CliqueNet README's Table 3: (k, T, params, FLOPs) as printed.
 CLIQUENET_ROWS = [(36, 12, "0.94M", "0.91G"), (64, 15, "4.49M", "4.21G"),
                   (80, 15, "6.94M", "6.45G"), (80, 18, "10.14M", "9.45G")]
 DENSENET_ROWS = [(12, 36, "1.0M", "0.53G"), (12, 96, "7.0M", "3.54G"),
@@ -50,7 +50,7 @@ def test_densenet_published_counts(k, T, params, flops):
 
 
 def test_cliquenet_k36_T12_exact_count():
-    # Hand count (SPEC section 1): stem 1728, blocks 224720 + 2 * 329040, transitions
+    # Hand count (docs/papers.md §1): stem 1728, blocks 224720 + 2 * 329040, transitions
     # 2 * 21024, head BNs 1568 and dense 7850.
     assert summary.summarize(cifar_config())["params"] == 935_994
 

@@ -258,7 +258,7 @@ def pointwise_conv(x, kernel):
     x(pixels, Cin)^T dy(pixels, Cout), which needs no transposed copy of the activations.
     XLA:CPU's own kernel gradient transposes them channel-major first, which made the
     training steps of the models with many 1x1 convolutions (CliqueNet-S0, MBCliqueNet)
-    measurably slower (README, "Speed on CPU")."""
+    measurably slower (benchmarks/README.md)."""
     return _xla_pointwise(x, kernel)
 
 

@@ -3,7 +3,7 @@ CPU backend, and the restart of the main script with transparent huge pages for 
 
 Imports nothing but the standard library: the launcher reads it before JAX starts, and may
 re-execute the process. `cliquejax.platform` applies both on a host where JAX runs on the
-CPU (see README, "Speed on CPU", for what each was measured to change)."""
+CPU (benchmarks/README.md says what each was measured to change)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def _sgdr_cycle_start(first: float, multiplier: float, restarts: str, index):
     summed: cycle i lasts first * multiplier**i (Loshchilov & Hutter's T_mult), so cycles end
       at first, first * (1 + m), ...: for 2 epochs and m = 2 at epochs 2, 6, 14, 30, ...
     doubling: cycles end at first * multiplier**i, i.e. at epochs 2, 4, 8, 16, ... (lengths
-      2, 2, 4, 8, ...). MBCliqueNet's reading (section 4: periods "2 epochs, and then 4, 8,
+      2, 2, 4, 8, ...). MBCliqueNet's reading (section 3.1: periods "2 epochs, and then 4, 8,
       16, 32, 64, 128" with 32 and 256 epochs of training, and Fig. 3 comparing the 64th and
       256th epochs): every run length of the paper ends a cycle at the minimum rate."""
     if restarts == "doubling":
