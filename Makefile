@@ -5,10 +5,11 @@ STAMP := .venv/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .  # `import cliquejax` from any directory
 	touch $(STAMP)
 
 run: $(STAMP)
