@@ -44,6 +44,14 @@ import os
 import shlex
 import sys
 
+
+def flatten_config(tree: dict) -> dict:
+    """A nested config dict as {"model.k": 36, ...} (imported here: this module starts fast)."""
+    from cliquejax.train.run_dir import flatten
+
+    return flatten(tree)
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RUNS = os.path.join(REPO_ROOT, "results")
 
@@ -229,14 +237,6 @@ def paper_rows(papers=None) -> list[Row]:
 # ----------------------------------------------------------------------------- runs
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return out
-
-
 def dataset_of(flat: dict) -> str:
     """The data set a flattened config trains on (module docstring for npz and folders)."""
     name = flat.get("data.name")
@@ -286,7 +286,7 @@ def find_runs(paths) -> tuple[list[Run], list[dict]]:
                                 if os.path.isfile(os.path.join(path, entry, "config.json")))
         for directory in candidates:
             try:
-                config = _flatten(_read_json(os.path.join(directory, "config.json")))
+                config = flatten_config(_read_json(os.path.join(directory, "config.json")))
             except (OSError, ValueError) as error:
                 skipped.append({"dir": directory, "reason": f"config.json unreadable: {error}"})
                 continue
@@ -304,7 +304,7 @@ def find_runs(paths) -> tuple[list[Run], list[dict]]:
 
 @functools.cache
 def _recipe_flat(recipe: Recipe) -> dict:
-    return _flatten(json.loads(_recipe_config(recipe).to_json_best_effort()))
+    return flatten_config(json.loads(_recipe_config(recipe).to_json_best_effort()))
 
 
 def differences(row: Row, run: Run) -> list[str] | None:

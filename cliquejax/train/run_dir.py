@@ -62,11 +62,12 @@ class WorkdirLockedError(ValueError):
     pass
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"model.k": 36, ...}."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+        out.update(flatten(value, name + ".") if isinstance(value, dict) else {name: value})
     return out
 
 
@@ -81,7 +82,7 @@ def _in(name: str, groups) -> bool:
 def config_differences(old: dict, new: dict) -> tuple[list[str], dict]:
     """(refused, allowed) between two config dicts: `refused` lists the fields that change
     the run as `name: old -> new`; `allowed` maps the other changed fields to [old, new]."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    flat_old, flat_new = flatten(old), flatten(new)
     refused, allowed = [], {}
     for key in sorted(set(flat_old) | set(flat_new)):
         before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
