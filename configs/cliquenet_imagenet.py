@@ -21,7 +21,7 @@ def get_config(arg="S3"):
     config.model.bn_running_var = "unbiased"
     config.model.unroll = True
     # Keep the k-channel 1x1 conv outputs of the bottleneck layers: the backward pass then
-    # recomputes no convolution (S0 224 b8 on CPU: ~+8% img/s for +4% peak memory).
+    # recomputes no convolution (faster on CPU for a little more memory: benchmarks/README.md).
     config.train.remat = "layer_keep_1x1"
 
     config.data.name = "image_folder"
