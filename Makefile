@@ -19,7 +19,7 @@ lint: $(STAMP)
 	.venv/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --repeats 1  # the loop form alone takes ~17 min a round on 2 cores

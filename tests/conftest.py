@@ -2,6 +2,8 @@
 run under the XLA flags launch.py sets (`platform.configure_xla`, before JAX starts)."""
 
 import os
+import site
+import sys
 
 import pytest
 
@@ -12,6 +14,15 @@ platform.configure_xla()
 from configs import mbclique_digits  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tfds")
+
+
+def python_without_cliquejax(env=None) -> tuple[list[str], dict]:
+    """(argv prefix, environment) of this interpreter with its installed packages but not the
+    editable cliquejax that make installs: `-S` skips the site-packages .pth files (where the
+    editable install hooks in) and PYTHONPATH gives back the packages themselves."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
+    return [sys.executable, "-S", "-s"], env
 
 
 def tiny_digits_config(**train):

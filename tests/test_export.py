@@ -5,7 +5,6 @@ with one-line errors. One tiny digits run (the session's) is shared by every tes
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from cliquejax import export, models, predict, standalone, summary
 from cliquejax.data import info as data_info
 from cliquejax.data import sources
 from configs import mbclique_cifar10
+from tests.conftest import python_without_cliquejax
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +72,15 @@ def test_standalone_equals_predict_for_any_batch_and_reaches_the_run_accuracy(di
 
 
 def test_standalone_script_runs_without_cliquejax(digits, tmp_path):
-    """The copied script, `python -I` in a directory outside the repository: only jax and
-    numpy are importable, and its top-1 classes and logits are the checkpoint's."""
+    """The copied script, run in a directory outside the repository by an interpreter that
+    has jax and numpy but cannot import cliquejax: its top-1 classes and logits are the
+    checkpoint's."""
     script = tmp_path / "standalone.py"
     shutil.copy(standalone.__file__, script)
     shutil.copy(digits["files"]["standalone"], tmp_path / "model.clqs")
     np.savez(tmp_path / "images.npz", images=digits["images"][:7])
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = lambda *args: subprocess.run([sys.executable, "-I", *args], cwd=tmp_path, env=env,  # noqa: E731
+    python, env = python_without_cliquejax()
+    run = lambda *args: subprocess.run([*python, *args], cwd=tmp_path, env=env,  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     assert run("-c", "import cliquejax").returncode != 0
     done = run(str(script), "model.clqs", "images.npz", "--logits", "logits.npy")

@@ -9,7 +9,6 @@ import functools
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from cliquejax.cpu import ops as cpu_ops
 from cliquejax.models import build_model
 from cliquejax.train import optim, step
 from configs.default import get_config
+from tests.conftest import python_without_cliquejax
 from tests.test_precision_remat import cliquenet_config, digits_batch, mbcliquenet_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -287,8 +287,9 @@ def test_a_fork_without_the_cpu_package_builds_and_lowers_the_step(tmp_path):
     assert not (tmp_path / "cliquejax" / "cpu").exists()
     script = tmp_path / "fork.py"
     script.write_text(FORK_SCRIPT.format(root=str(tmp_path)))
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    python, env = python_without_cliquejax(
+        {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)})
+    done = subprocess.run([*python, str(script)], capture_output=True, text=True,
                           timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["reference", "reference", "[]"]
