@@ -291,6 +291,17 @@ def test_checkpoint_that_does_not_fit_is_refused_untouched(env, reference, tmp_p
     assert snapshot(workdir) == before  # config.json included
 
 
+def overwrite_starts_anew(env, workdir, before) -> None:
+    """--overwrite trains from step 0 and moves the whole old run, unchanged, aside."""
+    code, _, err = launch(env, workdir, "--overwrite", "--config.train.max_steps=3")
+    assert code == 0, err[-3000:]
+    results = read_results(workdir)
+    assert results["steps"] == 3 and not results["resumed"]
+    assert committed_steps(workdir) == [3]
+    aside = [name for name in os.listdir(workdir) if name.startswith("previous-")]
+    assert len(aside) == 1 and snapshot(workdir / aside[0]) == before
+
+
 def test_config_json_of_another_model_is_refused_unless_overwrite(env, reference, tmp_path):
     workdir = copy_reference(reference, tmp_path / "run")
     with open(workdir / "config.json") as handle:
@@ -305,13 +316,7 @@ def test_config_json_of_another_model_is_refused_unless_overwrite(env, reference
         "model.widths: [16, 16, 16] -> [16, 16, 32]); resuming would mix two runs: use "
         "another --workdir, or --overwrite to move the old run aside and start anew"), err
     assert snapshot(workdir) == before
-    code, _, err = launch(env, workdir, "--overwrite", "--config.train.max_steps=3")
-    assert code == 0, err[-3000:]
-    results = read_results(workdir)
-    assert results["steps"] == 3 and not results["resumed"]
-    assert committed_steps(workdir) == [3]
-    aside = [name for name in os.listdir(workdir) if name.startswith("previous-")]
-    assert len(aside) == 1 and snapshot(workdir / aside[0]) == before
+    overwrite_starts_anew(env, workdir, before)
 
 
 def test_batch_the_devices_do_not_divide_is_a_one_line_error(env, tmp_path):
@@ -417,13 +422,7 @@ def test_a_second_process_on_the_workdir_is_refused(env, reference, tmp_path):
 def test_overwrite_with_the_same_config_starts_anew(env, reference, tmp_path):
     workdir = copy_reference(reference, tmp_path / "run")
     before = snapshot(workdir)
-    code, _, err = launch(env, workdir, "--overwrite", "--config.train.max_steps=3")
-    assert code == 0, err[-3000:]
-    results = read_results(workdir)
-    assert results["steps"] == 3 and not results["resumed"]
-    assert committed_steps(workdir) == [3]
-    aside = [name for name in os.listdir(workdir) if name.startswith("previous-")]
-    assert len(aside) == 1 and snapshot(workdir / aside[0]) == before
+    overwrite_starts_anew(env, workdir, before)
 
 
 def damage(step_dir, how: str) -> None:
