@@ -15,6 +15,7 @@ Multi-host: every process runs the same command plus --coordinator_address=HOST:
 import json
 import os
 import sys
+import warnings
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -95,6 +96,10 @@ def print_summary(results: dict, workdir: str) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    # A save that failed mid-write (disk full) leaves Orbax's write coroutine unawaited;
+    # Python would report it at exit, after the one-line error a user must read last.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     config = cli.load_config_flag(FLAGS)
     check_mode(config, FLAGS.workdir)
     from cliquejax import checkpoint, data
