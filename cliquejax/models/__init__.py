@@ -1,4 +1,6 @@
-"""Model registry: `config.model.name` -> builder(config, num_classes) -> flax Module."""
+"""Model registry: `config.model.name` -> its module, which has `FIELDS` (the dataclass of
+the model's `config.model` fields, checked when made) and `build(config, num_classes)` (the
+flax Module)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ MODEL_MODULES = {
 def get_module(name: str):
     check_choice("model.name", name, sorted(MODEL_MODULES))
     return importlib.import_module(MODEL_MODULES[name])
+
+
+def model_fields(model_config):
+    """`config.model` as its model's dataclass of fields; a bad or unknown field is refused."""
+    return get_module(model_config.name).FIELDS.from_config(model_config)
 
 
 def build_model(config, num_classes: int):

@@ -6,6 +6,7 @@ only changes the stem, the per-block widths and the options."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from cliquejax import clique, layers, ops
 from cliquejax.models.common import (
-    bn_spec,
+    ModelConfig,
     check_choice,
     check_range,
     compute_dtype,
@@ -79,36 +80,53 @@ class CliqueNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
 
 
-def layers_per_block(model_config) -> int:
-    """n = T // 3, halved again with the bottleneck (CliqueNet's `if_b` option)."""
-    n = model_config.T // 3
-    return n // 2 if model_config.bottleneck else n
+@dataclasses.dataclass(frozen=True)
+class CliqueNetConfig(ModelConfig):
+    """The fields of config.model for this model (see `configs/cliquenet_cifar10.py`)."""
+
+    k: int = 36
+    T: int = 12
+    variant: str = "II+II"
+    x: int = 0
+    attention: bool = False
+    bottleneck: bool = False
+    compression: bool = False
+    dropout_rate: float = 0.2
+    unroll: bool = True
+
+    @property
+    def layers_per_block(self) -> int:
+        """n = T // 3, halved again with the bottleneck (CliqueNet's `if_b` option)."""
+        n = self.T // 3
+        return n // 2 if self.bottleneck else n
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("model.k", self.k, 1)
+        n = self.layers_per_block
+        if n < 1:
+            need = 6 if self.bottleneck else 3
+            raise ValueError(f"model.T={self.T} gives {n} layers per block; allowed: "
+                             f"T >= {need} (three blocks of T // 3 layers"
+                             f"{', halved by the bottleneck' if self.bottleneck else ''})")
+        check_choice("model.variant", self.variant, clique.VARIANTS)
+        if self.variant == "X":
+            check_range("model.x", self.x, 0, n)
+        stage_two = self.variant != "I+I" and (self.variant != "X" or self.x)
+        if n < 2 and stage_two:
+            raise ValueError(f"model.T={self.T} gives 1 layer per block, which has no "
+                             f"Stage-II inputs; allowed: T giving >= 2 layers, or variant I+I")
+        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
 
 
-def validate(model_config) -> None:
-    check_range("model.k", model_config.k, 1)
-    n = layers_per_block(model_config)
-    if n < 1:
-        need = 6 if model_config.bottleneck else 3
-        raise ValueError(f"model.T={model_config.T} gives {n} layers per block; allowed: "
-                         f"T >= {need} (three blocks of T // 3 layers"
-                         f"{', halved by the bottleneck' if model_config.bottleneck else ''})")
-    check_choice("model.variant", model_config.variant, clique.VARIANTS)
-    if model_config.variant == "X":
-        check_range("model.x", model_config.x, 0, n)
-    stage_two = model_config.variant != "I+I" and (model_config.variant != "X" or model_config.x)
-    if n < 2 and stage_two:
-        raise ValueError(f"model.T={model_config.T} gives 1 layer per block, which has no "
-                         f"Stage-II inputs; allowed: T giving >= 2 layers, or variant I+I")
-    check_range("model.dropout_rate", model_config.dropout_rate, 0.0, 0.99)
+FIELDS = CliqueNetConfig
 
 
 def build(config, num_classes: int) -> CliqueNet:
-    m = config.model
-    validate(m)
-    n = layers_per_block(m)
+    m = CliqueNetConfig.from_config(config.model)
+    n = m.layers_per_block
     return CliqueNet(
         num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
         x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn=bn_spec(m), remat=remat_policy(config), kernels=kernel_ops(config))
+        bn=m.bn, remat=remat_policy(config), kernels=kernel_ops(config))

@@ -7,10 +7,12 @@ He init, variant II+II."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from cliquejax import layers
 from cliquejax.models.cliquenet import CliqueNet
 from cliquejax.models.common import (
-    bn_spec,
+    ModelConfig,
     check_choice,
     check_lengths,
     compute_dtype,
@@ -26,18 +28,39 @@ SETTINGS = {  # name: (k per block, layers per block)
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class CliqueNetImageNetConfig(ModelConfig):
+    """The fields of config.model for this model (see `configs/cliquenet_imagenet.py`):
+    `channels` and `layers` replace the setting's per-block values when not empty."""
+
+    setting: str = "S3"
+    channels: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()
+    attention: bool = True
+    unroll: bool = True
+
+    @property
+    def blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(k per block, layers per block)."""
+        channels, num_layers = SETTINGS[self.setting]
+        return tuple(self.channels) or channels, tuple(self.layers) or num_layers
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("model.setting", self.setting, sorted(SETTINGS))
+        channels, num_layers = self.blocks
+        check_lengths({"model.channels": channels, "model.layers": num_layers})
+
+
+FIELDS = CliqueNetImageNetConfig
+
+
 def build(config, num_classes: int) -> CliqueNet:
-    m = config.model
-    check_choice("model.setting", m.setting, sorted(SETTINGS))
-    channels, num_layers = SETTINGS[m.setting]
-    if m.get("channels"):
-        channels = tuple(m.channels)
-    if m.get("layers"):
-        num_layers = tuple(m.layers)
-    check_lengths({"model.channels": channels, "model.layers": num_layers})
+    m = CliqueNetImageNetConfig.from_config(config.model)
+    channels, num_layers = m.blocks
     return CliqueNet(
         num_classes=num_classes, channels=channels, num_layers=num_layers, variant="II+II",
         attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
         stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
-        dtype=compute_dtype(config), bn=bn_spec(m), remat=remat_policy(config),
+        dtype=compute_dtype(config), bn=m.bn, remat=remat_policy(config),
         kernels=kernel_ops(config))

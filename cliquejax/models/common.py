@@ -1,7 +1,9 @@
-"""Config checks shared by the model builders: one-line errors naming field, value and what
-is allowed."""
+"""What the model builders share: the base of the dataclasses holding `config.model`'s fields,
+and config checks giving one-line errors naming field, value and what is allowed."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 
@@ -25,20 +27,43 @@ def check_range(field: str, value, low=None, high=None) -> None:
 BN_RUNNING_VARS = ("biased", "unbiased")
 
 
-def bn_spec(model_config) -> ops.BNSpec:
-    """The model's BatchNorm from `model.bn_momentum`, `model.bn_epsilon` and
-    `model.bn_running_var` (biased | unbiased); a field left out takes the CIFAR CliqueNet's
-    TensorFlow value (`ops.TF_BN`), which is also what runs made before these fields used."""
-    m = model_config
-    momentum = m.get("bn_momentum", ops.TF_BN.momentum)
-    epsilon = m.get("bn_epsilon", ops.TF_BN.epsilon)
-    running_var = m.get("bn_running_var", "unbiased" if ops.TF_BN.unbiased_running_var
-                        else "biased")
-    check_range("model.bn_momentum", momentum, 0.0, 1.0)
-    if not epsilon > 0:
-        raise ValueError(f"model.bn_epsilon={epsilon!r} is out of range; allowed: > 0")
-    check_choice("model.bn_running_var", running_var, BN_RUNNING_VARS)
-    return ops.BNSpec(float(momentum), float(epsilon), running_var == "unbiased")
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The fields of `config.model` every model has: its BatchNorm. A model's own dataclass
+    adds its fields; each checks its values when constructed. The BatchNorm defaults are the
+    CIFAR CliqueNet's TensorFlow values (`ops.TF_BN`), which runs made before these fields
+    existed used, so their config.json still builds the same network."""
+
+    bn_momentum: float = ops.TF_BN.momentum
+    bn_epsilon: float = ops.TF_BN.epsilon
+    bn_running_var: str = "unbiased" if ops.TF_BN.unbiased_running_var else "biased"
+
+    def __post_init__(self):
+        check_range("model.bn_momentum", self.bn_momentum, 0.0, 1.0)
+        if not self.bn_epsilon > 0:
+            raise ValueError(f"model.bn_epsilon={self.bn_epsilon!r} is out of range; "
+                             "allowed: > 0")
+        check_choice("model.bn_running_var", self.bn_running_var, BN_RUNNING_VARS)
+
+    @property
+    def bn(self) -> ops.BNSpec:
+        return ops.BNSpec(float(self.bn_momentum), float(self.bn_epsilon),
+                          self.bn_running_var == "unbiased")
+
+    @classmethod
+    def from_config(cls, model_config):
+        """This dataclass from `config.model` (a ConfigDict or a run's config.json dict):
+        `name` dropped, lists made tuples (JSON has no tuples), and a key this model does not
+        have refused rather than ignored."""
+        given = dict(model_config.items())
+        name = given.pop("name", None)
+        allowed = sorted(field.name for field in dataclasses.fields(cls))
+        for key in sorted(given):
+            if key not in allowed:
+                raise ValueError(f"model.{key} is not a field of model {name}; "
+                                 f"allowed: {', '.join(allowed)}")
+        return cls(**{key: tuple(value) if isinstance(value, list) else value
+                      for key, value in given.items()})
 
 
 def check_lengths(fields: dict) -> None:

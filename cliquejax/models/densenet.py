@@ -5,6 +5,7 @@ head BN-ReLU-global average pool of the last block and a dense layer."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 from cliquejax import layers, ops
 from cliquejax.models.common import (
-    bn_spec,
+    ModelConfig,
     check_range,
     compute_dtype,
     kernel_ops,
@@ -60,11 +61,26 @@ def _dense_block(model: DenseNet, x, train: bool, *, index: int):
     return x
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseNetConfig(ModelConfig):
+    """The fields of config.model for this model (see `configs/densenet_cifar10.py`)."""
+
+    k: int = 12  # growth rate
+    T: int = 36  # layers, T // 3 per block
+    dropout_rate: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("model.k", self.k, 1)
+        if self.T // 3 < 1:
+            raise ValueError(f"model.T={self.T} gives 0 layers per block; allowed: T >= 3")
+        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
+
+
+FIELDS = DenseNetConfig
+
+
 def build(config, num_classes: int) -> DenseNet:
-    m = config.model
-    check_range("model.k", m.k, 1)
-    if m.T // 3 < 1:
-        raise ValueError(f"model.T={m.T} gives 0 layers per block; allowed: T >= 3")
-    check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
+    m = DenseNetConfig.from_config(config.model)
     return DenseNet(num_classes, m.k, m.T // 3, m.dropout_rate, compute_dtype(config),
-                    remat_policy(config), bn_spec(m), kernel_ops(config))
+                    remat_policy(config), m.bn, kernel_ops(config))

@@ -18,6 +18,7 @@ Open points of the source, as config fields (defaults in `configs/mbclique_cifar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 from cliquejax import binary, clique, layers, names, ops
 from cliquejax.models.common import (
-    bn_spec,
+    ModelConfig,
     check_choice,
     check_lengths,
     check_range,
@@ -123,31 +124,56 @@ def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
     return ops.avg_pool(x, 2)
 
 
-def validate(m) -> None:
-    check_lengths({"model.widths": m.widths, "model.layers": m.layers})
-    check_range("model.K", m.K, 1)
-    for width in m.widths:
-        if width % m.K:
-            raise ValueError(f"model.K={m.K} does not divide model.widths entry {width}; "
-                             f"allowed: K dividing every width in {tuple(m.widths)}")
-    for n in m.layers:
-        check_range("model.layers entry", n, 2)  # Stage II needs two layers
-    binary.get_sign_function(m.sign_fn, field="model.sign_fn")
-    check_choice("model.update_order", m.update_order, UPDATES)
-    check_range("model.dropout_rate", m.dropout_rate, 0.0, 0.99)
-    bn_spec(m)
+@dataclasses.dataclass(frozen=True)
+class MBCliqueNetConfig(ModelConfig):
+    """The fields of config.model for this model (see the module docstring and
+    `configs/mbclique_cifar10.py`)."""
+
+    widths: tuple[int, ...] = (64, 128, 256)
+    layers: tuple[int, ...] = (4, 4, 4)
+    K: int = 4
+    binarize: bool = True
+    binarize_stem: bool = False
+    binarize_1x1: bool = True
+    binarize_transition: bool = True
+    binarize_head: bool = True
+    sign_fn: str = "ste_sign"
+    update_order: str = "simultaneous"
+    dropout_rate: float = 0.0
+    unroll: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_lengths({"model.widths": self.widths, "model.layers": self.layers})
+        check_range("model.K", self.K, 1)
+        for width in self.widths:
+            if width % self.K:
+                raise ValueError(f"model.K={self.K} does not divide model.widths entry "
+                                 f"{width}; allowed: K dividing every width in "
+                                 f"{tuple(self.widths)}")
+        for n in self.layers:
+            check_range("model.layers entry", n, 2)  # Stage II needs two layers
+        binary.get_sign_function(self.sign_fn, field="model.sign_fn")
+        check_choice("model.update_order", self.update_order, UPDATES)
+        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
+
+    @property
+    def quantize(self) -> Callable | None:
+        """The sign function of the binary weights; None for u-MBCliqueNet."""
+        return binary.get_sign_function(self.sign_fn) if self.binarize else None
+
+
+FIELDS = MBCliqueNetConfig
 
 
 def build(config, num_classes: int) -> MBCliqueNet:
-    m = config.model
-    validate(m)
+    m = MBCliqueNetConfig.from_config(config.model)
     return MBCliqueNet(
-        num_classes=num_classes, widths=tuple(m.widths), num_layers=tuple(m.layers),
-        num_planes=m.K, quantize=binary.get_sign_function(m.sign_fn) if m.binarize else None,
-        binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
+        num_classes=num_classes, widths=m.widths, num_layers=m.layers, num_planes=m.K,
+        quantize=m.quantize, binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
         binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn=bn_spec(m), remat=remat_policy(config), kernels=kernel_ops(config))
+        bn=m.bn, remat=remat_policy(config), kernels=kernel_ops(config))
 
 
 # ----------------------------------------------------------------------------- storage

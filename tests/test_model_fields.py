@@ -1,0 +1,90 @@
+"""config.model as each model's frozen dataclass of fields: every config file's fields are its
+model's, an unknown field or a bad value is a one-line error when the dataclass is made, and a
+run's config.json (lists, no BatchNorm fields in older runs) builds as before."""
+
+import dataclasses
+import importlib
+import pathlib
+
+import ml_collections
+import pytest
+
+from cliquejax import models, ops
+from cliquejax.models import cliquenet, mbcliquenet
+from configs import cliquenet_cifar10, cliquenet_imagenet, mbclique_cifar10
+
+CONFIG_FILES = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+                      if p.stem != "__init__")
+
+
+def one_line_error(make, message: str) -> str:
+    with pytest.raises(ValueError) as error:
+        make()
+    text = str(error.value)
+    assert message in text and "\n" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_file_sets_only_fields_of_its_model(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    fields = models.model_fields(config.model)
+    assert isinstance(fields, models.get_module(config.model.name).FIELDS)
+    given = {key: tuple(value) if isinstance(value, list) else value
+             for key, value in config.model.items() if key != "name"}
+    assert {key: getattr(fields, key) for key in given} == given
+
+
+def test_an_unknown_field_is_refused_with_the_fields_allowed():
+    config = cliquenet_imagenet.get_config("S0")
+    config.model.dropout_rate = 0.2  # the ImageNet model has no dropout
+    text = one_line_error(lambda: models.build_model(config, 10),
+                          "model.dropout_rate is not a field of model cliquenet_imagenet; "
+                          "allowed: attention, bn_epsilon, bn_momentum, bn_running_var, "
+                          "channels, layers, setting, unroll")
+    assert text.endswith("unroll")
+
+
+@pytest.mark.parametrize("cls,fields,message", [
+    (mbcliquenet.MBCliqueNetConfig, dict(widths=(64, 96, 128), K=5),
+     "model.K=5 does not divide model.widths entry 64"),
+    (mbcliquenet.MBCliqueNetConfig, dict(layers=(4, 1, 4)), "model.layers entry=1"),
+    (cliquenet.CliqueNetConfig, dict(T=2), "model.T=2 gives 0 layers per block"),
+    (cliquenet.CliqueNetConfig, dict(T=6, bottleneck=True), "model.T=6 gives 1 layer"),
+    (cliquenet.CliqueNetConfig, dict(bn_running_var="sample"),
+     "model.bn_running_var='sample' is not one of: biased, unbiased"),
+    (cliquenet.CliqueNetConfig, dict(bn_epsilon=0.0), "model.bn_epsilon=0.0 is out of range"),
+    (cliquenet.CliqueNetConfig, dict(bn_momentum=1.5), "model.bn_momentum=1.5 is out of range")])
+def test_a_bad_value_is_refused_when_the_dataclass_is_made(cls, fields, message):
+    one_line_error(lambda: cls(**fields), message)
+
+
+def test_fields_are_frozen():
+    fields = cliquenet.CliqueNetConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fields.k = 64
+
+
+def test_a_run_config_json_builds_the_same_model():
+    """config.json holds lists where the config file has tuples: they become tuples again (a
+    frozen dataclass and the flax module keep them hashable) and build the same network."""
+    config = mbclique_cifar10.get_config()
+    stored = ml_collections.ConfigDict(config.to_dict())
+    stored.model.widths, stored.model.layers = [64, 128, 256], [4, 4, 4]
+    fields = models.model_fields(stored.model)
+    assert fields.widths == (64, 128, 256) and fields.layers == (4, 4, 4)
+    assert models.build_model(stored, 10) == models.build_model(config, 10)
+
+
+@pytest.mark.parametrize("get_config", [cliquenet_cifar10.get_config,
+                                        mbclique_cifar10.get_config,
+                                        lambda: cliquenet_imagenet.get_config("S0")])
+def test_a_config_without_bn_fields_builds_with_the_tensorflow_batch_norm(get_config):
+    """Runs made before the BatchNorm fields existed have none in config.json; they were
+    trained with the TensorFlow BatchNorm, so that is what they build."""
+    config = get_config()
+    with config.unlocked():
+        for field in ("bn_momentum", "bn_epsilon", "bn_running_var"):
+            del config.model[field]
+    assert models.model_fields(config.model).bn == ops.TF_BN
+    assert models.build_model(config, 10).bn == ops.TF_BN
