@@ -13,7 +13,8 @@ platform.configure_xla()
 
 from configs import mbclique_digits  # noqa: E402
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tfds")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(ROOT, "data", "tfds")
 
 
 def python_without_cliquejax(env=None) -> tuple[list[str], dict]:
@@ -23,6 +24,25 @@ def python_without_cliquejax(env=None) -> tuple[list[str], dict]:
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
     return [sys.executable, "-S", "-s"], env
+
+
+def launch_config(argv: list[str]):
+    """The config launch.py would run for `argv` (its `--config` file and `--config.x`
+    overrides), parsed as launch.py defines the flag: a locked config, overrides only of
+    fields it has. Relative paths are from the repository."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:  # config_flags defines the --config.x overrides from `sys_argv`, as from sys.argv
+        config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                        lock_config=True, sys_argv=argv)
+        values(argv)
+        return values.config
+    finally:
+        os.chdir(cwd)
 
 
 def tiny_digits_config(**train):

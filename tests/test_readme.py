@@ -21,10 +21,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from cliquejax import models, summary
+from tests.conftest import launch_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHELL_ONLY = ("make", "pip", "tfds", "srun", "source", "cp")
@@ -70,17 +69,8 @@ def test_every_readme_command_is_checked():
 
 def parse_launch_config(command: str):
     """The config launch.py would run, parsed by config_flags from the command's words."""
-    argv = ["launch.py", *(w for w in shlex.split(command)[2:] if w.startswith("--config"))]
-    values = flags.FlagValues()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:  # config_flags defines the --config.x overrides from `sys_argv`, as from sys.argv
-        config_flags.DEFINE_config_file("config", None, "", flag_values=values,
-                                        lock_config=True, sys_argv=argv)
-        values(argv)
-        return values.config
-    finally:
-        os.chdir(cwd)
+    return launch_config(["launch.py", *(w for w in shlex.split(command)[2:]
+                                         if w.startswith("--config"))])
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if kind(c) == "launch"])
