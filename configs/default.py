@@ -58,9 +58,10 @@ def get_config():
     config.optimizer.lr = 0.1
     config.optimizer.momentum = 0.9  # sgd only (0: plain SGD)
     config.optimizer.nesterov = False  # sgd only
-    # Keyword arguments of optax.<name> (e.g. b1, b2, weight_decay for adamw), set in a config
-    # file; for sgd they override momentum / nesterov above.
-    config.optimizer.kwargs = ml_collections.ConfigDict()
+    # Keyword arguments of optax.<name> as written in the call, values Python literals:
+    # "b1=0.95, weight_decay=0.05" for adamw. A string, so that the command line can set it
+    # (--config.optimizer.kwargs="b1=0.95"); for sgd they override momentum / nesterov above.
+    config.optimizer.kwargs = ""
     config.optimizer.weight_decay = 1e-4  # L2: wd * w added to the gradient (wd/2 w^2 in loss)
     config.optimizer.weight_decay_on = "all"  # all (trainable, as the originals) | kernels
 

@@ -1,11 +1,13 @@
 """Schedules, weight-decay masks and the optimizer against hand-computed values; any Optax
 optimizer by name, with one-line errors for an unknown name or argument."""
 
+import json
 import math
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,10 +18,12 @@ from cliquejax.train.optim import (
     l2_penalty,
     make_optimizer,
     make_schedule,
+    optimizer_kwargs,
     weight_decay_mask,
 )
 from configs import cliquenet_cifar10, mbclique_cifar10
 from configs.default import get_config
+from tests.conftest import launch_config
 
 
 def make_config(epochs=10, schedule="constant", **schedule_fields):
@@ -264,11 +268,12 @@ def test_optimizer_by_name_equals_optax_with_the_configs_arguments():
     `optimizer.kwargs`; L2 decay (`optimizer.weight_decay`) is added to the gradient first,
     and an optimizer with its own decoupled decay gets the `weight_decay_on` mask."""
     params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
-    for name, kwargs in (("adamw", {"b1": 0.8, "weight_decay": 0.01}),
-                         ("lamb", {"eps": 1e-5}), ("adam", {})):
+    for name, text, kwargs in (("adamw", "b1=0.8, weight_decay=0.01",
+                                {"b1": 0.8, "weight_decay": 0.01}),
+                               ("lamb", "eps=1e-5", {"eps": 1e-5}), ("adam", "", {})):
         config = make_config(schedule="cosine", min_lr=0.001)
-        config.optimizer.update(name=name, weight_decay=0.05, weight_decay_on="kernels")
-        config.optimizer.kwargs.update(kwargs)
+        config.optimizer.update(name=name, weight_decay=0.05, weight_decay_on="kernels",
+                                kwargs=text)
         optimizer, schedule = make_optimizer(config, steps_per_epoch=10)
         mask = lambda p: weight_decay_mask(p, "kernels")
         extra = {"mask": mask} if name in ("adamw", "lamb") else {}
@@ -284,7 +289,7 @@ def test_optimizer_by_name_equals_optax_with_the_configs_arguments():
 def test_sgd_kwargs_override_the_momentum_fields():
     config = make_config()
     config.optimizer.update(momentum=0.9, weight_decay=0.0)
-    config.optimizer.kwargs.momentum = 0.5
+    config.optimizer.kwargs = "momentum=0.5"
     params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
     got = run_two_steps(make_optimizer(config, 10)[0], params)[-1]
     want = run_two_steps(optax.sgd(0.1, momentum=0.5), params)[-1]
@@ -292,18 +297,58 @@ def test_sgd_kwargs_override_the_momentum_fields():
 
 
 @pytest.mark.parametrize("name,kwargs,message", [
-    ("adamx", {}, "optimizer.name='adamx' is not an Optax optimizer"),
-    ("chain", {}, "optimizer.name='chain' is not an Optax optimizer"),
-    ("adamw", {"beta1": 0.9}, "optimizer.kwargs.beta1 is not an argument of optax.adamw"),
-    ("sgd", {"nesterow": True}, "optimizer.kwargs.nesterow is not an argument of optax.sgd")])
+    ("adamx", "", "optimizer.name='adamx' is not an Optax optimizer"),
+    ("chain", "", "optimizer.name='chain' is not an Optax optimizer"),
+    ("adamw", "beta1=0.9", "optimizer.kwargs.beta1 is not an argument of optax.adamw"),
+    ("sgd", "nesterow=True", "optimizer.kwargs.nesterow is not an argument of optax.sgd")] + [
+    ("adamw", text, f"optimizer.kwargs={text!r} cannot be read; allowed: keyword arguments "
+                    "of optax.adamw as Python literals, e.g. b1=0.9, eps=1e-8")
+    for text in ("0.9", "b1", "b1=", "b1=0.9,, b2=0.99", "b1=max(0.9, 0.8)", "**{'b1': 0.9}",
+                 "b1=0.9, b1=0.8", "b1=0.9), print(1", "b1: 0.9")])
 def test_unknown_optimizer_or_argument_is_a_one_line_error(name, kwargs, message):
     config = make_config()
-    config.optimizer.name = name
-    config.optimizer.kwargs.update(kwargs)
+    config.optimizer.update(name=name, kwargs=kwargs)
     with pytest.raises(ValueError) as error:
         make_optimizer(config, steps_per_epoch=10)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert "allowed" in str(error.value)
+
+
+def test_kwargs_are_python_literals_as_written_in_the_call():
+    assert optimizer_kwargs(make_config().optimizer, None) == {"momentum": 0.9, "nesterov": False}
+    config = make_config()
+    config.optimizer.update(name="adamw", kwargs=" b1=0.95,\n eps=-1e-8, mu_dtype=None, ")
+    assert optimizer_kwargs(config.optimizer, None) == {
+        "b1": 0.95, "eps": -1e-8, "mu_dtype": None, "mask": None}
+
+
+def test_kwargs_as_a_dict_from_an_older_run_still_apply():
+    """Runs made when `optimizer.kwargs` was a ConfigDict hold a dict in config.json."""
+    written = make_config().to_dict()
+    written["optimizer"].update(name="adamw", kwargs={"b1": 0.8})
+    older = ml_collections.ConfigDict(json.loads(json.dumps(written)))
+    config = make_config()
+    config.optimizer.update(name="adamw", kwargs="b1=0.8")
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    for got, want in zip(run_two_steps(make_optimizer(older, 10)[0], params),
+                         run_two_steps(make_optimizer(config, 10)[0], params), strict=True):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_kwargs_on_the_command_line_reach_the_optax_optimizer():
+    """launch.py's locked config has override flags only for existing fields: kwargs is a
+    string field, so `--config.optimizer.kwargs=...` exists and sets optax.adamw's b1."""
+    config = launch_config(["launch.py", "--config=configs/mbclique_digits.py",
+                            "--config.optimizer.name=adamw", "--config.optimizer.kwargs=b1=0.95",
+                            "--config.optimizer.weight_decay=0", "--config.schedule.name=constant"])
+    optimizer, _ = make_optimizer(config, steps_per_epoch=10)
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    got = run_two_steps(optimizer, params)
+    for b1, same in ((0.95, True), (0.9, False)):
+        want = run_two_steps(optax.adamw(config.optimizer.lr, b1=b1), params)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                       jax.tree.leaves(want),
+                                                       strict=True)) == same, b1
 
 
 def real_params(config_module):

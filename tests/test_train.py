@@ -96,6 +96,7 @@ def test_npz_and_synthetic_runs(tmp_path):
     ("--config.data.name=imagenet21k", "data.name='imagenet21k'"),
     ("--config.train.epochs=-1", "train.epochs=-1"),
     ("--config.train.batch_size=0", "train.batch_size=0"),
+    ("--config.optimizer.kwargs=b1=", "optimizer.kwargs='b1=' cannot be read"),
 ])
 def test_bad_input_is_a_one_line_error(override, message, tmp_path):
     done = launch("--config=configs/mbclique_digits.py", f"--workdir={tmp_path / 'run'}",

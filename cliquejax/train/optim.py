@@ -10,6 +10,7 @@ which equals adding wd/2 * sum(w^2) to the loss, as the original CliqueNet does.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 
@@ -175,6 +176,26 @@ def optax_optimizer(name: str):
     return fn
 
 
+def parse_kwargs(kwargs, name: str) -> dict:
+    """`optimizer.kwargs` as a dict: a string of keyword arguments written as in the call
+    (`"b1=0.9, eps=1e-8"`), so that it can be set on the command line, where only existing
+    fields can be overridden; or a dict, as older runs' config.json hold it."""
+    if not isinstance(kwargs, str):
+        return kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+    try:
+        call = ast.parse(f"f({kwargs})", mode="eval").body
+        if not isinstance(call, ast.Call) or call.args:
+            raise ValueError("not keyword arguments only")
+        keys = [keyword.arg for keyword in call.keywords]
+        if None in keys or len(set(keys)) < len(keys):
+            raise ValueError("a **mapping, or a name given twice")
+        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        raise ValueError(f"optimizer.kwargs={kwargs!r} cannot be read; allowed: keyword "
+                         f"arguments of optax.{name} as Python literals, e.g. b1=0.9, "
+                         "eps=1e-8") from None
+
+
 def optimizer_kwargs(opt, params_fn) -> dict:
     """The keyword arguments of `optax.<opt.name>` besides the learning rate:
     `optimizer.kwargs`, and for `sgd` the fields `optimizer.momentum` (0: none) and
@@ -182,8 +203,7 @@ def optimizer_kwargs(opt, params_fn) -> dict:
     (decoupled) weight decay and a `mask` argument (adamw, lamb, ...) gets the mask of
     `optimizer.weight_decay_on` unless `optimizer.kwargs` sets one."""
     fn = optax_optimizer(opt.name)
-    given = opt.get("kwargs") or {}
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    given = parse_kwargs(opt.get("kwargs", ""), opt.name)
     allowed = [p for p in inspect.signature(fn).parameters if p != "learning_rate"]
     for key in given:
         if key not in allowed:
