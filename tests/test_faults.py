@@ -5,6 +5,7 @@ image sizes, the progress bar's ETA)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,28 @@ def test_config_differences_allowed_refused_and_one_sided():
     assert refused == ["model.bn_epsilon: '<unset>' -> 1e-05", "optimizer.lr: 0.1 -> 0.2"]
     assert allowed == {"train.eval_batch_size": [128, 64], "train.kernels": ["<unset>", "fused"],
                        "train.log_every_steps": [5, 7]}
+
+
+@pytest.mark.parametrize("stored", [{}, None, "b1=0.95", {"b1": 0.95}])
+def test_resume_compares_optimizer_kwargs_by_the_arguments_they_give(stored, tmp_path):
+    """optimizer.kwargs was a dict (`{}` in older runs' config.json, or no field before that)
+    and is now a string of keyword arguments: a run resumes when both give the same
+    arguments, and is refused, naming the argument, when they do not."""
+    config = tiny_digits_config()
+    config.optimizer.name = "adamw"
+    old = json.loads(config.to_json())
+    if stored is None:
+        del old["optimizer"]["kwargs"]
+    else:
+        old["optimizer"]["kwargs"] = stored
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    same = stored in ("b1=0.95", {"b1": 0.95})
+    config.optimizer.kwargs = "b1=0.95" if same else ""
+    assert run_dir.check_resume(config, str(tmp_path), overwrite=False) == {}
+    config.optimizer.kwargs = "b1=0.9" if same else "b1=0.95"
+    with pytest.raises(run_dir.ConfigMismatchError,
+                       match=re.escape(f"optimizer.kwargs.b1: {0.95 if same else '<unset>'!r}")):
+        run_dir.check_resume(config, str(tmp_path), overwrite=False)
 
 
 def test_workdir_lock_refuses_a_live_holder_and_replaces_a_stale_one(tmp_path):

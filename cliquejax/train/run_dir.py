@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from cliquejax import report
+from cliquejax.train import optim
 
 # Fields that may differ between a run and the config resuming or evaluating it: how often
 # to log, evaluate and checkpoint, how many checkpoints to keep, where to stop
@@ -79,10 +80,24 @@ def _in(name: str, groups) -> bool:
     return any(name == group or name.startswith(group + ".") for group in groups)
 
 
+def _comparable(tree: dict) -> dict:
+    """`tree` with `optimizer.kwargs` as the arguments it gives, so that a config's string
+    (`"b1=0.9"`, `""`) equals the dict an older run's config.json holds (`{"b1": 0.9}`, `{}`)."""
+    optimizer = tree.get("optimizer")
+    if not isinstance(optimizer, dict) or "kwargs" not in optimizer:
+        return tree
+    try:  # through JSON, as config.json holds them: tuples become lists
+        kwargs = json.loads(json.dumps(optim.parse_kwargs(optimizer["kwargs"],
+                                                          optimizer.get("name"))))
+    except (TypeError, ValueError):
+        return tree  # compared as written; building the optimizer refuses it
+    return {**tree, "optimizer": {**optimizer, "kwargs": kwargs}}
+
+
 def config_differences(old: dict, new: dict) -> tuple[list[str], dict]:
     """(refused, allowed) between two config dicts: `refused` lists the fields that change
     the run as `name: old -> new`; `allowed` maps the other changed fields to [old, new]."""
-    flat_old, flat_new = flatten(old), flatten(new)
+    flat_old, flat_new = flatten(_comparable(old)), flatten(_comparable(new))
     refused, allowed = [], {}
     for key in sorted(set(flat_old) | set(flat_new)):
         before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
