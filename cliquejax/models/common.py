@@ -47,6 +47,7 @@ class ModelConfig:
 
     @property
     def bn(self) -> ops.BNSpec:
+        """The BatchNorm every layer of the model uses."""
         return ops.BNSpec(float(self.bn_momentum), float(self.bn_epsilon),
                           self.bn_running_var == "unbiased")
 
