@@ -11,7 +11,6 @@ this package, so a fork for accelerators may delete it.
 - `ops`: BatchNorm-ReLU and max pooling with written-out gradients, remat residuals saved
   as integer bits, the gradient norm in one reduction; `ops.KERNELS` is the namespace the
   models take.
-- `optim`: the optimizer update on one flat vector of all parameters.
 - `platform`: XLA:CPU flags and the restart with transparent huge pages.
 
 Importing this package itself loads nothing (the launcher reads `platform` before JAX).
