@@ -41,31 +41,38 @@ class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed (disk full, permissions): the run cannot go on safely."""
 
 
-class _DropOrbaxSaveTracebacks(logging.Filter):
+class _DropOrbaxTracebacks(logging.Filter):
     """Orbax logs a failed background save with its traceback before the error reaches
-    `check`/`wait`, which raise it as one line (CheckpointSaveError): drop the log."""
+    `check`/`wait`, which raise it as one line (CheckpointSaveError), and asyncio logs the
+    reads of a damaged checkpoint that failed after the first one ended the restore (raised
+    as one line, CheckpointCorruptError): drop these logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         where = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
-        from_orbax = where in (record.pathname or "") or (
-            record.name == "asyncio" and where in record.getMessage())  # its write tasks
+        message = record.getMessage() if record.name == "asyncio" else ""
+        from_orbax = (where in (record.pathname or "") or where in message  # its write tasks
+                      or "in OCDBT database" in message)  # TensorStore's checkpoint reads
         return not (from_orbax and record.levelno >= logging.ERROR)
 
 
-_ORBAX_FILTER = _DropOrbaxSaveTracebacks()
+_ORBAX_FILTER = _DropOrbaxTracebacks()
 
 
-def _quiet_closed_loop_hook(previous):
-    """TensorStore writes that finish after Orbax closed the event loop of a failed save
-    report `RuntimeError: Event loop is closed` as unraisable errors: noise after the save
-    error has been raised as one line."""
+def _quiet_orbax_leftovers_hook(previous):
+    """Drops the unraisable errors Orbax leaves behind once a save or restore has failed
+    and been raised as one line: TensorStore writes that finish after the failed save closed
+    its event loop (`RuntimeError: Event loop is closed`), and the read coroutines of a
+    damaged checkpoint that fail after the first failure ended the restore."""
+    where = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
 
     def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        closed_loop = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        orbax_coroutine = code is not None and where in code.co_filename
+        if not (closed_loop or orbax_coroutine):
             previous(unraisable)
 
-    hook.quiets_closed_loop = True
+    hook.quiets_orbax_leftovers = True
     return hook
 
 
@@ -121,8 +128,8 @@ class Checkpointer:
         )
         for logger in ("absl", "asyncio"):
             logging.getLogger(logger).addFilter(_ORBAX_FILTER)  # once: filters are a set
-        if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
-            sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
+        if not getattr(sys.unraisablehook, "quiets_orbax_leftovers", False):
+            sys.unraisablehook = _quiet_orbax_leftovers_hook(sys.unraisablehook)
         self._pending_step = None
         self._manager = ocp.CheckpointManager(
             self.directory,

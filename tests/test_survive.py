@@ -425,18 +425,39 @@ def test_overwrite_with_the_same_config_starts_anew(env, reference, tmp_path):
     overwrite_starts_anew(env, workdir, before)
 
 
+def referenced_values(step_dir) -> list[tuple[str, int, int]]:
+    """(data file, offset, length) of every array chunk the step's OCDBT tree points to.
+
+    The data files also hold superseded tree nodes and chunks of earlier commits, which a
+    restore never reads, so damage aimed at "the largest file" may miss (it did on CI).
+    """
+    import tensorstore as ts
+
+    base = step_dir / "state" / "ocdbt.process_0"
+    store = ts.KvStore.open(f"file://{base}/").result()
+    version = ts.ocdbt.dump(store).result()["versions"][-1]
+    assert version["root_height"] == 0  # the tiny run's tree is one leaf node
+    values = []
+    for entry in ts.ocdbt.dump(store, version["root"]["location"]).result()["entries"]:
+        if "indirect_value" in entry:  # "value::d/<file>:<offset>:<length>"
+            name, offset, length = entry["indirect_value"].split("::")[1].rsplit(":", 2)
+            values.append((str(base / name), int(offset), int(length)))
+    assert values, f"no array data referenced in {base}"
+    return values
+
+
 def damage(step_dir, how: str) -> None:
-    """Flips 16 bytes in the middle of, or truncates, the largest array file of a step."""
-    files = sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(),
-                   key=os.path.getsize)
-    path = files[-1]
+    """Damages the largest array chunk a restore of the step reads: truncates its file
+    where the chunk starts, or flips 16 bytes in its middle (it still decodes)."""
+    path, offset, length = max(referenced_values(step_dir), key=lambda value: value[2])
     if how == "truncate":
-        os.truncate(path, os.path.getsize(path) // 2)
+        os.truncate(path, offset)
         return
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
+    data = bytearray(open(path, "rb").read())
+    middle = offset + length // 2
     data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
-    path.write_bytes(bytes(data))
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
 
 
 def test_damaged_checkpoints_fall_back_to_the_previous_good_one(env, reference, tmp_path):
