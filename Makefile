@@ -18,8 +18,9 @@ run: $(STAMP)
 lint: $(STAMP)
 	.venv/bin/ruff check .
 
+# Two workers, a file to each at a time, the longest files first (tests/conftest.py).
 test: lint
-	$(PY) -m pytest -q -n 2 --dist=loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --repeats 1  # the loop form alone takes ~17 min a round on 2 cores

@@ -17,6 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "data", "tfds")
 
 
+# The longest files first (make test runs them on two workers, a file to one worker): a long
+# file started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_survive.py", "test_train.py", "test_precision_remat.py",
+                 "test_models.py", "test_distributed.py", "test_mbcliquenet.py",
+                 "test_export.py", "test_lower.py", "test_readme.py", "test_kernels.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+
+
 def python_without_cliquejax(env=None) -> tuple[list[str], dict]:
     """(argv prefix, environment) of this interpreter with its installed packages but not the
     editable cliquejax that make installs: `-S` skips the site-packages .pth files (where the
