@@ -466,7 +466,8 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(env, reference, 
     damage(workdir / "checkpoints" / str(TOTAL_STEPS), "truncate")
     code, _, err = launch(env, workdir)
     assert code == 0, err[-3000:]
-    assert "Traceback" not in err
+    # nothing of the failed reads after the warning (Orbax's coroutines, asyncio's futures)
+    assert not re.search(r"Traceback|Exception ignored|never retrieved|^E\d{4} ", err, re.M)
     assert re.search(rf"warning: checkpoint {workdir}/checkpoints/{TOTAL_STEPS} cannot be read "
                      rf"\(.+\); falling back to step {STEPS_PER_EPOCH}\n", err), err[-3000:]
     assert_finished_like(reference, workdir)
