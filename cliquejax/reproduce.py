@@ -340,8 +340,7 @@ def match(row: Row, runs: list[Run]):
 def _counts(recipe: Recipe) -> tuple[int, int]:
     from cliquejax import summary
 
-    result = summary.summarize(recipe.load())
-    return result["params"], result["flops"]
+    return summary.counts(recipe.load())
 
 
 def _percent(fraction):

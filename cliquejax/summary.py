@@ -94,6 +94,17 @@ def _top_module(scope: str, names) -> str:
     return next((part for part in scope.split("/") if part in names), "(root)")
 
 
+def counts(config) -> tuple[int, int]:
+    """(parameters, FLOPs) of `config` as `summarize` counts them, from one trace of init and
+    one of the forward pass (no per-module rows, outputs or storage)."""
+    image_shape, num_classes = model_input(config)
+    model = models.build_model(config, num_classes)
+    image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image)
+    forward = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, image)
+    return _count(variables["params"]), 2 * int(sum(jaxpr_macs(forward.jaxpr).values()))
+
+
 def summarize(config) -> dict:
     """Per-module rows and totals for `config` (one image of the data set's size)."""
     image_shape, num_classes = model_input(config)

@@ -13,7 +13,7 @@ import pytest
 from cliquejax import summary
 from cliquejax.models import build_model
 from cliquejax.models import cliquenet_imagenet as imagenet_model
-from configs import cliquenet_cifar10, cliquenet_imagenet, densenet_cifar10
+from configs import cliquenet_cifar10, cliquenet_imagenet, densenet_cifar10, mbclique_cifar10
 
 # docs/papers.md §1 and the CliqueNet README's Table 3: (k, T, params, FLOPs) as printed.
 CLIQUENET_ROWS = [(36, 12, "0.94M", "0.91G"), (64, 15, "4.49M", "4.21G"),
@@ -152,3 +152,12 @@ def test_summary_cli_json():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["params"] == 935_994 and report["flops"] == 2 * report["macs"]
     assert report["macs"] == sum(row["macs"] for row in report["modules"])
+
+
+@pytest.mark.parametrize("get_config", [cliquenet_cifar10.get_config, mbclique_cifar10.get_config],
+                         ids=["cliquenet", "mbcliquenet"])
+def test_counts_are_the_summary_totals(get_config):
+    """`summary.counts` (what reproduce prints beside the published sizes) traces less than
+    `summarize` and must give the same parameters and FLOPs."""
+    result = summary.summarize(get_config())
+    assert summary.counts(get_config()) == (result["params"], result["flops"])
