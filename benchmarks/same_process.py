@@ -39,6 +39,8 @@ def configure() -> None:
 
 
 def export(args) -> None:
+    """Written out rather than shared with jax_step.measure: it must run against older
+    checkouts, whose jax_step has only `build_config` in common with this one."""
     import jax
 
     from benchmarks import jax_step

@@ -27,6 +27,7 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 STATE_CHECKSUM = "state_sha256"
 CORRUPT_SUFFIX = "-corrupt"  # damaged checkpoints are moved to `<directory>-corrupt/<step>`
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"  # in Orbax's file paths
 
 
 class CheckpointMismatchError(ValueError):
@@ -48,9 +49,9 @@ class _DropOrbaxTracebacks(logging.Filter):
     as one line, CheckpointCorruptError): drop these logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        where = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
         message = record.getMessage() if record.name == "asyncio" else ""
-        from_orbax = (where in (record.pathname or "") or where in message  # its write tasks
+        from_orbax = (_ORBAX_SOURCE in (record.pathname or "")
+                      or _ORBAX_SOURCE in message  # its write tasks
                       or "in OCDBT database" in message)  # TensorStore's checkpoint reads
         return not (from_orbax and record.levelno >= logging.ERROR)
 
@@ -63,12 +64,11 @@ def _quiet_orbax_leftovers_hook(previous):
     and been raised as one line: TensorStore writes that finish after the failed save closed
     its event loop (`RuntimeError: Event loop is closed`), and the read coroutines of a
     damaged checkpoint that fail after the first failure ended the restore."""
-    where = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
 
     def hook(unraisable):
         value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
         closed_loop = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-        orbax_coroutine = code is not None and where in code.co_filename
+        orbax_coroutine = code is not None and _ORBAX_SOURCE in code.co_filename
         if not (closed_loop or orbax_coroutine):
             previous(unraisable)
 

@@ -94,23 +94,26 @@ def _top_module(scope: str, names) -> str:
     return next((part for part in scope.split("/") if part in names), "(root)")
 
 
-def counts(config) -> tuple[int, int]:
-    """(parameters, FLOPs) of `config` as `summarize` counts them, from one trace of init and
-    one of the forward pass (no per-module rows, outputs or storage)."""
+def _abstract_model(config):
+    """(model, one abstract image, abstract variables, classes): nothing is allocated."""
     image_shape, num_classes = model_input(config)
     model = models.build_model(config, num_classes)
     image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image)
+    return model, image, variables, num_classes
+
+
+def counts(config) -> tuple[int, int]:
+    """(parameters, FLOPs) of `config` as `summarize` counts them, from one trace of init and
+    one of the forward pass (no per-module rows, outputs or storage)."""
+    model, image, variables, _ = _abstract_model(config)
     forward = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, image)
     return _count(variables["params"]), 2 * int(sum(jaxpr_macs(forward.jaxpr).values()))
 
 
 def summarize(config) -> dict:
     """Per-module rows and totals for `config` (one image of the data set's size)."""
-    image_shape, num_classes = model_input(config)
-    model = models.build_model(config, num_classes)
-    image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), image)
+    model, image, variables, num_classes = _abstract_model(config)
     forward = lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
                                        mutable=["intermediates"])
     _, state = jax.eval_shape(forward, variables, image)
@@ -126,7 +129,7 @@ def summarize(config) -> dict:
         rows.append({"module": name, "params": _count(tree), "macs": int(macs.get(name, 0)),
                      "output": shapes[0] if len(shapes) == 1 else shapes})
     total_macs = int(sum(macs.values()))
-    result = {"model": config.model.name, "input": list(image_shape), "classes": num_classes,
+    result = {"model": config.model.name, "input": list(image.shape[1:]), "classes": num_classes,
               "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
               "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
     if bits.has_quantized_layers(variables):

@@ -14,6 +14,7 @@ from configs import cliquenet_cifar10
 from tests.conftest import DATA_DIR, tiny_digits_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 1437 // 64  # the digits' train split at batch 64
 
 
 def launch(*args, timeout=600, **env):
@@ -28,7 +29,7 @@ def test_digits_run_learns_and_writes_everything(trained_digits_run):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
     with open(os.path.join(workdir, "results.json")) as handle:
         assert json.load(handle) == json.loads(json.dumps(results))
-    assert results["steps"] == 6 * (1437 // 64) and results["epochs"] == 6.0
+    assert results["steps"] == 6 * STEPS_PER_EPOCH and results["epochs"] == 6.0
     # Six epochs of a small binary net (16-16-32 wide), ending mid-cycle; chance is 10%. The
     # figure depends on the CPU: its rounding flips other signs, and the run diverges (61%
     # on one machine, 44% on another, each per epoch rising with dips).
@@ -60,14 +61,15 @@ def test_resumed_run_equals_uninterrupted_on_the_reference_path(tmp_path):
             f"--compilation_cache={tmp_path / 'cache'}"]
     cache = dict(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     runs = []
-    for name, extra in (("whole", []), ("split", ["--config.train.max_steps=22"]),
+    for name, extra in (("whole", []),
+                        ("split", [f"--config.train.max_steps={STEPS_PER_EPOCH}"]),
                         ("split", [])):
         done = launch(*tiny, f"--workdir={tmp_path / name}", *extra, **cache)
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     whole, first, resumed = runs
-    assert first["steps"] == 1437 // 64 and not first["resumed"]
-    assert resumed["resumed"] and resumed["steps"] == whole["steps"] == 2 * (1437 // 64)
+    assert first["steps"] == STEPS_PER_EPOCH and not first["resumed"]
+    assert resumed["resumed"] and resumed["steps"] == whole["steps"] == 2 * STEPS_PER_EPOCH
     assert resumed["params_fingerprint"] == whole["params_fingerprint"]
 
 
