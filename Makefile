@@ -23,7 +23,7 @@ test: lint
 	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_step.py --repeats 1  # the loop form alone takes ~17 min a round on 2 cores
+	$(PY) benchmarks/bench_step.py --repeats 1  # times in benchmarks/README.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,5 +1,5 @@
 """The default run (`make run`): a small MBCliqueNet on scikit-learn's bundled 8x8 digits,
-offline, a few minutes on a laptop CPU. Same recipe as the paper (SGD 0.9, weight decay
+offline, small enough for a laptop CPU. Same recipe as the paper (SGD 0.9, weight decay
 5e-4, SGDR 0.1 -> 1e-4 with cycles ending at epochs 2, 4, 8, ..., 64); no flip (mirrored
 digits are other digits), pad-1 random crop."""
 
