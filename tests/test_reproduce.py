@@ -123,6 +123,19 @@ def test_text_table_shows_published_ours_and_the_run(mbcliquenet_report):
     assert "not run" in out.getvalue()
 
 
+def test_readme_shows_this_commands_output_on_the_committed_runs():
+    """README.md's results table is `reproduce --paper=mbcliquenet` as printed today, over
+    the runs committed under results/ (the MNIST row's measured accuracy included)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = "python -m cliquejax.reproduce --paper=mbcliquenet"
+    shown = readme.split(command, 1)[1].split("```\n```\n", 1)[1].split("```", 1)[0]
+    out = StringIO()
+    with redirect_stdout(out):
+        assert reproduce.main(["--paper=mbcliquenet"]) == 0
+    assert shown == out.getvalue()
+    assert "99.63   99.38" in shown  # published, and the committed reduced run
+
+
 def test_counts_are_summarys_and_match_the_published_ones():
     rows = [r for r in reproduce.paper_rows(["cliquenet"])
             if r.model == "CliqueNet (k=36, T=12)" and r.metric in ("params", "flops")]
