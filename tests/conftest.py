@@ -1,13 +1,30 @@
 """Shared fixtures: tiny configs and one short trained run on the bundled digits. The tests
-run under the XLA flags launch.py sets (`platform.configure_xla`, before JAX starts)."""
+run under the XLA flags launch.py sets (`platform.configure_xla`, before JAX starts).
 
+One JAX compilation cache serves the whole session, fresh for it: the xdist workers and the
+launch.py processes they start inherit its directory from the first process to import this
+file, so a program compiled by one of them is loaded by the others (the same executable, so
+the same bits). Tests about the cache itself give their own directory."""
+
+import fcntl
+import json
 import os
+import shutil
 import site
 import sys
+import tempfile
 
 import pytest
 
-from cliquejax import platform
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cliquejax-tests-jax-")
+    SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # this process removes it
+else:
+    SESSION_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+from cliquejax import platform  # noqa: E402
 
 platform.configure_xla()
 
@@ -22,6 +39,11 @@ DATA_DIR = os.path.join(ROOT, "data", "tfds")
 LONGEST_FIRST = ("test_survive.py", "test_train.py", "test_precision_remat.py",
                  "test_models.py", "test_distributed.py", "test_mbcliquenet.py",
                  "test_export.py", "test_lower.py", "test_readme.py", "test_kernels.py")
+
+
+def pytest_unconfigure(config):
+    if SESSION_CACHE:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -70,10 +92,23 @@ def tiny_digits_config(**train):
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory):
     """(config, workdir, results) of a finished six-epoch run (SGDR cycles end at epochs 2
-    and 4; the run ends halfway through the next)."""
+    and 4; the run ends halfway through the next).
+
+    Trained once per session: under xdist the first worker to ask trains it while the other
+    waits on a lock. Each worker gets its own copy, since the tests evaluate it again (which
+    locks the workdir and writes eval.json) and export it."""
     from cliquejax.train import loop
 
-    workdir = str(tmp_path_factory.mktemp("digits_run"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, shared by its workers
+    trained = root / "digits_run_trained"
     config = tiny_digits_config(epochs=6)
-    results = loop.train_and_evaluate(config, workdir)
-    return config, workdir, results
+    with open(root / "digits_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (trained / "results.json").exists():
+            loop.train_and_evaluate(config, str(trained))
+    workdir = tmp_path_factory.mktemp("digits_run") / "run"
+    shutil.copytree(trained, workdir)
+    with open(workdir / "results.json") as handle:
+        return config, str(workdir), json.load(handle)
