@@ -98,13 +98,15 @@ def test_every_option_trains_under_jit(options):
 @pytest.mark.parametrize("x,same_as", [(0, "I+I"), (2, "II+II")])
 def test_variant_x_limits(x, same_as):
     """X = 0 is I+I, X = n is II+II: the same parameters and the same network function."""
-    _, v_x, _, _, _, logits_x = init_and_step(cifar_config(k=4, T=6, variant="X", x=x))
-    _, v_ref, _, _, _, _ = init_and_step(cifar_config(k=4, T=6, variant=same_as))
-    assert jax.tree.structure(v_x) == jax.tree.structure(v_ref)
+    model_x = build_model(cifar_config(k=4, T=6, variant="X", x=x), 5)
     model_ref = build_model(cifar_config(k=4, T=6, variant=same_as), 5)
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-    np.testing.assert_allclose(model_ref.apply(v_x, images, train=False), logits_x,
-                               rtol=1e-6, atol=1e-6)
+    v_x = model_x.init(jax.random.PRNGKey(1), images)
+    v_ref = jax.eval_shape(model_ref.init, jax.random.PRNGKey(1), images)
+    assert jax.tree.structure(v_x) == jax.tree.structure(v_ref)
+    assert jax.tree.map(jnp.shape, v_x) == jax.tree.map(lambda a: a.shape, v_ref)
+    np.testing.assert_allclose(model_ref.apply(v_x, images, train=False),
+                               model_x.apply(v_x, images, train=False), rtol=1e-6, atol=1e-6)
 
 
 def test_densenet_trains_under_jit():

@@ -214,14 +214,10 @@ def float32_template(config):
 def test_bfloat16_learns_with_float32_state(tmp_path):
     """Chance is 0.10. Measured on CPU, final test accuracy float32 / bfloat16 after 8
     epochs: 0.908 / 0.914 (seed 0), 0.958 / 0.931 (seed 1), 0.892 / 0.939 (seed 2); after 4
-    epochs the seed alone moved a run by 10-15 points. So bfloat16 must reach 0.8 and be at
-    most 8 points below float32 (same seed)."""
-    accuracy = {}
-    for dtype in ("float32", "bfloat16"):
-        results = loop.train_and_evaluate(learning_config(dtype), str(tmp_path / dtype))
-        accuracy[dtype] = results["final_test_accuracy"]
-    assert accuracy["bfloat16"] > 0.8, accuracy
-    assert accuracy["bfloat16"] >= accuracy["float32"] - 0.08, accuracy
+    epochs the seed alone moved a run by 10-15 points. So bfloat16 must reach 0.8, which
+    float32 reaches with every seed tried."""
+    results = loop.train_and_evaluate(learning_config("bfloat16"), str(tmp_path / "bfloat16"))
+    assert results["final_test_accuracy"] > 0.8, results
     # The saved state must match a float32 template (restore checks dtypes), and be float32.
     template = float32_template(learning_config("bfloat16"))
     with checkpoint.Checkpointer(tmp_path / "bfloat16" / "checkpoints") as saved:
