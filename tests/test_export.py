@@ -31,8 +31,9 @@ def digits(trained_digits_run, tmp_path_factory):
     trainer.checkpoints.close()
     files = {fmt: str(out / f"model.{fmt}") for fmt in export.FORMATS}
     sizes = {fmt: export.export_checkpoint(workdir, path, fmt) for fmt, path in files.items()}
+    reference = predict.predictor(trainer)
     return {"config": config, "workdir": workdir, "results": results, "images": images,
-            "labels": labels, "reference": predict.predictor(trainer)(images),
+            "labels": labels, "predict": reference, "reference": reference(images),
             "files": files, "sizes": sizes}
 
 
@@ -62,6 +63,9 @@ def test_standalone_equals_predict_for_any_batch_and_reaches_the_run_accuracy(di
     predict_fn = standalone.load(digits["files"]["standalone"])
     assert predict_fn.exported.platforms == ("cpu", "cuda", "tpu")
     assert not isinstance(predict_fn.exported.in_avals[0].shape[0], int)  # symbolic batch
+    # the header: the digits' shape and classes (named 0..9, so no separate names)
+    assert (predict_fn.image_shape, predict_fn.num_classes) == ((8, 8, 1), 10)
+    assert predict_fn.class_names is None
     for batch in (1, 7, 64):
         logits = predict_fn(digits["images"][:batch])
         assert logits.shape == (batch, 10)
@@ -94,7 +98,7 @@ def test_standalone_script_runs_without_cliquejax(digits, tmp_path):
     assert broken.stderr.count("\n") == 1 and "truncated or corrupt" in broken.stderr
 
 
-def test_predict_command_reads_npz_and_png(digits, tmp_path, capsys):
+def test_predict_command_reads_npz_png_and_jpeg(digits, tmp_path, capsys):
     np.savez(tmp_path / "images.npz", images=digits["images"][:5])
     predict.main([f"--workdir={digits['workdir']}", str(tmp_path / "images.npz"),
                   "--logits", str(tmp_path / "logits.npy"), "--top=3"])
@@ -102,10 +106,17 @@ def test_predict_command_reads_npz_and_png(digits, tmp_path, capsys):
     order = np.argsort(-digits["reference"][:5], -1, kind="stable")[:, :3]
     assert lines == [f"{i}\t" + "\t".join(map(str, row)) for i, row in enumerate(order)]
     assert np.max(np.abs(np.load(tmp_path / "logits.npy") - digits["reference"][:5])) < 1e-5
-    png = str(tmp_path / "digit.png")
+    png, jpeg = str(tmp_path / "digit.png"), str(tmp_path / "digit.jpg")
     Image.fromarray(digits["images"][3, ..., 0]).save(png)
-    predict.main([f"--workdir={digits['workdir']}", png])
-    assert capsys.readouterr().out == f"{png}\t{order[3, 0]}\n"
+    Image.fromarray(digits["images"][4, ..., 0]).save(jpeg, quality=90)
+    predict.main([f"--workdir={digits['workdir']}", png, jpeg, "--logits",
+                  str(tmp_path / "files.npy")])
+    with Image.open(jpeg) as image:  # lossy: the reference is the decoded pixels
+        decoded = np.asarray(image)[None, ..., None]
+    expected = digits["predict"](decoded)[0]
+    assert capsys.readouterr().out == f"{png}\t{order[3, 0]}\n{jpeg}\t{np.argmax(expected)}\n"
+    logits = np.load(tmp_path / "files.npy")
+    assert np.max(np.abs(logits - [digits["reference"][3], expected])) < 1e-5
     _one_line_exit(capsys, predict.main, [f"--workdir={digits['workdir']}", "missing.png"])
 
 
@@ -138,10 +149,12 @@ def test_bad_runs_are_refused_before_anything_is_created(digits, tmp_path, capsy
     assert not (tmp_path / "x.clqs").exists()
 
 
-def test_export_command_prints_only_its_sizes(digits, tmp_path, capsys):
+def test_export_command_prints_only_its_sizes(digits, tmp_path, capfd):
+    """One line on stdout; nothing on stderr (no library logging, also from C++)."""
     out = tmp_path / "m.clqs"
     export.main([f"--workdir={digits['workdir']}", f"--out={out}", "--format=standalone"])
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
+    assert errors == ""
     assert printed.count("\n") == 1 and printed.startswith(f"wrote {out} (standalone")
     for figure in ("packed weights", "program", "float32 model", str(out.stat().st_size)):
         assert figure in printed
