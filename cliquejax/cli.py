@@ -52,19 +52,43 @@ def load_config_flag(flag_values, name: str = "config"):
     return config
 
 
+def quiet_logging() -> None:
+    """Only the command's own lines: the libraries' INFO logging (Orbax, TFDS, JAX's
+    backend probing) off."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "absl", "orbax", "tensorflow_datasets", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def fail(message: str, code: int = USAGE_EXIT):
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
 
+def _find_config_package() -> None:
+    """Config files import their siblings as `configs.<name>` (as big_vision's do): the
+    directory holding the config file's `configs/` goes first on sys.path, so a config given
+    by any path loads from any working directory, a fork's copy importing its own siblings."""
+    path = _config_argument().split(":", 1)[0]
+    configs_dir = os.path.dirname(os.path.abspath(path))
+    if path != "?" and os.path.basename(configs_dir) == "configs":
+        sys.path.insert(0, os.path.dirname(configs_dir))
+
+
 def run_app(main) -> None:
     """absl's app.run(main), with mistakes raised while the flags and the config file are
-    parsed (a bad override, a config file with a syntax error) as one-line errors."""
+    parsed (a bad override, a config file with a syntax error or a failing import) as
+    one-line errors."""
     from absl import app, flags
 
+    _find_config_package()
     try:
         app.run(main)
-    except SyntaxError as error:
+    except (SyntaxError, ImportError) as error:
         fail(config_file_error(_config_argument(), error))
     except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as error:
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cliquejax import binary, bits, models, standalone
+from cliquejax import binary, bits, cli, models, standalone
 
 MAGIC, VERSION = b"CLQX", 2
 _PREFIX = struct.Struct("<4sIQI")  # magic, version, header length, header crc32
@@ -295,17 +295,6 @@ def serialize_standalone(config, variables, info, class_names=None) -> tuple[byt
 # ------------------------------------------------------------------------ from a run
 
 
-def quiet_logging() -> None:
-    """Only the command's own lines: the libraries' INFO logging (Orbax, TFDS, JAX) off."""
-    import logging
-
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    for name in ("jax", "absl", "orbax", "tensorflow_datasets", "grain"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def restore(workdir: str, what: str = "export"):
     """(config, trainer holding the latest good checkpoint) of the run in `workdir`, from its
     own config.json (`evaluate.restore_trainer`: creates nothing on disk, one-line errors,
@@ -407,7 +396,7 @@ def main(argv=None) -> None:
     parser.add_argument("--format", default="clqx", choices=FORMATS,
                         help="clqx (cliquejax.export.load) or standalone (jax only)")
     args = parser.parse_args(argv)
-    quiet_logging()
+    cli.quiet_logging()
     try:
         sizes = export_checkpoint(args.workdir, args.out, args.format)
     except (ValueError, FileNotFoundError) as error:

@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from cliquejax import export, standalone
+from cliquejax import cli, export, standalone
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     parser.add_argument("--logits", help="also save the logits (N, classes) to this .npy")
     parser.add_argument("--top", type=int, default=1, help="classes printed per image")
     args = parser.parse_args(argv)
-    export.quiet_logging()
+    cli.quiet_logging()
     try:
         if args.top < 1:
             raise ValueError(f"--top={args.top}; allowed: 1 or more")

@@ -238,6 +238,7 @@ def main(argv) -> None:
     from cliquejax import cli, data
 
     del argv
+    cli.quiet_logging()
     config = cli.load_config_flag(flags.FLAGS)
     try:
         summary = summarize(config)

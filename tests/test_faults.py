@@ -48,18 +48,31 @@ def labelled_npz(path, train_labels, test_labels, size=8):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "syntax"])
+@pytest.mark.parametrize("case", ["missing", "syntax", "import"])
 def test_config_file_that_cannot_be_loaded_is_one_line(case, tmp_path):
     path = tmp_path / "mine.py"
     if case == "syntax":
         path.write_text("def get_config(:\n")
-    reason = "no such file" if case == "missing" else f"invalid syntax ({path}, line 1)"
+    if case == "import":
+        path.write_text("import no_such_module\n")
+    reason = {"missing": "no such file", "syntax": f"invalid syntax ({path}, line 1)",
+              "import": "No module named 'no_such_module'"}[case]
     expected = (f"error: --config={path} cannot be loaded ({reason}); allowed: a Python file "
                 "with get_config(), such as configs/mbclique_cifar10.py")
     assert one_line(run(f"--config={path}", f"--workdir={tmp_path / 'run'}")) == expected
     assert not os.path.exists(tmp_path / "run")
     if case == "missing":
         assert one_line(run(f"--config={path}", module="cliquejax.summary")) == expected
+
+
+def test_a_config_given_by_path_loads_from_any_directory(tmp_path):
+    """Config files import their siblings (`from configs import ...`): given by path, they
+    load with the working directory elsewhere; and summary prints no library logging."""
+    config = os.path.join(ROOT, "configs", "mbclique_digits.py")
+    done = subprocess.run([sys.executable, "-m", "cliquejax.summary", f"--config={config}",
+                           "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    assert json.loads(done.stdout)["classes"] == 10
 
 
 def test_bad_data_files_are_named_in_one_line(tmp_path):
