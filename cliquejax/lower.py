@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import kernels, summary
+from cliquejax import cli, kernels, summary
 from cliquejax.train import loop, step
 
 PLATFORMS = ("cuda", "tpu", "cpu")
@@ -175,8 +175,9 @@ def main(argv) -> None:
     if not jax.config.jax_platforms:
         # lowering needs no accelerator: skip probing for one (and its log lines)
         jax.config.update("jax_platforms", "cpu")
+    config = cli.load_config_flag(flags.FLAGS)
     try:
-        result = describe(flags.FLAGS.config, flags.FLAGS.platform)
+        result = describe(config, flags.FLAGS.platform)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -184,7 +185,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
@@ -192,4 +193,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
     flags.mark_flags_as_required(["config"])
     sys.path.insert(0, ".")
-    app.run(main)
+    cli.run_app(main)

@@ -1,7 +1,7 @@
 """Bad inputs a user can give, each stopped with one line: through the command line
-(launch.py, cliquejax.summary) for config files, npz files, image folders and TFDS files;
-in process for the rules behind them (config differences, the workdir lock, class counts,
-image sizes, the progress bar's ETA)."""
+(launch.py, cliquejax.summary, cliquejax.lower) for config files, npz files, image folders
+and TFDS files; in process for the rules behind them (config differences, the workdir lock,
+class counts, image sizes, the progress bar's ETA)."""
 
 import json
 import os
@@ -61,8 +61,9 @@ def test_config_file_that_cannot_be_loaded_is_one_line(case, tmp_path):
                 "with get_config(), such as configs/mbclique_cifar10.py")
     assert one_line(run(f"--config={path}", f"--workdir={tmp_path / 'run'}")) == expected
     assert not os.path.exists(tmp_path / "run")
-    if case == "missing":
-        assert one_line(run(f"--config={path}", module="cliquejax.summary")) == expected
+    if case != "syntax":
+        for module in ("cliquejax.summary", "cliquejax.lower"):
+            assert one_line(run(f"--config={path}", module=module)) == expected, module
 
 
 def test_a_config_given_by_path_loads_from_any_directory(tmp_path):
