@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 USAGE_EXIT = 2
 
@@ -79,6 +80,12 @@ def _find_config_package() -> None:
         sys.path.insert(0, os.path.dirname(configs_dir))
 
 
+def _raised_in_config_file(error: BaseException) -> bool:
+    config_file = os.path.abspath(_config_argument().split(":", 1)[0])
+    return any(os.path.abspath(frame.filename) == config_file
+               for frame in traceback.extract_tb(error.__traceback__))
+
+
 def run_app(main) -> None:
     """absl's app.run(main), with mistakes raised while the flags and the config file are
     parsed (a bad override, a config file with a syntax error or a failing import) as
@@ -88,7 +95,11 @@ def run_app(main) -> None:
     _find_config_package()
     try:
         app.run(main)
-    except (SyntaxError, ImportError) as error:
+    except SyntaxError as error:
+        fail(config_file_error(_config_argument(), error))
+    except ImportError as error:
+        if not _raised_in_config_file(error):
+            raise  # a broken installation, not the user's config: keep the whole story
         fail(config_file_error(_config_argument(), error))
     except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as error:
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
