@@ -18,6 +18,7 @@ from cliquejax import reproduce, summary
 from cliquejax.train import run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+README_COMMAND = "python -m cliquejax.reproduce --paper=mbcliquenet"  # run below, as written
 ROW_KEYS = {"paper", "table", "model", "dataset", "metric", "published", "ours", "run"}
 
 
@@ -127,11 +128,10 @@ def test_readme_shows_this_commands_output_on_the_committed_runs():
     """README.md's results table is `reproduce --paper=mbcliquenet` as printed today, over
     the runs committed under results/ (the MNIST row's measured accuracy included)."""
     readme = (REPO_ROOT / "README.md").read_text()
-    command = "python -m cliquejax.reproduce --paper=mbcliquenet"
-    shown = readme.split(command, 1)[1].split("```\n```\n", 1)[1].split("```", 1)[0]
+    shown = readme.split(README_COMMAND, 1)[1].split("```\n```\n", 1)[1].split("```", 1)[0]
     out = StringIO()
     with redirect_stdout(out):
-        assert reproduce.main(["--paper=mbcliquenet"]) == 0
+        assert reproduce.main(shlex.split(README_COMMAND)[3:]) == 0
     assert shown == out.getvalue()
     assert "99.63   99.38" in shown  # published, and the committed reduced run
 
