@@ -39,7 +39,7 @@ def configure_xla(extra_flags: tuple[str, ...] = ()) -> str:
     unless the user already set that flag."""
     flags = os.environ.get("XLA_FLAGS", "").split()
     cpu = cpu_platform()
-    wanted = (cpu.CPU_XLA_FLAGS if cpu else ()) + tuple(extra_flags)
+    wanted = (cpu.cpu_xla_flags() if cpu else ()) + tuple(extra_flags)
     for flag in wanted:
         name = flag.split("=")[0]
         if not any(f.split("=")[0] == name for f in flags):

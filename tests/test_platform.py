@@ -23,9 +23,38 @@ def test_cpu_flags_are_added_on_cpu(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     flags = platform.configure_xla()
-    wanted = flag_names(" ".join(cpu_platform.CPU_XLA_FLAGS)) | {"--xla_dump_to"}
+    wanted = flag_names(" ".join(cpu_platform.cpu_xla_flags())) | {"--xla_dump_to"}
     assert flag_names(flags) == wanted
-    assert "--xla_cpu_use_fusion_emitters=false" in flags.split()
+    assert "--xla_disable_hlo_passes=cse_barrier_expander" in flags.split()
+
+
+def test_each_jaxlib_gets_only_the_flags_it_takes():
+    old, new = cpu_platform.flags_for((0, 10, 2)), cpu_platform.flags_for((0, 11, 0))
+    assert "--xla_cpu_use_fusion_emitters=false" in old  # removed from XLA in jaxlib 0.11
+    assert "--xla_cpu_use_fusion_emitters=false" not in new
+    assert set(new) < set(old)
+
+
+def test_the_installed_jaxlib_starts_with_its_flags():
+    # An unknown flag in XLA_FLAGS aborts XLA at start-up: the flags chosen for this jaxlib
+    # must start a real process (the probe that a newer, untested jaxlib gets).
+    assert cpu_platform._accepted(cpu_platform.cpu_xla_flags())
+    assert not cpu_platform._accepted(("--xla_no_such_flag_in_any_release=1",))
+
+
+def test_an_untested_jaxlib_keeps_only_the_flags_a_process_starts_with(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_platform, "jaxlib_version", lambda: (99, 0, 0))
+    monkeypatch.setattr(
+        cpu_platform,
+        "_FLAGS_AND_LAST_RELEASE",
+        (("--xla_backend_optimization_level=1", None), ("--xla_no_such_flag_in_any_release=1", None)),
+    )
+    flags = cpu_platform.cpu_xla_flags(str(tmp_path))
+    assert flags == ("--xla_backend_optimization_level=1",)
+    record = tmp_path / "xla_cpu_flags-99.0.0.json"
+    assert record.exists()  # probed once: the next process reads the answer
+    monkeypatch.setattr(cpu_platform, "_accepted", lambda flags: pytest.fail("probed twice"))
+    assert cpu_platform.cpu_xla_flags(str(tmp_path)) == flags
 
 
 def test_no_cpu_flags_on_an_accelerator(monkeypatch):
@@ -36,10 +65,10 @@ def test_no_cpu_flags_on_an_accelerator(monkeypatch):
 
 def test_the_users_value_wins(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
     flags = platform.configure_xla().split()
-    assert "--xla_cpu_use_fusion_emitters=true" in flags
-    assert "--xla_cpu_use_fusion_emitters=false" not in flags
+    assert "--xla_backend_optimization_level=3" in flags
+    assert "--xla_backend_optimization_level=1" not in flags
 
 
 def test_default_compilation_cache(monkeypatch):
