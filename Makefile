@@ -1,14 +1,34 @@
-# Two entry points: `make run` (the main job) and `make test` (lint + whole test suite).
-# Both create .venv on first use and re-install only when a requirements file changes.
+# `make run` (the main job), `make test` (lint + the whole suite, what CI runs), `make
+# test-fast` (the edit loop: no test that starts a process) and `make test-oldest` (the fast
+# tests on the oldest supported stack). Each creates its virtualenv on first use and
+# re-installs only when a requirements file changes.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: run test lint bench clean
+# Python 3.12 (jax >= 0.11 needs it) with requirements.txt, the tested lock of the newest
+# releases; without a Python 3.12, python3 with the oldest supported stack.
+PYTHON312 := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
+ifeq ($(PYTHON312),)
+BASE_PYTHON := python3
+LOCK := requirements-oldest.txt
+$(info no Python 3.12 found: .venv uses python3 with the oldest supported stack (requirements-oldest.txt))
+else
+BASE_PYTHON := $(PYTHON312)
+LOCK := requirements.txt
+endif
+PYTHON311 := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3.11),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
+OLD_PY := .venv-oldest/bin/python
+OLD_STAMP := .venv-oldest/.installed
+SAME_PYTHON := import sys; print(sys.version_info[:2])
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+.PHONY: run test test-fast test-oldest lint bench clean
+
+$(STAMP): $(LOCK) requirements-dev.txt pyproject.toml
+	@if [ -x $(PY) ] && [ "$$($(PY) -c '$(SAME_PYTHON)')" != "$$($(BASE_PYTHON) -c '$(SAME_PYTHON)')" ]; \
+	then echo "rebuilding .venv on $(BASE_PYTHON)"; rm -rf .venv; fi
+	test -x $(PY) || $(BASE_PYTHON) -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r $(LOCK) -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .  # `import cliquejax` from any directory
 	touch $(STAMP)
 
@@ -21,6 +41,20 @@ lint: $(STAMP)
 # Two workers, a file to each at a time, the longest files first (tests/conftest.py).
 test: lint
 	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+$(OLD_STAMP): requirements-oldest.txt requirements-dev.txt
+	test -n "$(PYTHON311)" || { echo "make test-oldest needs Python 3.11"; exit 1; }
+	test -x $(OLD_PY) || $(PYTHON311) -m venv .venv-oldest
+	$(OLD_PY) -m pip install --quiet --upgrade pip
+	$(OLD_PY) -m pip install --quiet -r requirements-oldest.txt -r requirements-dev.txt
+	touch $(OLD_STAMP)
+
+# Not installed into the environment: the tests import cliquejax from this checkout.
+test-oldest: $(OLD_STAMP)
+	$(OLD_PY) -m pytest -q -n 2 -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --repeats 1  # times in benchmarks/README.md
