@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -247,7 +246,8 @@ def main(argv) -> None:
     print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command `python -m cliquejax.summary` (`cliquejax-summary` once installed)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -256,5 +256,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.mark_flags_as_required(["config"])
-    sys.path.insert(0, ".")
     cli.run_app(main)
+
+
+if __name__ == "__main__":
+    run()
