@@ -47,6 +47,9 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(items):
+    for item in items:  # the session's digits run is trained end to end: not `make test-fast`
+        if "trained_digits_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
 

@@ -75,6 +75,7 @@ def test_digits_builds_once_through_tfds_and_reads_back(tmp_path):
     assert not set(split["train"]) & set(split["test"])
 
 
+@pytest.mark.slow
 def test_digits_build_is_safe_with_two_processes_at_once(tmp_path):
     script = (
         "import sys; from cliquejax.data import digits_builder as d; "

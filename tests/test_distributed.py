@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import DATA_DIR
 
+pytestmark = pytest.mark.slow  # every test here starts processes (8 devices, two processes)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "sharded_steps.py")
 

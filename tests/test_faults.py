@@ -20,6 +20,8 @@ from cliquejax.data import local_sources
 from cliquejax.train import loop, run_dir
 from tests.conftest import DATA_DIR, tiny_digits_config
 
+pytestmark = pytest.mark.slow  # every test here runs a command as users do, in its own process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
          "--config.model.layers=2,2,2", "--config.train.epochs=1",

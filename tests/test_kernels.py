@@ -278,6 +278,7 @@ print(kernels.resolve(config), model.kernels.name, sorted(m for m in sys.modules
 """
 
 
+@pytest.mark.slow
 def test_a_fork_without_the_cpu_package_builds_and_lowers_the_step(tmp_path):
     """Deleting `cliquejax/cpu/` leaves a codebase whose default (`auto`) is the reference
     kernels, with no XLA:CPU flag, and whose training step traces and lowers."""

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from cliquejax import lower
 from configs import cliquenet_cifar10, cliquenet_imagenet, mbclique_cifar10
@@ -98,6 +99,7 @@ def test_flops_per_image_is_the_summary_figure():
     assert result["param_bytes"] == 4 * summary.summarize(config)["params"]
 
 
+@pytest.mark.slow
 def test_command_line_json_and_bad_platform():
     base = [sys.executable, "-m", "cliquejax.lower", "--config=configs/mbclique_digits.py"]
     done = subprocess.run([*base, "--platform=tpu", "--json"], capture_output=True, text=True,

@@ -147,6 +147,7 @@ def test_impossible_config_is_a_one_line_error(field, value, message):
     assert "allowed" in str(error.value) or "one of" in str(error.value)
 
 
+@pytest.mark.slow
 def test_summary_cli_json():
     result = subprocess.run(
         [sys.executable, "-m", "cliquejax.summary", "--config=configs/cliquenet_cifar10.py",

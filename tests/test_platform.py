@@ -47,7 +47,8 @@ def test_an_untested_jaxlib_keeps_only_the_flags_a_process_starts_with(monkeypat
     monkeypatch.setattr(
         cpu_platform,
         "_FLAGS_AND_LAST_RELEASE",
-        (("--xla_backend_optimization_level=1", None), ("--xla_no_such_flag_in_any_release=1", None)),
+        (("--xla_backend_optimization_level=1", None),
+         ("--xla_no_such_flag_in_any_release=1", None)),
     )
     flags = cpu_platform.cpu_xla_flags(str(tmp_path))
     assert flags == ("--xla_backend_optimization_level=1",)
@@ -120,6 +121,7 @@ def run_restarting_script(tmp_path, **env) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_platform.huge_pages_available(),
                     reason="no glibc >= 2.35 with transparent huge pages on this host")
 def test_restart_keeps_the_arguments_and_gives_malloc_huge_pages(tmp_path):

@@ -26,6 +26,8 @@ from cliquejax import models, summary
 from tests.conftest import launch_config
 from tests.test_reproduce import README_COMMAND
 
+pytestmark = pytest.mark.slow  # every test here runs the README's commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHELL_ONLY = ("make", "pip", "tfds", "srun", "source", "cp")
 RUN_DIR = "runs/mbclique_digits"  # the run the README's deploy commands read

@@ -169,6 +169,7 @@ def test_every_command_is_a_valid_launch_command_for_its_recipe():
         assert flag_values.config.to_dict() == recipes[command].load().to_dict(), command
 
 
+@pytest.mark.slow
 def test_cli_commands_and_a_bad_runs_directory(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     listed = subprocess.run([sys.executable, "-m", "cliquejax.reproduce", "--commands",

@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import DATA_DIR
 
+pytestmark = pytest.mark.slow  # every test here starts launch.py, then kills or signals it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 1437 // 32  # the digits' train split, batch 32: 44 steps per epoch
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH

@@ -13,6 +13,8 @@ from cliquejax.train import loop
 from configs import cliquenet_cifar10
 from tests.conftest import DATA_DIR, tiny_digits_config
 
+pytestmark = pytest.mark.slow  # every test here trains the digits end to end or starts launch.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 1437 // 64  # the digits' train split at batch 64
 
