@@ -15,7 +15,8 @@ import importlib
 import importlib.util
 import os
 
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin")
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin")
 _CPU_PLATFORM = "cliquejax.cpu.platform"
 
 
