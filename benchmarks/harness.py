@@ -102,10 +102,11 @@ def emit(result: dict) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 
-def run_worker(argv: list[str], timeout: float | None = None) -> dict:
+def run_worker(argv: list[str], timeout: float | None = None,
+               python: str = sys.executable) -> dict:
     """Runs `python argv...` and returns the JSON object on its last output line, or
     {"error": ...} if it failed (its standard error is passed through)."""
-    command = [sys.executable, *argv]
+    command = [python, *argv]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               cwd=ROOT)
@@ -120,12 +121,15 @@ def run_worker(argv: list[str], timeout: float | None = None) -> dict:
 
 
 def alternate(sides: dict[str, list[str]], repeats: int, timeout: float | None = None,
-              log: Callable[[str], None] = print) -> dict[str, list[dict]]:
-    """Each side's worker once per round, rounds of all sides in turn: A B A B ..."""
+              log: Callable[[str], None] = print,
+              pythons: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Each side's worker once per round, rounds of all sides in turn: A B A B ...; a side
+    named in `pythons` runs under that interpreter (another virtualenv), the rest under this
+    one."""
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for round_index in range(repeats):
         for name, argv in sides.items():
-            result = run_worker(argv, timeout)
+            result = run_worker(argv, timeout, (pythons or {}).get(name, sys.executable))
             runs[name].append(result)
             shown = (f"{result['images_per_s']:.1f} img/s, peak {result['peak_rss_mb']:.0f} MB"
                      if "error" not in result else result["error"])
