@@ -13,8 +13,9 @@ from cliquejax import export, predict, standalone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD = os.path.join(ROOT, "tests", "data", "jax_0_10_2")
-# The same weights through another XLA release: the convolutions may sum in another order.
-ATOL = 1e-4
+# The same weights through another XLA release: the convolutions may sum in another order,
+# so float32 rounding differs, relative to the logits' size (up to ~80 here).
+ATOL = 1e-6 * 80 * 4
 
 
 @pytest.fixture(scope="module")
