@@ -73,12 +73,8 @@ def main(argv=None) -> dict:
                          harness.fmt(r.get("peak_rss_mb"), ".0f"),
                          harness.fmt(r.get("compile_s"), ".1f"), ratio])
     print(harness.table(header, rows))
-    payload = {"benchmark": "training step under two stacks", "stacks": names,
-               "settings": vars(args), "summary": summary, "runs": runs,
-               "host": harness.environment()}
-    harness.write_json(args.json, payload)
-    print(f"wrote {args.json}")
-    return payload
+    return harness.record(args.json, "training step under two stacks", args, summary, runs,
+                          stacks=names)
 
 
 if __name__ == "__main__":

@@ -84,12 +84,8 @@ def main(argv=None) -> dict:
     print(f"CliqueNet k={args.k} T={args.T}, batch {args.batch}, 32x32, {args.dtype}: "
           f"median of {args.repeats} rounds, each {args.steps} steps after {args.warmup}")
     print_table(summary)
-    payload = {"benchmark": "training step, lax-loop vs unrolled clique blocks",
-               "model": MODEL, "settings": vars(args), "summary": summary, "runs": runs,
-               "host": harness.environment()}
-    harness.write_json(args.json, payload)
-    print(f"wrote {args.json}")
-    return payload
+    return harness.record(args.json, "training step, lax-loop vs unrolled clique blocks", args,
+                          summary, runs, model=MODEL)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,16 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, out, indent=1)
 
 
+def record(path: str, benchmark: str, args, summary: dict, runs: dict, **extra) -> dict:
+    """Writes a driver's JSON (what was measured, its settings, medians, every round and the
+    host) to `path` and returns it."""
+    payload = {"benchmark": benchmark, **extra, "settings": vars(args), "summary": summary,
+               "runs": runs, "host": environment()}
+    write_json(path, payload)
+    print(f"wrote {path}")
+    return payload
+
+
 def fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
