@@ -9,14 +9,18 @@
 Rows: CliqueNet (Yang et al., CVPR 2018; table numbers of the authors' README) Tab 3
 (parameters, FLOPs and test errors of CliqueNet and its DenseNet baselines on CIFAR-10,
 CIFAR-100 and SVHN without augmentation), Tab 1 (the I+I / I+II / II+II variants) and Tab 2
-(Stage-II updates of only the first X layers); MBCliqueNet Table 1 (accuracy of
-MBCliqueNet and, bracketed there, u-MBCliqueNet), Table 2 (the K ablation) and the Tiny
-ImageNet result of its Sec. 3.5. Each row is one published figure, in the papers' own
-terms: CliqueNet prints test error % (the best epoch's, the original code's report),
-MBCliqueNet accuracy % (we report the final epoch's; the paper does not say which).
+(Stage-II updates of only the first X layers); MBCliqueNet Table 1 (parameters of the CIFAR
+setting; accuracy of MBCliqueNet and, bracketed there, u-MBCliqueNet), Table 2 (parameters
+and accuracy against K) and the Tiny ImageNet result of its Sec. 3.5. No reading of the
+MBCliqueNet text gives its four parameter counts: their rows say how far ours is and what
+the closest reading counts (docs/papers.md, "MBCliqueNet parameter counts"). Each row is
+one published figure, in the papers' own terms: CliqueNet prints test error % (the best
+epoch's, the original code's report), MBCliqueNet accuracy % (we report the final epoch's;
+the paper does not say which).
 
 Parameters and FLOPs of ours are counted now by `cliquejax.summary` (shapes only, nothing
-trained or allocated). Accuracies come from run directories written by launch.py
+trained or allocated), for the network "ours" was measured on: a reduced run's own, else the
+recipe's. Accuracies come from run directories written by launch.py
 (config.json, results.json): `--runs` takes run directories or directories holding them,
 by default every directory under the repository's `results/`.
 
