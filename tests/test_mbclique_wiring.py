@@ -187,7 +187,10 @@ READINGS = [dict(clique_conv="per_connection"), dict(stage_two_kernels="own_cliq
             dict(stage_two_kernels="own"), dict(transition_kernel=3),
             dict(transition_width="keep"), dict(attention=True), dict(head_input="stage2"),
             dict(clique_conv="per_connection", transition_width="keep",
-                 stage_two_kernels="own")]
+                 stage_two_kernels="own"),
+            # the lax-loop formulation reads each stage's own kernels too
+            dict(stage_two_kernels="own", unroll=False),
+            dict(clique_conv="per_connection", stage_two_kernels="own_clique", unroll=False)]
 
 
 @pytest.mark.parametrize("reading", READINGS, ids=lambda r: ",".join(f"{k}={v}"
@@ -197,7 +200,8 @@ def test_each_reading_of_the_source_equals_its_written_out_wiring(reading):
     the network written out above: the kernels it adds are used where it says."""
     config = small_config(**reading)
     model, variables, images = built(config)
-    default = build_model(small_config(), 10).init(jax.random.PRNGKey(0), images)["params"]
+    default = jax.eval_shape(lambda x: build_model(small_config(), 10).init(
+        jax.random.PRNGKey(0), x), images)["params"]
     size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
     assert size(variables["params"]) != size(default)  # the reading changes the network
     logits = model.apply(variables, images, train=False)
