@@ -333,22 +333,20 @@ def _read_config(path: str) -> tuple[dict, dict]:
     for field in ("model.name", "data.name"):
         if not isinstance(flat.get(field), str):
             raise _malformed(path, f"{field} missing or not a string")
+    import ml_collections
+
     from cliquejax import models
 
     try:
-        models.model_fields(_ModelFields(tree["model"]))
-    except (ValueError, TypeError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise _malformed(path, f"its model cannot be built ({message})") from None
+        models.model_fields(ml_collections.ConfigDict(tree["model"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise _unbuildable(path, error) from None
     return flat, tree["model"]
 
 
-class _ModelFields(dict):
-    """config.json's "model" as `models.model_fields` reads a config: `.name`, `.items()`."""
-
-    @property
-    def name(self):
-        return self["name"]
+def _unbuildable(path: str, error: Exception) -> UsageError:
+    message = " ".join(str(error).split()) or type(error).__name__
+    return _malformed(path, f"its model cannot be built ({message})")
 
 
 def _read_results(path: str) -> dict:
@@ -489,10 +487,8 @@ def run_counts(row: Row, run: Run) -> tuple[int, int]:
     """The run's own network's (params, FLOPs), or UsageError naming its config.json."""
     try:
         return _model_counts(row.recipe, json.dumps(run.model, sort_keys=True))
-    except (ValueError, KeyError, TypeError) as error:
-        path = os.path.join(run.directory, "config.json")
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise _malformed(path, f"its model cannot be built ({message})") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise _unbuildable(os.path.join(run.directory, "config.json"), error) from None
 
 
 def _percent(fraction):
