@@ -10,6 +10,9 @@ Parameters of a block are a flat dict whose keys name the pieces of the paper:
   W_bottleneck_{i}       (bottleneck only) the 3x3 k -> k conv after the clique conv, shared
   BN_I_bottleneck_{i},   by both stages; its BNs are per stage.
   BN_II_bottleneck_{i}
+  W_II_{j}to{i},         Stage II's own kernels, only where `BlockSpec.stage_two_kernels`
+  W_bottleneck_II_{i}    says the stages do not share them (an MBCliqueNet reading; CliqueNet
+                         shares every kernel).
 
 Batch statistics use the same BN names with {"mean", "var"}.
 
@@ -45,9 +48,19 @@ import jax
 import jax.numpy as jnp
 
 from cliquejax import ops
-from cliquejax.names import BIAS, MEAN, SCALE, VAR, bottleneck_kernel, clique_kernel
+from cliquejax.names import (
+    BIAS,
+    MEAN,
+    SCALE,
+    VAR,
+    bottleneck_kernel,
+    clique_kernel,
+    stage_two_kernel,
+)
 
 VARIANTS = ("II+II", "I+I", "I+II", "X")
+# Which kernels Stage II has of its own: none (CliqueNet), the clique kernels, or all.
+STAGE_TWO_KERNELS = ("shared", "own_clique", "own")
 # What `jax.checkpoint` wraps (module docstring).
 REMAT_POLICIES = ("none", "layer", "layer_keep_1x1", "block")
 
@@ -68,6 +81,7 @@ class BlockSpec:
     dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
     remat: str = "none"  # REMAT_POLICIES (module docstring)
     kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+    stage_two_kernels: str = "shared"  # STAGE_TWO_KERNELS
 
     @property
     def kernel_size(self) -> int:
@@ -88,6 +102,15 @@ class BlockSpec:
 
     def piece_channels(self, j: int) -> int:
         return self.in_channels if j == 0 else self.channels
+
+    def clique_name(self, stage: int, j: int, i: int) -> str:
+        """The kernel from layer j to layer i that `stage` convolves with."""
+        own = stage == 2 and self.stage_two_kernels != "shared"
+        return stage_two_kernel(kernel_name(j, i)) if own else kernel_name(j, i)
+
+    def bottleneck_name(self, stage: int, i: int) -> str:
+        own = stage == 2 and self.stage_two_kernels == "own"
+        return stage_two_kernel(bottleneck_kernel(i)) if own else bottleneck_kernel(i)
 
 
 def kernel_name(j: int, i: int) -> str:
@@ -116,6 +139,10 @@ def param_layout(spec: BlockSpec) -> dict[str, tuple]:
         layout[bn_name(2, i)] = ("bn", (n - 1) * k)
         if spec.bottleneck:
             layout[bn_name(2, i, True)] = ("bn", k)
+        for j in spec.stage_two_inputs(i):
+            layout.setdefault(spec.clique_name(2, j, i), ("kernel", (ks, ks, k, k)))
+        if spec.bottleneck:
+            layout.setdefault(spec.bottleneck_name(2, i), ("kernel", (3, 3, k, k)))
     return layout
 
 
@@ -169,11 +196,11 @@ def _concat_layer(features, kernels, bn, bottleneck, seed, train, spec):
 def _update_unrolled(params, stats, stage, i, pieces, seed, train, spec):
     """Layer i of `stage` from `pieces` [(source j, X_j)]; writes new BN stats into `stats`."""
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
-    bott = ((params[b_name], stats[b_name], params[bottleneck_kernel(i)]) if spec.bottleneck
-            else None)
+    bott = ((params[b_name], stats[b_name], params[spec.bottleneck_name(stage, i)])
+            if spec.bottleneck else None)
     layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
     y, stats[name], new_b = layer([f for _, f in pieces],
-                                  [params[kernel_name(j, i)] for j, _ in pieces],
+                                  [params[spec.clique_name(stage, j, i)] for j, _ in pieces],
                                   (params[name], stats[name]), bott, _layer_seed(seed, stage, i))
     if spec.bottleneck:
         stats[b_name] = new_b
@@ -238,7 +265,8 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
     inputs = spec.stage_one_inputs if stage == 1 else spec.stage_two_inputs
     gaps = [(offset + (i - 1) * k, gap_size(i)) for i in layers]
     kernels = jnp.stack([
-        _insert(jnp.concatenate([params[kernel_name(j, i)] for j in inputs(i)], 2), at, n, 0, 2)
+        _insert(jnp.concatenate([params[spec.clique_name(stage, j, i)] for j in inputs(i)], 2),
+                at, n, 0, 2)
         for i, (at, n) in zip(layers, gaps, strict=True)
     ])
     fills = {SCALE: 0.0, BIAS: 0.0, MEAN: 0.0, VAR: 1.0}
@@ -249,7 +277,8 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
     b_names = [bn_name(stage, i, True) for i in layers] if spec.bottleneck else []
     b_p = _stack([params[m] for m in b_names] or [{}])
     b_s = _stack([stats[m] for m in b_names] or [{}])
-    b_k = jnp.stack([params[bottleneck_kernel(i)] for i in layers]) if spec.bottleneck else None
+    b_k = (jnp.stack([params[spec.bottleneck_name(stage, i)] for i in layers])
+           if spec.bottleneck else None)
 
     def body(idx, carry):
         buffer, bn_s, b_s = carry

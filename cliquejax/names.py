@@ -40,6 +40,14 @@ def bottleneck_kernel(i: int) -> str:
     return f"{BOTTLENECK_KERNEL_PREFIX}{i}"
 
 
+def stage_two_kernel(name: str) -> str:
+    """The Stage-II copy of kernel `name` (`clique_kernel` or `bottleneck_kernel`), for blocks
+    whose stages do not share it: W_II_{j}to{i}, W_bottleneck_II_{i}."""
+    prefix = (BOTTLENECK_KERNEL_PREFIX if name.startswith(BOTTLENECK_KERNEL_PREFIX)
+              else CLIQUE_KERNEL_PREFIX)
+    return f"{prefix}II_{name.removeprefix(prefix)}"
+
+
 def leaf_name(path) -> str:
     """The last key of a pytree path (`jax.tree_util.tree_map_with_path`), as a string."""
     if not path:

@@ -9,28 +9,41 @@
 Rows: CliqueNet (Yang et al., CVPR 2018; table numbers of the authors' README) Tab 3
 (parameters, FLOPs and test errors of CliqueNet and its DenseNet baselines on CIFAR-10,
 CIFAR-100 and SVHN without augmentation), Tab 1 (the I+I / I+II / II+II variants) and Tab 2
-(Stage-II updates of only the first X layers); MBCliqueNet Table 1 (accuracy of
-MBCliqueNet and, bracketed there, u-MBCliqueNet), Table 2 (the K ablation) and the Tiny
-ImageNet result of its Sec. 3.5. Each row is one published figure, in the papers' own
-terms: CliqueNet prints test error % (the best epoch's, the original code's report),
-MBCliqueNet accuracy % (we report the final epoch's; the paper does not say which).
+(Stage-II updates of only the first X layers); MBCliqueNet Table 1 (parameters of the CIFAR
+setting; accuracy of MBCliqueNet and, bracketed there, u-MBCliqueNet), Table 2 (parameters
+and accuracy against K) and the Tiny ImageNet result of its Sec. 3.5. No reading of the
+MBCliqueNet text gives its four parameter counts: their rows say how far ours is and what
+the closest reading counts (docs/papers.md, "MBCliqueNet parameter counts"). Each row is
+one published figure, in the papers' own terms: CliqueNet prints test error % (the best
+epoch's, the original code's report), MBCliqueNet accuracy % (we report the final epoch's;
+the paper does not say which).
 
 Parameters and FLOPs of ours are counted now by `cliquejax.summary` (shapes only, nothing
-trained or allocated). Accuracies come from run directories written by launch.py
+trained or allocated), for the network "ours" was measured on: a reduced run's own, else the
+recipe's. Accuracies come from run directories written by launch.py
 (config.json, results.json): `--runs` takes run directories or directories holding them,
 by default every directory under the repository's `results/`.
 
-A run matches a row when its config.json has the row's model (model.name and the fields
-that make it that row: k, T, variant, x, attention, bottleneck, compression for CliqueNet;
-k, T for DenseNet; binarize, K for MBCliqueNet) on the row's data set. Every other field
-that differs from the row's recipe (widths, layers, epochs, batch size, schedule...) is
-listed, and the run is shown as a reduced run of the row; bookkeeping fields (seed, data
-directory and path, logging, checkpointing, evaluation batch, remat, unroll, workers) are
-not compared, nor fields one side lacks (a run written before the field existed). The data
-set of an `npz` run is read from its file name: one containing "cifar100", "cifar10",
-"svhn" or "mnist" (but not "fashion") is that data set; an `image_folder` of 64 x 64 images
-and 100 classes is the 100-class Tiny ImageNet. When several runs match a row, the
-full-recipe one wins, then the one with fewest differences, then the most epochs.
+The published figures live in `cliquejax/published.json`, beside this file.
+
+A run is a row's run ("ours") when its config.json has the row's model (model.name and the
+fields that make it that row: k, T, variant, x, attention, bottleneck, compression for
+CliqueNet; k, T for DenseNet; binarize, K for MBCliqueNet) on the row's data set, and every
+other field equals the row's recipe or changes only its scale: widths, layers, epochs, steps
+or batch size (the configs scale no learning rate with the batch, so the rate must be the
+recipe's). Such a run is shown as a reduced run, with what it changes, and the params and
+FLOPs beside it are its own network's. A run of the row's model and data set that changes
+anything else (learning rate, augmentation, optimizer, schedule, BatchNorm...) is listed
+under the table as another run, never as ours. A field absent from a run's config.json (a
+run written before the field existed) takes the default in force then
+(`published.json`, "historical_defaults"); one absent and not listed there is a difference.
+Bookkeeping fields (seed, data directory and path, logging, checkpointing, evaluation batch,
+remat, unroll, kernels, workers) are not compared. The data set of an `npz` run is read
+from its file name: one containing "cifar100", "cifar10", "svhn" or "mnist" (but not
+"fashion") is that data set; an `image_folder` of 64 x 64 images and 100 classes is the
+100-class Tiny ImageNet. When several runs are a row's, the full-recipe one wins, then the
+one with fewest changes, then the most epochs. A run directory whose config.json or
+results.json is malformed stops the command with one line naming the file.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -54,15 +68,19 @@ def flatten_config(tree: dict) -> dict:
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RUNS = os.path.join(REPO_ROOT, "results")
+PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
 
 PAPERS = {"cliquenet": "CliqueNet (CVPR 2018)", "mbcliquenet": "MBCliqueNet"}
 DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn_cropped": "SVHN",
                   "mnist": "MNIST", "tiny_imagenet_100": "Tiny ImageNet-100"}
 TABLE_TITLES = {
     ("cliquenet", "Tab 3"): "main results on CIFAR and SVHN without data augmentation",
-    ("cliquenet", "Tab 1"): "block feature / transit feature variants (k=64, T=15)",
+    ("cliquenet", "Tab 1"): "block feature / transit feature variants; k and T are not given "
+                            "by the source (its II+II 5.76 is not Tab 3's k=64, T=15 5.12): "
+                            "run here at k=64, T=15",
     ("cliquenet", "Tab 2"): "Stage-II update of only the first X layers (k=64, T=15)",
-    ("mbcliquenet", "Table 1"): "classification accuracy; u-MBCliqueNet is bracketed there",
+    ("mbcliquenet", "Table 1"): "parameters and classification accuracy; u-MBCliqueNet is "
+                                "bracketed there",
     ("mbcliquenet", "Table 2"): "effect of K, the M-filter's channels (widths 64-64-128)",
     ("mbcliquenet", "Sec. 3.5"): "100-class Tiny ImageNet",
 }
@@ -73,20 +91,46 @@ METRICS = {
     "accuracy_final": "test accuracy % (final epoch)",
     "top5_final": "top-5 accuracy % (final epoch)",
 }
+COUNTS = ("params", "flops")
 IDENTITY = {  # the fields that make a run a run of the row (besides the data set)
     "cliquenet": ("model.name", "model.k", "model.T", "model.variant", "model.x",
                   "model.attention", "model.bottleneck", "model.compression"),
     "densenet": ("model.name", "model.k", "model.T"),
     "mbcliquenet": ("model.name", "model.binarize", "model.K"),
 }
+# What a reduced run may change: its size and length, nothing of the recipe's method.
+SCALE = ("model.widths", "model.layers", "train.epochs", "train.max_steps",
+         "train.batch_size")
 NOT_COMPARED = ("seed", "data.name", "data.data_dir", "data.path", "data.worker_count",
                 "train.log_every_steps", "train.eval_every_epochs",
                 "train.checkpoint_every_epochs", "train.keep_checkpoints",
-                "train.eval_batch_size", "train.remat", "model.unroll")
+                "train.eval_batch_size", "train.remat", "train.kernels", "model.unroll")
+# What results.json must hold, as launch.py writes it: (low, high, may be null); accuracies
+# are fractions, null when the run never evaluated.
+RESULT_FIELDS = {"epochs": (0.0, math.inf, False), "final_test_accuracy": (0.0, 1.0, True),
+                 "best_test_accuracy": (0.0, 1.0, True)}
+PARAMS_NOTE = ("no reading of the source gives the four published MBCliqueNet counts "
+               "(docs/papers.md, 'MBCliqueNet parameter counts')")
+# The reading whose four counts come closest to the published ones (largest miss smallest;
+# `python tools/count_readings.py --all`). Not the default: docs/papers.md says why.
+CLOSEST_READING = {"model.stage_two_kernels": "own", "model.transition_width": "keep",
+                   "model.attention": True, "model.head_input": "stage2"}
 
 
 class UsageError(ValueError):
     pass
+
+
+@functools.cache
+def published() -> dict:
+    """The published figures (`published.json`, beside this file)."""
+    with open(PUBLISHED_FILE) as handle:
+        return json.load(handle)
+
+
+def historical_defaults() -> dict:
+    """{field: value in force before the field existed} for runs that lack it."""
+    return published()["historical_defaults"]["fields"]
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -164,67 +208,68 @@ def _cliquenet_recipe(dataset: str, k: int, T: int, family: str = "cliquenet",
 
 
 def _tab3_rows() -> list[Row]:
+    table = published()["cliquenet"]["Tab 3"]
     rows = []
-    published = [  # family, k, T, FLOPs (G), params (M), CIFAR-10, CIFAR-100, SVHN error %
-        ("densenet", 12, 36, 0.53, 1.0, 7.00, 27.55, 1.79),
-        ("densenet", 12, 96, 3.54, 7.0, 5.77, 23.79, 1.67),
-        ("densenet", 24, 96, 13.78, 27.2, 5.83, 23.42, 1.59),
-        ("cliquenet", 36, 12, 0.91, 0.94, 5.93, 27.32, 1.77),
-        ("cliquenet", 64, 15, 4.21, 4.49, 5.12, 23.98, 1.62),
-        ("cliquenet", 80, 15, 6.45, 6.94, 5.10, 23.32, 1.56),
-        ("cliquenet", 80, 18, 9.45, 10.14, 5.06, 23.14, 1.51),
-    ]
-    for family, k, T, flops, params, *errors in published:
+    for values in table["rows"]:
+        entry = dict(zip(table["columns"], values, strict=True))
+        family, k, T = entry["family"], entry["k"], entry["T"]
         name = f"{'DenseNet' if family == 'densenet' else 'CliqueNet'} (k={k}, T={T})"
         cifar10 = _cliquenet_recipe("cifar10", k, T, family)
-        rows.append(Row("cliquenet", "Tab 3", name, "cifar10", "params", params, cifar10))
-        rows.append(Row("cliquenet", "Tab 3", name, "cifar10", "flops", flops, cifar10))
-        for dataset, error in zip(("cifar10", "cifar100", "svhn_cropped"), errors, strict=True):
-            rows.append(Row("cliquenet", "Tab 3", name, dataset, "error_best", error,
+        for metric in COUNTS:
+            rows.append(Row("cliquenet", "Tab 3", name, "cifar10", metric, entry[metric],
+                            cifar10))
+        for dataset in ("cifar10", "cifar100", "svhn_cropped"):
+            rows.append(Row("cliquenet", "Tab 3", name, dataset, "error_best", entry[dataset],
                             _cliquenet_recipe(dataset, k, T, family)))
     return rows
 
 
 def _variant_rows() -> list[Row]:
+    tables = published()["cliquenet"]
     rows = [Row("cliquenet", "Tab 1", f"CliqueNet ({variant})", "cifar10", "error_best", error,
                 _cliquenet_recipe("cifar10", 64, 15, variant=variant))
-            for variant, error in (("I+I", 6.64), ("I+II", 6.10), ("II+II", 5.76))]
-    cifar10 = (5.83, 5.63, 5.54, 5.41, 5.20, 5.12)
-    cifar100 = (24.79, 24.65, 24.37, 23.75, 24.04, 23.73)
-    for dataset, errors in (("cifar10", cifar10), ("cifar100", cifar100)):
+            for variant, error in tables["Tab 1"]["cifar10"].items()]
+    for dataset, errors in tables["Tab 2"].items():
         rows += [Row("cliquenet", "Tab 2", f"CliqueNet (X={x})", dataset, "error_best", error,
                      _cliquenet_recipe(dataset, 64, 15, variant="X", x=x))
                  for x, error in enumerate(errors)]
     return rows
 
 
+MBCLIQUENET_CONFIGS = {"mnist": "mbclique_mnist", "svhn_cropped": "mbclique_svhn",
+                       "cifar10": "mbclique_cifar10", "cifar100": "mbclique_cifar100"}
+
+
 def _mbcliquenet_rows() -> list[Row]:
+    tables = published()["mbcliquenet"]
+
     def recipe(config, slug, **overrides):
         return Recipe(f"configs/{config}.py", tuple(overrides.items()), slug)
 
-    u = {"model.binarize": False}
-    rows = [
-        Row("mbcliquenet", "Table 1", "MBCliqueNet", "mnist", "accuracy_final", 99.63,
-            recipe("mbclique_mnist", "mbclique_mnist")),
-        Row("mbcliquenet", "Table 1", "MBCliqueNet", "svhn_cropped", "accuracy_final", 97.21,
-            recipe("mbclique_svhn", "mbclique_svhn")),
-        Row("mbcliquenet", "Table 1", "MBCliqueNet", "cifar10", "accuracy_final", 95.72,
-            recipe("mbclique_cifar10", "mbclique_cifar10")),
-        Row("mbcliquenet", "Table 1", "u-MBCliqueNet", "cifar10", "accuracy_final", 95.78,
-            recipe("mbclique_cifar10", "u_mbclique_cifar10", **u)),
-        Row("mbcliquenet", "Table 1", "MBCliqueNet", "cifar100", "accuracy_final", 80.43,
-            recipe("mbclique_cifar100", "mbclique_cifar100")),
-        Row("mbcliquenet", "Table 1", "u-MBCliqueNet", "cifar100", "accuracy_final", 80.69,
-            recipe("mbclique_cifar100", "u_mbclique_cifar100", **u)),
-    ]
-    rows += [Row("mbcliquenet", "Table 2", f"MBCliqueNet (K={K})", "cifar10", "accuracy_final",
-                 accuracy, recipe("mbclique_cifar10", f"mbclique_cifar10_w64_K{K}",
-                                  **{"model.widths": (64, 64, 128), "model.K": K}))
-             for K, accuracy in ((2, 95.17), (4, 95.03), (8, 94.89))]
+    table1 = tables["Table 1"]
+    rows = [Row("mbcliquenet", "Table 1", "MBCliqueNet", dataset, "params", value,
+                recipe(MBCLIQUENET_CONFIGS[dataset], MBCLIQUENET_CONFIGS[dataset]))
+            for dataset, value in table1["params"].items()]
+    for dataset, config in MBCLIQUENET_CONFIGS.items():
+        for model in ("MBCliqueNet", "u-MBCliqueNet"):
+            if dataset not in table1[model]:
+                continue
+            u = model.startswith("u-")
+            rows.append(Row("mbcliquenet", "Table 1", model, dataset, "accuracy_final",
+                            table1[model][dataset],
+                            recipe(config, f"{'u_' if u else ''}{config}",
+                                   **({"model.binarize": False} if u else {}))))
+    table2 = tables["Table 2"]
+    for metric, key in (("params", "params"), ("accuracy_final", "accuracy")):
+        rows += [Row("mbcliquenet", "Table 2", f"MBCliqueNet (K={r['K']})", "cifar10", metric,
+                     r[key], recipe("mbclique_cifar10", f"mbclique_cifar10_w64_K{r['K']}",
+                                    **{"model.widths": tuple(table2["widths"]),
+                                       "model.K": r["K"]}))
+                 for r in table2["rows"]]
     tiny = recipe("mbclique_tinyimagenet", "mbclique_tinyimagenet",
                   **{"data.path": "TINY_IMAGENET_100_DIR"})
     rows += [Row("mbcliquenet", "Sec. 3.5", "MBCliqueNet", "tiny_imagenet_100", metric, value,
-                 tiny) for metric, value in (("accuracy_final", 83.07), ("top5_final", 96.51))]
+                 tiny) for metric, value in tables["Sec. 3.5"].items()]
     return rows
 
 
@@ -260,6 +305,7 @@ class Run:
     directory: str
     config: dict  # flattened config.json
     results: dict
+    model: dict = dataclasses.field(default_factory=dict)  # config.json's "model", as written
 
     @property
     def epochs(self) -> float:
@@ -271,9 +317,61 @@ def _read_json(path: str):
         return json.load(handle)
 
 
+def _malformed(path: str, what: str) -> UsageError:
+    return UsageError(f"{path}: {what}; allowed: the file launch.py writes in a run directory")
+
+
+def _read_config(path: str) -> tuple[dict, dict]:
+    """(flattened config, its "model" section) of a run's config.json, or UsageError."""
+    try:
+        tree = _read_json(path)
+    except (OSError, ValueError) as error:
+        raise _malformed(path, f"not readable as JSON ({error})") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
+        raise _malformed(path, "not a config (no \"model\" object)")
+    flat = flatten_config(tree)
+    for field in ("model.name", "data.name"):
+        if not isinstance(flat.get(field), str):
+            raise _malformed(path, f"{field} missing or not a string")
+    import ml_collections
+
+    from cliquejax import models
+
+    try:
+        models.model_fields(ml_collections.ConfigDict(tree["model"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise _unbuildable(path, error) from None
+    return flat, tree["model"]
+
+
+def _unbuildable(path: str, error: Exception) -> UsageError:
+    message = " ".join(str(error).split()) or type(error).__name__
+    return _malformed(path, f"its model cannot be built ({message})")
+
+
+def _read_results(path: str) -> dict:
+    try:
+        results = _read_json(path)
+    except (OSError, ValueError) as error:
+        raise _malformed(path, f"not readable as JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise _malformed(path, "not a JSON object")
+    for field, (low, high, nullable) in RESULT_FIELDS.items():
+        value = results.get(field, ...)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not low <= value <= high:
+            shown = "missing" if value is ... else json.dumps(value)
+            raise _malformed(path, f"{field} {shown} is not a number in [{low:g}, {high:g}]"
+                                   + (" or null" if nullable else ""))
+    return results
+
+
 def find_runs(paths) -> tuple[list[Run], list[dict]]:
     """(runs, skipped): run directories among `paths` (each a run directory, or a directory
-    of them), and the directories that hold a config.json but cannot be used, with why."""
+    of them), and the unfinished ones (config.json, no results.json). A malformed
+    config.json or results.json raises UsageError naming the file."""
     runs, skipped = [], []
     for path in paths:
         if not os.path.isdir(path):
@@ -285,20 +383,12 @@ def find_runs(paths) -> tuple[list[Run], list[dict]]:
             candidates = sorted(os.path.join(path, entry) for entry in os.listdir(path)
                                 if os.path.isfile(os.path.join(path, entry, "config.json")))
         for directory in candidates:
-            try:
-                config = flatten_config(_read_json(os.path.join(directory, "config.json")))
-            except (OSError, ValueError) as error:
-                skipped.append({"dir": directory, "reason": f"config.json unreadable: {error}"})
-                continue
-            try:
-                results = _read_json(os.path.join(directory, "results.json"))
-            except FileNotFoundError:
+            config, model = _read_config(os.path.join(directory, "config.json"))
+            results_path = os.path.join(directory, "results.json")
+            if not os.path.exists(results_path):
                 skipped.append({"dir": directory, "reason": "no results.json (unfinished run)"})
                 continue
-            except (OSError, ValueError) as error:
-                skipped.append({"dir": directory, "reason": f"results.json unreadable: {error}"})
-                continue
-            runs.append(Run(directory, config, results))
+            runs.append(Run(directory, config, _read_results(results_path), model))
     return runs, skipped
 
 
@@ -307,40 +397,98 @@ def _recipe_flat(recipe: Recipe) -> dict:
     return flatten_config(json.loads(_recipe_config(recipe).to_json_best_effort()))
 
 
-def differences(row: Row, run: Run) -> list[str] | None:
-    """None if `run` is not a run of `row`; else the recipe fields it changes."""
+_ABSENT = object()
+
+
+def _run_value(config: dict, field: str):
+    """The run's value of `field`; for a config.json without it, the default then."""
+    return config[field] if field in config else historical_defaults().get(field, _ABSENT)
+
+
+def _change(field: str, run_config: dict, theirs, ours) -> str:
+    recipe = f"recipe: {'absent' if ours is _ABSENT else json.dumps(ours)}"
+    if theirs is _ABSENT:
+        return f"{field} absent ({recipe})"
+    if field not in run_config:
+        return f"{field}={json.dumps(theirs)} (absent: the default before the field existed; " \
+               f"{recipe})"
+    return f"{field}={json.dumps(theirs)} ({recipe})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Differences:
+    scale: tuple[str, ...]  # SCALE fields: a reduced run of the row
+    other: tuple[str, ...]  # anything else: another run, not the row's
+
+
+def differences(row: Row, run: Run) -> Differences | None:
+    """None if `run` is not of `row`'s model and data set; else what it changes."""
     recipe = _recipe_flat(row.recipe)
     if dataset_of(run.config) != row.dataset:
         return None
     family = recipe["model.name"]
-    if any(run.config.get(field) != recipe.get(field) for field in IDENTITY[family]):
+    if any(_run_value(run.config, field) != recipe.get(field) for field in IDENTITY[family]):
         return None
-    changed = []
-    for field in sorted(set(recipe) & set(run.config)):
-        if field in NOT_COMPARED or field in IDENTITY[family]:
-            continue
-        if run.config[field] != recipe[field]:
-            changed.append(f"{field}={json.dumps(run.config[field])} "
-                           f"(recipe: {json.dumps(recipe[field])})")
-    return changed
+    scale, other = [], []
+    skipped = set(NOT_COMPARED) | set(IDENTITY[family])
+    for field in sorted((set(recipe) | set(run.config)) - skipped):
+        theirs, ours = _run_value(run.config, field), recipe.get(field, _ABSENT)
+        if theirs != ours:
+            change = _change(field, run.config, theirs, ours)
+            (scale if field in SCALE else other).append(change)
+    return Differences(tuple(scale), tuple(other))
+
+
+def _candidates(row: Row, runs: list[Run]):
+    return [(run, diff) for run in runs if (diff := differences(row, run)) is not None]
 
 
 def match(row: Row, runs: list[Run]):
-    """(run, differences) of the run that best reproduces `row`, or None."""
-    matched = [(run, diff) for run in runs if (diff := differences(row, run)) is not None]
+    """(run, scale changes) of the run that best reproduces `row`, or None: only a run that
+    changes nothing but scale is the row's."""
+    matched = [(run, list(diff.scale)) for run, diff in _candidates(row, runs)
+               if not diff.other]
     if not matched:
         return None
     return min(matched, key=lambda m: (len(m[1]) > 0, len(m[1]), -m[0].epochs, m[0].directory))
 
 
+def other_runs(row: Row, runs: list[Run]) -> list[tuple[Run, list[str]]]:
+    """Runs of the row's model and data set that change more than its scale."""
+    return [(run, list(diff.scale + diff.other)) for run, diff in _candidates(row, runs)
+            if diff.other]
+
+
 # ----------------------------------------------------------------------------- rows
+
+
+def _counts_of(config) -> tuple[int, int]:
+    from cliquejax import summary
+
+    return summary.counts(config)
 
 
 @functools.cache
 def _counts(recipe: Recipe) -> tuple[int, int]:
-    from cliquejax import summary
+    return _counts_of(recipe.load())
 
-    return summary.counts(recipe.load())
+
+@functools.cache
+def _model_counts(recipe: Recipe, model_json: str) -> tuple[int, int]:
+    """(params, FLOPs) of the network of a run's config.json "model" on the recipe's data."""
+    import ml_collections
+
+    config = recipe.load()
+    config.model = ml_collections.ConfigDict(json.loads(model_json))
+    return _counts_of(config)
+
+
+def run_counts(row: Row, run: Run) -> tuple[int, int]:
+    """The run's own network's (params, FLOPs), or UsageError naming its config.json."""
+    try:
+        return _model_counts(row.recipe, json.dumps(run.model, sort_keys=True))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise _unbuildable(os.path.join(run.directory, "config.json"), error) from None
 
 
 def _percent(fraction):
@@ -356,9 +504,9 @@ def _ours(row: Row, params: int | None, flops: int | None, found) -> float | Non
         return None
     results = found[0].results
     if row.metric == "error_best":
-        best = results.get("best_test_accuracy")
+        best = results["best_test_accuracy"]
         return None if best is None else round(100.0 - 100.0 * float(best), 2)
-    return _percent(results.get("final_test_accuracy"))
+    return _percent(results["final_test_accuracy"])
 
 
 def _display_dir(directory: str) -> str:
@@ -367,30 +515,46 @@ def _display_dir(directory: str) -> str:
 
 
 def build_rows(rows: list[Row], runs: list[Run], counts: bool = True) -> list[dict]:
-    """The JSON rows: published against ours, with the matched run and our model's size."""
+    """The JSON rows: published against ours, with the row's run (if any) and the size of
+    the network "ours" was measured on (the run's, else the recipe's)."""
     out = []
     for row in rows:
-        params, flops = _counts(row.recipe) if counts else (None, None)
-        found = None if row.metric in ("params", "flops") else match(row, runs)
-        run = None
+        found = None if row.metric in COUNTS else match(row, runs)
+        run, counted_for, params, flops = None, "recipe", None, None
+        if counts:
+            params, flops = _counts(row.recipe)
         if found is not None:
             matched, changed = found
             run = {"dir": _display_dir(matched.directory), "reduced": bool(changed),
                    "differences": changed,
-                   "final_test_accuracy": _percent(matched.results.get("final_test_accuracy")),
-                   "best_test_accuracy": _percent(matched.results.get("best_test_accuracy")),
-                   "epochs": matched.results.get("epochs")}
-        out.append({
+                   "final_test_accuracy": _percent(matched.results["final_test_accuracy"]),
+                   "best_test_accuracy": _percent(matched.results["best_test_accuracy"]),
+                   "epochs": matched.results["epochs"]}
+            if counts and changed:
+                params, flops = run_counts(row, matched)
+                counted_for = "run"
+        entry = {
             "paper": PAPERS[row.paper], "table": row.table, "model": row.model,
             "dataset": DATASET_LABELS[row.dataset], "metric": METRICS[row.metric],
             "published": row.published, "ours": _ours(row, params, flops, found), "run": run,
-            "params": params, "flops": flops, "command": row.recipe.command()})
+            "other_runs": [{"dir": _display_dir(r.directory), "differences": d}
+                           for r, d in ([] if row.metric in COUNTS else other_runs(row, runs))],
+            "params": params, "flops": flops, "counted_for": counted_for,
+            "command": row.recipe.command()}
+        if row.paper == "mbcliquenet" and row.metric == "params" and entry["ours"] is not None:
+            entry["off_by"] = round(entry["ours"] - row.published, 2)
+            entry["note"] = PARAMS_NOTE
+            closest = dataclasses.replace(row.recipe, overrides=row.recipe.overrides + tuple(
+                CLOSEST_READING.items()))
+            entry["closest_reading"] = {"fields": CLOSEST_READING,
+                                        "params": _counts(closest)[0]}
+        out.append(entry)
     return out
 
 
 def unmatched(rows: list[Row], runs: list[Run]) -> list[dict]:
-    used = {id(found[0]) for row in rows if row.metric not in ("params", "flops")
-            and (found := match(row, runs)) is not None}
+    used = {id(run) for row in rows if row.metric not in COUNTS
+            for run, _ in _candidates(row, runs)}
     return [{"dir": _display_dir(run.directory), "model": run.config.get("model.name"),
              "dataset": dataset_of(run.config), "reason": "matches no row"}
             for run in runs if id(run) not in used]
@@ -405,6 +569,10 @@ def _number(value, digits: int = 2) -> str:
 
 def _run_text(entry: dict) -> str:
     if entry["metric"] in (METRICS["params"], METRICS["flops"]):
+        if "off_by" in entry:
+            closest = entry["closest_reading"]["params"] / 1e6
+            return (f"counted now: {entry['off_by']:+.2f}M off, the closest reading "
+                    f"{closest:.2f}M; {entry['note']}")
         return "counted now"
     run = entry["run"]
     if run is None:
@@ -413,7 +581,8 @@ def _run_text(entry: dict) -> str:
         return f"{run['dir']}: top-5 not recorded"
     if not run["reduced"]:
         return run["dir"]
-    return f"{run['dir']}, reduced run: {'; '.join(run['differences'])}"
+    return (f"{run['dir']}, reduced run (params, FLOPs: its own): "
+            f"{'; '.join(run['differences'])}")
 
 
 def format_tables(entries: list[dict], extra: list[dict]) -> str:
@@ -425,12 +594,18 @@ def format_tables(entries: list[dict], extra: list[dict]) -> str:
         lines += ["", f"{PAPERS[paper]}, {table}: {title}",
                   f"{'model':<24}{'data set':<19}{'metric':<31}{'published':>10}{'ours':>8}"
                   f"{'params':>9}{'FLOPs':>9}  run"]
+        others = []
         for e in group:
             size = (f"{_number(e['params'] and e['params'] / 1e6)}M".rjust(9)
                     + f"{_number(e['flops'] and e['flops'] / 1e9)}G".rjust(9))
             lines.append(f"{e['model']:<24}{e['dataset']:<19}{e['metric']:<31}"
                          f"{_number(e['published']):>10}{_number(e['ours']):>8}{size}  "
                          f"{_run_text(e)}")
+            others += [f"  {o['dir']} ({e['model']}, {e['dataset']}): "
+                       f"{'; '.join(o['differences'])}" for o in e["other_runs"]]
+        if others:
+            lines.append("other runs (not the paper's setting, not shown as ours):")
+            lines += list(dict.fromkeys(others))
     for item in extra:
         lines.append(f"run {item['dir']} not shown: {item['reason']}")
     return "\n".join(lines).lstrip("\n")
@@ -476,10 +651,10 @@ def main(argv=None) -> int:
         [DEFAULT_RUNS] if os.path.isdir(DEFAULT_RUNS) else [])
     try:
         runs, skipped = find_runs(paths)
+        entries = build_rows(rows, runs)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    entries = build_rows(rows, runs)
     extra = unmatched(rows, runs) + skipped
     if args.json:
         print(json.dumps({"rows": entries, "unmatched_runs": extra}))

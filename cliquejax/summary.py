@@ -102,6 +102,12 @@ def _abstract_model(config):
     return model, image, variables, num_classes
 
 
+def param_count(config) -> int:
+    """The parameters of `config`'s model, counted as `summarize` counts them (one trace of
+    init, nothing allocated)."""
+    return _count(_abstract_model(config)[2]["params"])
+
+
 def counts(config) -> tuple[int, int]:
     """(parameters, FLOPs) of `config` as `summarize` counts them, from one trace of init and
     one of the forward pass (no per-module rows, outputs or storage)."""

@@ -20,6 +20,14 @@ def get_config(arg=None):
     m.binarize_head = True
     m.sign_fn = "ste_sign"  # ste_sign | identity_ste | approx_sign
     m.update_order = "simultaneous"  # simultaneous | alternating (C first, then M)
+    # The readings of the source's architecture (docs/papers.md, "MBCliqueNet parameter
+    # counts": none of them gives the published counts; these are the best supported):
+    m.clique_conv = "bottleneck"  # per layer 1x1 then modulated 3x3 | per_connection 3x3s
+    m.stage_two_kernels = "shared"  # shared (eqs. 1-2, CliqueNet) | own_clique | own
+    m.transition_kernel = 1  # 1 (CliqueNet) | 3 (the section 3.3 stem's "transition layer")
+    m.transition_width = "next"  # next block's width | keep (CliqueNet's C -> C)
+    m.attention = False  # CliqueNet's attentional transition (fully-connected layers)
+    m.head_input = "x0_and_stage2"  # {X0, Stage II} (CliqueNet II+II) | stage2 (section 2)
     m.dropout_rate = 0.0
     # "We implement our models in the Pytorch platform": nn.BatchNorm2d defaults (momentum
     # 0.1, i.e. 0.9 kept; eps 1e-5; the unbiased batch variance in the running estimate)

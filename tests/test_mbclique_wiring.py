@@ -3,6 +3,8 @@
 per block, Stage I then Stage II of the clique layers, each layer BN-ReLU-1x1 conv over its
 concatenated inputs -> BN-ReLU -> modulated binary 3x3 conv with the block's one M-filter;
 {X0, Stage-II} pooled for the head, Stage-II through the transition; head 1x1 conv -> BN.
+The other readings of the source (`model.clique_conv`, `stage_two_kernels`,
+`transition_kernel`, `transition_width`, `attention`, `head_input`) are written out too.
 Only `jax.lax.conv_general_dilated` and `jnp` below; nothing from cliquejax but the model."""
 
 import zlib
@@ -95,23 +97,39 @@ def block(p, s, x0, n, m, eps, train, planes=None):
     block's one M-filter for every layer."""
     planes = planes or {i: p["M_filter"] for i in range(1, n + 1)}
     binary_1x1 = m.binarize and m.binarize_1x1
+    own = {1: "", 2: "II_"}  # Stage II's own kernels: W_II_{j}to{i}, W_bottleneck_II_{i}
+    clique = lambda stage: own[stage] if m.stage_two_kernels != "shared" else ""
+    bottleneck = lambda stage: own[stage] if m.stage_two_kernels == "own" else ""
 
     def layer(stage, i, inputs):
         name = f"BN_{'I' * stage}_{i}"
         x = jnp.concatenate([features[j] for j in inputs], -1)
-        w = jnp.concatenate([one_bit(p[f"W_{j}to{i}"], binary_1x1) for j in inputs], axis=2)
+        pieces = [p[f"W_{clique(stage)}{j}to{i}"] for j in inputs]
+        if m.clique_conv == "per_connection":  # every W_ji a modulated 3x3 (eqs. 1-2)
+            w = jnp.concatenate([modulated(c, planes[i], m.binarize) for c in pieces], axis=2)
+            return conv(bn(x, p[name], s[name], eps, train, True), w)
+        w = jnp.concatenate([one_bit(c, binary_1x1) for c in pieces], axis=2)
         y = conv(bn(x, p[name], s[name], eps, train, True), w)
         name = f"BN_{'I' * stage}_bottleneck_{i}"
         y = bn(y, p[name], s[name], eps, train, True)
-        return conv(y, modulated(p[f"W_bottleneck_{i}"], planes[i], m.binarize))
+        return conv(y, modulated(p[f"W_bottleneck_{bottleneck(stage)}{i}"], planes[i],
+                                 m.binarize))
 
     features = {0: x0}
     for i in range(1, n + 1):
         features[i] = layer(1, i, list(range(i)))
     for i in range(1, n + 1):
         features[i] = layer(2, i, [j for j in range(1, n + 1) if j != i])
-    stage_two = [features[i] for i in range(1, n + 1)]
-    return jnp.concatenate([x0, *stage_two], -1), jnp.concatenate(stage_two, -1)
+    stage_two = jnp.concatenate([features[i] for i in range(1, n + 1)], -1)
+    head = jnp.concatenate([x0, stage_two], -1) if m.head_input == "x0_and_stage2" else stage_two
+    return head, stage_two
+
+
+def attention(x, p):
+    """CliqueNet's attentional transition: squeeze-excitation by two dense layers."""
+    dense = lambda v, q: jnp.dot(v, q["kernel"], precision=HIGHEST) + q["bias"]
+    squeezed = jnp.maximum(dense(jnp.mean(x, axis=(1, 2)), p["squeeze"]), 0.0)
+    return x * jax.nn.sigmoid(dense(squeezed, p["expand"]))[:, None, None, :]
 
 
 def reference_logits(config, variables, images, eps, train=False, planes=None):
@@ -120,6 +138,8 @@ def reference_logits(config, variables, images, eps, train=False, planes=None):
     x = conv(images, one_bit(p["stem"]["kernel"], m.binarize and m.binarize_stem))
     pooled = []
     for b, n in enumerate(m.layers, start=1):
+        if f"block{b}_input" in p:  # per_connection: X0 brought to the block's width
+            x = conv(x, one_bit(p[f"block{b}_input"]["kernel"], m.binarize and m.binarize_1x1))
         block_feature, transit = block(p[f"block{b}"], s[f"block{b}"], x, n, m, eps, train,
                                        (planes or {}).get(b))
         pooled.append(jnp.mean(bn(block_feature, p[f"pool{b}"]["bn"], s[f"pool{b}"]["bn"],
@@ -128,6 +148,8 @@ def reference_logits(config, variables, images, eps, train=False, planes=None):
             t = bn(transit, p[f"transition{b}_bn"], s[f"transition{b}_bn"], eps, train, True)
             t = conv(t, one_bit(p[f"transition{b}"]["kernel"], m.binarize and
                                 m.binarize_transition))
+            if m.attention:
+                t = attention(t, p[f"transition{b}_attention"])
             batch, height, width, channels = t.shape
             x = t.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
     head = one_bit(p["head_conv"]["kernel"], m.binarize and m.binarize_head)[0, 0]
@@ -159,6 +181,34 @@ def test_forward_pass_equals_the_written_out_wiring(binarize, train):
     tolerance = (1e-4 if train else 1e-5) * np.abs(expected).max()
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=tolerance)
     assert np.abs(expected).max() > 0.1  # not a trivially small comparison
+
+
+READINGS = [dict(clique_conv="per_connection"), dict(stage_two_kernels="own_clique"),
+            dict(stage_two_kernels="own"), dict(transition_kernel=3),
+            dict(transition_width="keep"), dict(attention=True), dict(head_input="stage2"),
+            dict(clique_conv="per_connection", transition_width="keep",
+                 stage_two_kernels="own"),
+            # the lax-loop formulation reads each stage's own kernels too
+            dict(stage_two_kernels="own", unroll=False),
+            dict(clique_conv="per_connection", stage_two_kernels="own_clique", unroll=False)]
+
+
+@pytest.mark.parametrize("reading", READINGS, ids=lambda r: ",".join(f"{k}={v}"
+                                                                   for k, v in r.items()))
+def test_each_reading_of_the_source_equals_its_written_out_wiring(reading):
+    """Each open point of the source (docs/papers.md, MBCliqueNet parameter counts) builds
+    the network written out above: the kernels it adds are used where it says."""
+    config = small_config(**reading)
+    model, variables, images = built(config)
+    default = jax.eval_shape(lambda x: build_model(small_config(), 10).init(
+        jax.random.PRNGKey(0), x), images)["params"]
+    size = lambda tree: sum(leaf.size for leaf in jax.tree.leaves(tree))
+    assert size(variables["params"]) != size(default)  # the reading changes the network
+    logits = model.apply(variables, images, train=False)
+    expected = jax.jit(lambda v, x: reference_logits(config, v, x, bn_epsilon(model), False))(
+        variables, images)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0.1
 
 
 def test_every_layer_of_a_block_sends_gradient_to_its_one_m_filter():

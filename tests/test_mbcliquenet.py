@@ -78,17 +78,19 @@ def test_storage_counts_by_hand():
     assert block1["bits"] == binary_bits + float_bits
 
 
-def test_conv_ratios_against_both_baselines_come_from_the_real_models():
+@pytest.mark.parametrize("clique_conv", ["bottleneck", "per_connection"])
+def test_conv_ratios_against_both_baselines_come_from_the_real_models(clique_conv):
     """u-MBCliqueNet (binarize=False) is built and its conv filters are all float32: its own
     conv bytes are the baseline. The full-precision unmodulated network has the filters of
-    u-MBCliqueNet with K = 1 (one plane per filter) less its one-plane M-filters."""
-    report = summary.summarize(small_config())
-    u_report = summary.summarize(small_config(binarize=False))
+    u-MBCliqueNet with K = 1 (one plane per filter) less its one-plane M-filters, whichever
+    convs are modulated (`model.clique_conv`: the 3x3 of each layer, or every clique kernel)."""
+    report = summary.summarize(small_config(clique_conv=clique_conv))
+    u_report = summary.summarize(small_config(binarize=False, clique_conv=clique_conv))
     assert u_report["binary_params"] == 0
     assert report["conv_u_mbcliquenet_bytes"] == u_report["conv_packed_bytes"]
     assert report["conv_compression_vs_u_mbcliquenet"] == pytest.approx(
         u_report["conv_packed_bytes"] / report["conv_packed_bytes"])
-    unmodulated = summary.summarize(small_config(binarize=False, K=1))
+    unmodulated = summary.summarize(small_config(binarize=False, K=1, clique_conv=clique_conv))
     one_plane_m_filters = 4 * 3 * 9  # three blocks, one 3x3 plane each, float32
     assert report["conv_float32_bytes"] == unmodulated["conv_packed_bytes"] - one_plane_m_filters
     assert report["conv_compression_vs_full_precision"] == report["conv_compression"]

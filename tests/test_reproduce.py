@@ -57,7 +57,8 @@ def mbcliquenet_report(tmp_path_factory):
     write_run(runs / "u_cifar10", u_cifar,
               {"final_test_accuracy": 0.9577, "best_test_accuracy": 0.958, "epochs": 256.0})
     other = reproduce.paper_rows(["cliquenet"])[0].recipe.load()
-    write_run(runs / "densenet_small", other, {"final_test_accuracy": 0.5, "epochs": 1.0},
+    write_run(runs / "densenet_small", other,
+              {"final_test_accuracy": 0.5, "best_test_accuracy": 0.5, "epochs": 1.0},
               **{"model.k": 4})
     os.makedirs(runs / "unfinished")
     run_dir.write_config(mnist, str(runs / "unfinished"))
@@ -74,7 +75,7 @@ def run_json(argv):
 def test_json_rows_have_the_published_and_our_columns(mbcliquenet_report):
     _, report = mbcliquenet_report
     rows = report["rows"]
-    assert len(rows) == len(reproduce.paper_rows(["mbcliquenet"])) == 11
+    assert len(rows) == len(reproduce.paper_rows(["mbcliquenet"])) == 15
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert isinstance(row["published"], float) and row["params"] > 0 and row["flops"] > 0
@@ -85,7 +86,7 @@ def test_json_rows_have_the_published_and_our_columns(mbcliquenet_report):
     assert published[("Table 1", "MBCliqueNet", "MNIST")] == 99.63
     assert published[("Table 1", "u-MBCliqueNet", "CIFAR-100")] == 80.69
     assert published[("Table 2", "MBCliqueNet (K=8)", "CIFAR-10")] == 94.89
-    not_run = [r for r in rows if r["run"] is None]
+    not_run = [r for r in rows if r["run"] is None and not r["metric"].startswith("params")]
     assert not_run and all(r["ours"] is None for r in not_run)
 
 
@@ -98,6 +99,141 @@ def test_reduced_mnist_run_is_matched_and_flagged(mbcliquenet_report):
     assert "model.widths=[32, 32, 64] (recipe: [64, 64, 128])" in changed
     assert "train.epochs=8 (recipe: 32)" in changed
     assert "data." not in changed and "seed" not in changed  # bookkeeping is not compared
+    # the params and FLOPs beside it are the reduced run's own network's, not the recipe's
+    rows = reproduce.paper_rows(["mbcliquenet"])
+    reduced = recipe_of(rows, "MBCliqueNet", "mnist").load()
+    reduced.model.widths = (32, 32, 64)
+    assert (mnist["params"], mnist["flops"]) == summary.counts(reduced)
+    assert mnist["counted_for"] == "run" and mnist["params"] < 0.2e6
+
+
+COMMITTED_RUN = REPO_ROOT / "results" / "mbclique_mnist_w32"
+
+
+def copy_of_committed_run(directory, edit):
+    """results/mbclique_mnist_w32's config.json and results.json, the config edited."""
+    config = json.loads((COMMITTED_RUN / "config.json").read_text())
+    edit(config)
+    os.makedirs(directory)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "results.json").write_text((COMMITTED_RUN / "results.json").read_text())
+    return directory
+
+
+def mnist_row(runs):
+    report = run_json(["--json", "--paper=mbcliquenet", "--runs", str(runs)])
+    return next(r for r in report["rows"] if r["dataset"] == "MNIST"
+                and r["metric"].startswith("test accuracy"))
+
+
+@pytest.mark.parametrize("edit, shown", [
+    (lambda c: c["optimizer"].update(lr=0.05), "optimizer.lr=0.05 (recipe: 0.1)"),
+    (lambda c: c["schedule"].pop("sgdr_restarts"),
+     'schedule.sgdr_restarts="summed" (absent: the default before the field existed; '
+     'recipe: "doubling")'),
+    (lambda c: c["model"].update(head_input="stage2"),
+     'model.head_input="stage2" (recipe: "x0_and_stage2")'),
+], ids=["learning-rate", "no-sgdr-restarts", "another-reading"])
+def test_a_run_that_changes_more_than_scale_is_not_the_rows(tmp_path, edit, shown):
+    """A copy of the committed MNIST run is the MNIST row's run; changed in anything but
+    scale (or written before a field whose default then differs), it is listed as another
+    run of the row and "ours" stays empty."""
+    copy_of_committed_run(tmp_path / "same", lambda config: None)
+    assert mnist_row(tmp_path)["ours"] == 99.38
+    changed = copy_of_committed_run(tmp_path / "changed", edit)
+    row = mnist_row(changed)
+    assert row["ours"] is None and row["run"] is None
+    assert [Path(o["dir"]).name for o in row["other_runs"]] == ["changed"]
+    assert shown in row["other_runs"][0]["differences"]
+    out = StringIO()
+    with redirect_stdout(out):
+        assert reproduce.main(["--paper=mbcliquenet", "--runs", str(changed)]) == 0
+    text = out.getvalue()
+    assert "other runs (not the paper's setting, not shown as ours):" in text
+    assert "changed (MBCliqueNet, MNIST): " in text and shown in text
+    line = next(li for li in text.splitlines()
+                if li.startswith("MBCliqueNet ") and "MNIST" in li)
+    assert line.endswith("not run")
+
+
+def test_a_field_absent_from_an_old_run_takes_the_default_of_its_time(tmp_path):
+    """The committed run predates `data.augment` (then always flip + pad-and-crop, "cifar"):
+    it is the row's run; a run without `model.bn_epsilon` had the TensorFlow 1e-3."""
+    config = json.loads((COMMITTED_RUN / "config.json").read_text())
+    assert "augment" not in config["data"]
+    copy_of_committed_run(tmp_path / "old_bn", lambda c: [c["model"].pop(f) for f in (
+        "bn_epsilon", "bn_momentum", "bn_running_var")])
+    row = mnist_row(tmp_path)
+    assert row["run"] is None
+    assert "model.bn_epsilon=0.001 (absent: the default before the field existed; " \
+           "recipe: 1e-05)" in row["other_runs"][0]["differences"]
+    defaults = reproduce.historical_defaults()
+    assert defaults["data.augment"] == "cifar" and defaults["schedule.sgdr_restarts"] == "summed"
+
+
+def test_mbcliquenet_parameter_rows_are_published_beside_ours(mbcliquenet_report):
+    _, report = mbcliquenet_report
+    rows = {(r["table"], r["model"]): r for r in report["rows"] if r["metric"] == "params (M)"}
+    assert {key: r["published"] for key, r in rows.items()} == {
+        ("Table 1", "MBCliqueNet"): 5.2, ("Table 2", "MBCliqueNet (K=2)"): 1.6,
+        ("Table 2", "MBCliqueNet (K=4)"): 1.3, ("Table 2", "MBCliqueNet (K=8)"): 1.1}
+    for row in rows.values():
+        assert row["ours"] == round(row["params"] / 1e6, 2)
+        assert row["off_by"] == round(row["ours"] - row["published"], 2)
+        assert "docs/papers.md" in row["note"] and row["run"] is None
+    # the closest reading is counted on the real model, and docs/papers.md names it
+    k8 = next(r for r in reproduce.paper_rows(["mbcliquenet"]) if r.metric == "params"
+              and r.model == "MBCliqueNet (K=8)").recipe.load()
+    closest = rows[("Table 2", "MBCliqueNet (K=8)")]["closest_reading"]
+    k8.model.update({field.removeprefix("model."): v for field, v in closest["fields"].items()})
+    assert closest["params"] == summary.param_count(k8) != rows[("Table 2", "MBCliqueNet (K=8)")][
+        "params"]
+    named = ", ".join(f"{f.removeprefix('model.')}={v}" for f, v in closest["fields"].items())
+    assert f"the closest is\n`{named}`" in (REPO_ROOT / "docs" / "papers.md").read_text()
+
+
+def test_papers_md_table_shows_the_counts_of_the_default_reading():
+    """docs/papers.md names each published MBCliqueNet count and ours under the default
+    reading; ours there are what the default configs count now."""
+    docs = (REPO_ROOT / "docs" / "papers.md").read_text()
+    line = next(li for li in docs.splitlines() if li.startswith("| default |"))
+    shown = [float(cell) for cell in line.strip("|").split("|")[1:5]]
+    rows = [r for r in reproduce.paper_rows(["mbcliquenet"]) if r.metric == "params"]
+    assert [round(summary.param_count(r.recipe.load()) / 1e6, 2) for r in rows] == shown
+    for row in rows:
+        assert f"({row.published}M)" in docs
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"config.json": "{not json", "results.json": "{}"}, "config.json: not readable as JSON"),
+    ({"config.json": "[1, 2]", "results.json": "{}"}, 'not a config (no "model" object)'),
+    ({"results.json": "{}"}, "results.json: epochs missing is not a number in [0, inf]"),
+    ({"results.json": '{"epochs": 8, "final_test_accuracy": 99.4, "best_test_accuracy": 1}'},
+     "final_test_accuracy 99.4 is not a number in [0, 1] or null"),
+    ({"results.json": '{"epochs": 8, "final_test_accuracy": 0.9}'},
+     "best_test_accuracy missing is not a number in [0, 1] or null"),
+    ({"results.json": "[]"}, "results.json: not a JSON object"),
+])
+def test_a_malformed_run_directory_is_one_line_and_a_failure(tmp_path, capsys, files, message):
+    run = copy_of_committed_run(tmp_path / "bad", lambda config: None)
+    for name, text in files.items():
+        (run / name).write_text(text)
+    assert reproduce.main(["--paper=mbcliquenet", "--runs", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err and str(run) in err
+
+
+def test_a_run_whose_model_cannot_be_built_is_one_line(tmp_path, capsys):
+    copy_of_committed_run(tmp_path / "bad", lambda c: c["model"].update(K=5))
+    assert reproduce.main(["--paper=mbcliquenet", "--runs", str(tmp_path)]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "its model cannot be built (model.K=5 does not divide" in err
+
+
+def test_cliquenet_tab1_heading_says_its_setting_is_not_given():
+    rows = [r for r in reproduce.paper_rows(["cliquenet"]) if r.table == "Tab 1"]
+    text = reproduce.format_tables(reproduce.build_rows(rows, [], counts=False), [])
+    assert "k and T are not given by the source" in text.splitlines()[0]
 
 
 def test_full_recipe_run_is_not_reduced_and_only_matches_its_model(mbcliquenet_report):
@@ -120,7 +256,8 @@ def test_text_table_shows_published_ours_and_the_run(mbcliquenet_report):
         assert reproduce.main(["--paper=mbcliquenet", "--runs", str(runs)]) == 0
     line = next(li for li in out.getvalue().splitlines() if li.startswith("MBCliqueNet ")
                 and "MNIST" in li)
-    assert "99.63" in line and "99.35" in line and "reduced run: model.widths" in line
+    assert "99.63" in line and "99.35" in line
+    assert "reduced run (params, FLOPs: its own): model.widths" in line
     assert "not run" in out.getvalue()
 
 
@@ -133,7 +270,7 @@ def test_readme_shows_this_commands_output_on_the_committed_runs():
     with redirect_stdout(out):
         assert reproduce.main(shlex.split(README_COMMAND)[3:]) == 0
     assert shown == out.getvalue()
-    assert "99.63   99.38" in shown  # published, and the committed reduced run
+    assert "99.63   99.38    0.18M" in shown  # published, the committed reduced run, its size
 
 
 def test_counts_are_summarys_and_match_the_published_ones():

@@ -5,7 +5,9 @@ inputs -> width) then BN-ReLU-modulated binary 3x3 conv (width -> width, shared 
 stages, like CliqueNet's bottleneck). Each block owns one M-filter (K, 3, 3) shared by all its
 modulated convs. Head: multi-scale pooled block features -> 1x1 conv -> BN on the logits.
 
-Open points of the source, as config fields (defaults in `configs/mbclique_cifar10.py`):
+Open points of the source, as config fields (defaults in `configs/mbclique_cifar10.py`;
+docs/papers.md section 3 says why, and counts every reading against the published
+parameter counts, none of which reproduces all four):
 - `binarize`: false gives u-MBCliqueNet (latent filters used as they are, modulation kept).
 - `binarize_1x1` / `binarize_transition` / `binarize_head` / `binarize_stem`: which of the
   other convs are 1-bit (not modulated; the M-filter is 3x3). Default: all but the stem,
@@ -14,6 +16,19 @@ Open points of the source, as config fields (defaults in `configs/mbclique_cifar
 - `sign_fn`: ste_sign (clipped STE, default) | identity_ste | approx_sign.
 - `update_order`: simultaneous (one gradient step for C and M, default: the source's eqs. 6-7 are
   the ordinary gradients) | alternating (C first, then M with the gradient at the new C).
+- `clique_conv`: bottleneck (default: each layer a 1x1 conv of its concatenated inputs to the
+  width, then one modulated 3x3, section 2.2's "1x1 convolution before the 3x3 convolution") |
+  per_connection (eqs. 1-2 read literally: every W_ji a modulated 3x3; a 1x1 conv brings X0
+  to the width where it differs).
+- `stage_two_kernels`: shared (default: eqs. 1-2 use the same W_ji in both stages, as
+  CliqueNet) | own_clique (Stage II has its own clique kernels) | own (and its own 3x3).
+- `transition_kernel` 1 (default, CliqueNet's) | 3 (section 3.3's stem, the one "transition
+  layer" whose conv the source describes); `transition_width`: next (default: the next
+  block's width, as section 3.3's stem takes the first block's) | keep (CliqueNet's C -> C);
+  `attention`: CliqueNet's attentional transition (squeeze-excitation, fully-connected
+  layers; section 3.2 names "fully-connected layers"), default off.
+- `head_input`: x0_and_stage2 (default: CliqueNet II+II's block feature {X0, Stage II}) |
+  stage2 (section 2: "the output feature maps of each block are Stage-II feature").
 """
 
 from __future__ import annotations
@@ -39,6 +54,9 @@ from cliquejax.models.common import (
 )
 
 UPDATES = ("simultaneous", "alternating")
+CLIQUE_CONVS = ("bottleneck", "per_connection")
+TRANSITION_WIDTHS = ("next", "keep")
+HEAD_INPUTS = ("x0_and_stage2", "stage2")
 U_LATENT_STD = 1.0  # u-MBCliqueNet: E[C^2] = 1 = E[sign(C)^2], so Q keeps the He scale
 
 
@@ -57,7 +75,7 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
         latent_std = None if self.quantize else U_LATENT_STD
         out = {}
         for name, shape in shapes.items():
-            if name.startswith(names.BOTTLENECK_KERNEL_PREFIX):
+            if is_modulated(name, self.spec.bottleneck):
                 weight = layers.quantized_param(self, name, layers.latent_init(latent_std),
                                                 (*shape[:3], width // K), self.quantize)
                 out[name] = binary.modulate(weight, m_filter)
@@ -79,6 +97,12 @@ class MBCliqueNet(nn.Module):
     binarize_1x1: bool = True
     binarize_transition: bool = True
     binarize_head: bool = True
+    clique_conv: str = "bottleneck"  # CLIQUE_CONVS
+    stage_two_kernels: str = "shared"  # clique.STAGE_TWO_KERNELS
+    transition_kernel: int = 1
+    transition_width: str = "next"  # TRANSITION_WIDTHS
+    attention: bool = False
+    head_input: str = "x0_and_stage2"  # HEAD_INPUTS
     dropout_rate: float = 0.0
     unroll: bool = True
     dtype: Any = None
@@ -96,15 +120,22 @@ class MBCliqueNet(nn.Module):
             images.astype(self.dtype or jnp.float32))
         pooled = []
         for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
+            if self.clique_conv == "per_connection" and x.shape[-1] != width:
+                # every modulated 3x3 of the block takes `width` channels (section 2.2)
+                x = layers.BinaryConv(width, 1, self._quantize_if(self.binarize_1x1),
+                                      self.dtype, self.kernels, name=f"block{b + 1}_input")(x)
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
-                                    bottleneck=True, dropout_rate=self.dropout_rate,
+                                    bottleneck=self.clique_conv == "bottleneck",
+                                    dropout_rate=self.dropout_rate,
                                     bn=self.bn, unroll=self.unroll,
-                                    dtype=self.dtype, remat=self.remat, kernels=self.kernels)
+                                    dtype=self.dtype, remat=self.remat, kernels=self.kernels,
+                                    stage_two_kernels=self.stage_two_kernels)
             block, transit = ModulatedCliqueBlock(
                 spec, num_planes=self.num_planes, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
+            head_feature = block if self.head_input == "x0_and_stage2" else transit
             pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
-                self.bn, self.kernels, name=f"pool{b + 1}")(block, train))
+                self.bn, self.kernels, name=f"pool{b + 1}")(head_feature, train))
             if b + 1 < len(self.widths):
                 transition = functools.partial(_transition, index=b + 1)
                 x = layers.checkpointed(transition, self.remat)(self, transit, train)
@@ -116,11 +147,16 @@ class MBCliqueNet(nn.Module):
 
 
 def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
-    """BN -> ReLU -> (binary) 1x1 conv -> 2x2 average pool, from block `index` to the next."""
+    """BN -> ReLU -> (binary) conv -> [attention] -> 2x2 average pool, from block `index` to
+    the next: a `transition_kernel` conv to the next block's width (or keeping the channels)."""
+    width = model.widths[index] if model.transition_width == "next" else x.shape[-1]
     x = layers.BatchNorm(model.bn, relu=True, kernels=model.kernels,
                          name=f"transition{index}_bn")(x, train)
-    x = layers.BinaryConv(model.widths[index], 1, model._quantize_if(model.binarize_transition),
+    x = layers.BinaryConv(width, model.transition_kernel,
+                          model._quantize_if(model.binarize_transition),
                           model.dtype, model.kernels, name=f"transition{index}")(x)
+    if model.attention:
+        x = layers.Attention(name=f"transition{index}_attention")(x)
     return ops.avg_pool(x, 2)
 
 
@@ -139,6 +175,12 @@ class MBCliqueNetConfig(ModelConfig):
     binarize_head: bool = True
     sign_fn: str = "ste_sign"
     update_order: str = "simultaneous"
+    clique_conv: str = "bottleneck"
+    stage_two_kernels: str = "shared"
+    transition_kernel: int = 1
+    transition_width: str = "next"
+    attention: bool = False
+    head_input: str = "x0_and_stage2"
     dropout_rate: float = 0.0
     unroll: bool = True
 
@@ -155,6 +197,12 @@ class MBCliqueNetConfig(ModelConfig):
             check_range("model.layers entry", n, 2)  # Stage II needs two layers
         binary.get_sign_function(self.sign_fn, field="model.sign_fn")
         check_choice("model.update_order", self.update_order, UPDATES)
+        check_choice("model.clique_conv", self.clique_conv, CLIQUE_CONVS)
+        check_choice("model.stage_two_kernels", self.stage_two_kernels,
+                     clique.STAGE_TWO_KERNELS)
+        check_choice("model.transition_kernel", self.transition_kernel, (1, 3))
+        check_choice("model.transition_width", self.transition_width, TRANSITION_WIDTHS)
+        check_choice("model.head_input", self.head_input, HEAD_INPUTS)
         check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
 
     @property
@@ -172,22 +220,34 @@ def build(config, num_classes: int) -> MBCliqueNet:
         num_classes=num_classes, widths=m.widths, num_layers=m.layers, num_planes=m.K,
         quantize=m.quantize, binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
         binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
-        dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
+        clique_conv=m.clique_conv, stage_two_kernels=m.stage_two_kernels,
+        transition_kernel=m.transition_kernel, transition_width=m.transition_width,
+        attention=m.attention, head_input=m.head_input, dropout_rate=m.dropout_rate,
+        unroll=m.unroll, dtype=compute_dtype(config),
         bn=m.bn, remat=remat_policy(config), kernels=kernel_ops(config))
 
 
 # ----------------------------------------------------------------------------- storage
 
 
+def is_modulated(name: str, bottleneck: bool) -> bool:
+    """Whether clique-block parameter `name` is the latent of a modulated 3x3 conv: the
+    bottleneck 3x3s, or (clique_conv = per_connection) every clique kernel."""
+    if name.startswith(names.BOTTLENECK_KERNEL_PREFIX):
+        return True
+    return not bottleneck and name.startswith(names.CLIQUE_KERNEL_PREFIX)
+
+
 def conv_filter_equivalent(model_config, params):
     """Pytree of ints: per leaf, the filter weights of the full-precision network with the same
     widths and no modulation (K times the latent filters of a modulated conv; 0 for M-filters
     and any non-conv parameter)."""
+    m = MBCliqueNetConfig.from_config(model_config)
 
     def count(path, leaf):
         name = names.leaf_name(path)
-        if name.startswith(names.BOTTLENECK_KERNEL_PREFIX):
-            return leaf.size * model_config.K
+        if is_modulated(name, m.clique_conv == "bottleneck"):
+            return leaf.size * m.K
         return 0 if name == names.M_FILTER or not names.is_kernel(name) else leaf.size
 
     return jax.tree_util.tree_map_with_path(count, params)
