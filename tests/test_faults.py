@@ -153,6 +153,7 @@ def test_resume_compares_optimizer_kwargs_by_the_arguments_they_give(stored, tmp
     else:
         old["optimizer"]["kwargs"] = stored
     (tmp_path / "config.json").write_text(json.dumps(old))
+    os.makedirs(tmp_path / "checkpoints" / "4")  # a run that trained: its config binds
     same = stored in ("b1=0.95", {"b1": 0.95})
     config.optimizer.kwargs = "b1=0.95" if same else ""
     assert run_dir.check_resume(config, str(tmp_path), overwrite=False) == {}
@@ -179,10 +180,11 @@ def test_workdir_lock_refuses_a_live_holder_and_replaces_a_stale_one(tmp_path):
 
 def test_npz_classes_come_from_the_data_not_the_largest_label(tmp_path):
     path = str(labelled_npz(tmp_path / "gap.npz", [0, 1, 3, 3], [0, 1]))
-    with pytest.raises(ValueError, match=r"y_train has 3 distinct labels but its largest is 3 "
-                                         r"\(class 2 never occurs\)"):
+    with pytest.raises(ValueError, match=r"y_train has no image of class 2 \(its largest label "
+                                         r"is 3; 3 classes occur\)"):
         local_sources.NpzSource(path, "train")
-    assert local_sources.NpzSource(path, "train", num_classes=5).num_classes == 5
+    with pytest.raises(ValueError, match=r"no image of class 2 \(data.num_classes=5; 3 classes"):
+        local_sources.NpzSource(path, "train", num_classes=5)  # a class that cannot be learnt
     with pytest.raises(ValueError, match=r"label 3; allowed: 0..2 \(data.num_classes=3"):
         local_sources.NpzSource(path, "test", num_classes=3)
 

@@ -34,6 +34,12 @@ class TfdsExampleSource:
     def __len__(self) -> int:
         return len(self._data_source)
 
+    def fingerprint(self) -> dict:
+        """Name, version and size of the split read (TFDS versions its data sets: a rebuilt
+        or changed one gets another version or size)."""
+        return {"tfds": self.name, "version": self.version, "split": self.split,
+                "examples": len(self), "image_size": getattr(self, "image_size", 0)}
+
     def __getitem__(self, index: int) -> dict:
         try:
             example = self._data_source[int(index)]
