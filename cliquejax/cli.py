@@ -167,6 +167,11 @@ def run_app(main) -> None:
     from absl import app, flags
 
     _find_config_package()
+    overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    if overrides and not any(a.startswith("--config=") for a in sys.argv[1:]):
+        fail(f"error: {overrides[0]} needs --config=FILE (overrides change a config file's "
+             "values; a run resumed with --workdir alone keeps its own config.json); "
+             "allowed: --config=configs/<name>.py with the overrides")
     try:
         app.run(main)
     except SyntaxError as error:

@@ -110,7 +110,11 @@ def npz_num_classes(path: str, arrays: dict, num_classes: int = 0) -> int:
 def _load_npz_cached(path: str, modified_ns: int) -> dict[str, np.ndarray]:
     del modified_ns  # part of the cache key only: a rewritten file is loaded again
     try:
-        with np.load(path, allow_pickle=False) as npz_file:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array
+            raise ValueError(f"npz file {path} is a single .npy array, not an .npz archive; "
+                             f"allowed: numpy.savez(path, {'=..., '.join(NPZ_KEYS)}=...)")
+        with loaded as npz_file:
             missing = [key for key in NPZ_KEYS if key not in npz_file.files]
             if missing:
                 raise ValueError(

@@ -5,7 +5,7 @@ optimizer and the schedule and checks the image size against the network. This a
 would otherwise surface at the first step or after the first epoch (when an epoch of work,
 hours on real data, is lost), each as one-line ValueError naming the field:
 
-- the seed, and every batch size against the device count;
+- the seed, the loader's worker count, and every batch size against the device count;
 - one real training batch through the pipeline (decoding, augmentation), and the train step
   traced on its shape: the model's forward and backward pass, the optimizer's update and the
   schedule, applied once to the abstract parameters (nothing is computed or changed);
@@ -55,6 +55,10 @@ def check(trainer) -> None:
     config = trainer.config
     check_seed(config.seed)
     check_batch_sizes(config.train)
+    workers = config.data.get("worker_count", 0)
+    if workers < 0:
+        raise ValueError(f"data.worker_count={workers} is negative; allowed: 0 (read in this "
+                         "process) or the number of loader processes")
     data_config = _one_process_data(config.data)
     stats = (trainer.info.mean, trainer.info.std)
     batches = data.make_train_iterator(data_config, global_batch_size=trainer.global_batch,
