@@ -6,7 +6,10 @@
     python launch.py --workdir=DIR --mode=eval   # evaluate DIR's latest good checkpoint
 
 A workdir's config.json is the run's identity: resuming with a config that changes the run
-is refused (--overwrite moves the old run into DIR/previous-<time>/ and starts anew).
+is refused (--overwrite moves the old run into DIR/previous-<time>/ and starts anew). Its
+data.json records the data read (a fingerprint) and its normalisation: resuming or
+evaluating on data that changed is refused (--accept_data_change goes on, recording it).
+Every check runs before anything is written (`cliquejax.train.preflight`).
 
 Multi-host: every process runs the same command plus --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I, or --distributed to let JAX detect the cluster (SLURM, TPU).

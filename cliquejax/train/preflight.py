@@ -9,8 +9,10 @@ hours on real data, is lost), each as one-line ValueError naming the field:
 - one real training batch through the pipeline (decoding, augmentation), and the train step
   traced on its shape: the model's forward and backward pass, the optimizer's update and the
   schedule, applied once to the abstract parameters (nothing is computed or changed);
-- the first evaluation batch (the test images, decoded and viewed as evaluation sees them)
-  run through the evaluation step, which compiles it once for the run.
+- every test example decoded once, of the training split's shape and classes (a damaged
+  test image would otherwise stop the run at its first evaluation);
+- the first evaluation batch (viewed as evaluation sees it) run through the evaluation
+  step, which compiles it once for the run.
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def _first_error_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
+def check_test_set(data_config, info) -> None:
+    """Every test example decoded once (the headers were checked when the source opened;
+    a file whose pixels are damaged fails only here), of the run's shape and classes."""
+    test = data.load_source(data_config, "test")
+    for index in range(len(test)):
+        example = test[index]
+        shape, label = tuple(example["image"].shape), int(example["label"])
+        if shape != tuple(info.image_shape) or not 0 <= label < info.num_classes:
+            name = test.files[index] if hasattr(test, "files") else f"test example {index}"
+            raise ValueError(f"{name} has shape {shape} and label {label}; allowed: shape "
+                             f"{tuple(info.image_shape)} and labels 0..{info.num_classes - 1}, "
+                             "as the training split")
+
+
 def check(trainer) -> None:
     """Runs every check above for `trainer` (a `loop.Trainer` built for a run)."""
     config = trainer.config
@@ -72,6 +88,7 @@ def check(trainer) -> None:
         raise ValueError(f"the train step cannot be built for this config (optimizer "
                          f"{config.optimizer.name!r}, schedule {config.schedule.name!r}): "
                          f"{_first_error_line(error)}") from None
+    check_test_set(data_config, trainer.info)
     evaluation = data.make_eval_iterator(data_config,
                                          global_batch_size=config.train.eval_batch_size,
                                          stats=stats)

@@ -324,6 +324,9 @@ def read_data_record(workdir: str) -> dict | None:
         dataset = record["dataset"]
         dataset["image_shape"] = tuple(dataset["image_shape"])
         dataset["mean"], dataset["std"] = tuple(dataset["mean"]), tuple(dataset["std"])
+        from cliquejax.data.info import DatasetInfo
+
+        DatasetInfo(**dataset)  # every field, and no other
         record["fingerprint"]  # noqa: B018 - present, or the file is not ours
         return record
     except (OSError, ValueError, KeyError, TypeError) as error:
