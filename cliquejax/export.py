@@ -416,11 +416,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cli.quiet_logging()
     try:
-        sizes = export_checkpoint(args.workdir, args.out, args.format)
+        out = os.path.abspath(os.path.expanduser(args.out)) if args.out else args.out
+        sizes = export_checkpoint(args.workdir, out, args.format)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {args.out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
+    print(f"wrote {out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
 
 
 if __name__ == "__main__":
