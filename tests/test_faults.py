@@ -352,7 +352,7 @@ def test_data_that_is_not_what_it_seems_is_named(case, tmp_path):
     whose class count is not the config's (Tiny ImageNet's 100), labels stored as Python
     objects (named as such, not as a damaged file); and a test image whose pixels are
     damaged, which used to stop the run at its first evaluation, after an epoch."""
-    folder = image_folder(tmp_path / "folder")
+    folder = image_folder(tmp_path / "folder", per_class=8)  # one batch of 16
     (folder / "train" / ".DS_Store").write_text("finder")
     os.makedirs(folder / "train" / ".ipynb_checkpoints")
     (folder / "train" / "a" / "._0.png").write_text("apple double")
@@ -370,7 +370,8 @@ def test_data_that_is_not_what_it_seems_is_named(case, tmp_path):
         damaged = folder / "test" / "b" / "1.png"
         noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(noise).save(damaged)
-        damaged.write_bytes(damaged.read_bytes()[:80])
+        whole = damaged.read_bytes()
+        damaged.write_bytes(whole[:len(whole) // 2])  # the header and half the pixels
         expected = f"error: image file {damaged} cannot be read ("
     elif case == "class_count":
         overrides = ["--config=configs/mbclique_tinyimagenet.py", f"--config.data.path={folder}"]
