@@ -6,6 +6,13 @@ fields and the two ways out); the fields in `ALLOWED_CHANGES`, which cannot chan
 parameters a run ends with, may change and each change is recorded in `changes.jsonl`.
 Evaluation and export read config.json, so they need only `--workdir`. A lock file
 (`run.lock`, holding the pid) keeps a second process off a workdir that is training.
+
+The data is part of the run: `data.json` (`dataset_for_run`) holds the data set's shapes,
+classes and normalisation as measured at the start, and a fingerprint of what was read.
+Evaluation, predict and export normalise with the recorded statistics (`normalization`); a
+resume or evaluation whose data no longer matches the fingerprint is refused, naming the
+change. A run without a checkpoint (a start that failed) binds nothing: the next command
+starts it anew. `--overwrite` moves aside a run, never a directory that holds no run.
 """
 
 from __future__ import annotations
