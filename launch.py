@@ -6,20 +6,34 @@
     python launch.py --workdir=DIR --mode=eval   # evaluate DIR's latest good checkpoint
 
 A workdir's config.json is the run's identity: resuming with a config that changes the run
-is refused (--overwrite moves the old run into DIR/previous-<time>/ and starts anew).
+is refused (--overwrite moves the old run into DIR/previous-<time>/ and starts anew). Its
+data.json records the data read (a fingerprint) and its normalisation: resuming or
+evaluating on data that changed is refused (--accept_data_change goes on, recording it).
+Every check runs before anything is written (`cliquejax.train.preflight`).
 
 Multi-host: every process runs the same command plus --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I, or --distributed to let JAX detect the cluster (SLURM, TPU).
 """
 
-import json
 import os
+import signal
 import sys
 
-from absl import flags, logging
-from ml_collections import config_flags
 
-from cliquejax import cli, platform
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b"error: interrupted (Ctrl-C) while starting; nothing was changed\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":  # before the imports below: Ctrl-C there is one line too
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import json  # noqa: E402
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cliquejax import cli, platform  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -27,6 +41,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots,
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming) or evaluate.")
 flags.DEFINE_bool("overwrite", False, "Start anew: move the run in --workdir (if any) into "
                   "<workdir>/previous-<time>/ (never deleted).")
+flags.DEFINE_bool("accept_data_change", False, "Resume or evaluate although the data differs "
+                  "from the fingerprint in <workdir>/data.json (normalised as the run was; "
+                  "recorded in changes.jsonl or eval.json).")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -63,10 +80,11 @@ def run(config, workdir: str) -> dict:
     from cliquejax.train import evaluate, loop, run_dir
 
     if FLAGS.mode == "eval":
-        return evaluate.evaluate_checkpoint(config, workdir)
+        return evaluate.evaluate_checkpoint(config, workdir, FLAGS.accept_data_change)
     if config is None:
         config = run_dir.load_config(workdir)  # resume the run as it was made
-    return loop.train_and_evaluate(config, workdir, overwrite=FLAGS.overwrite)
+    return loop.train_and_evaluate(config, workdir, overwrite=FLAGS.overwrite,
+                                   accept_data_change=FLAGS.accept_data_change)
 
 
 def _percent(value) -> str:
@@ -96,14 +114,20 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     config = cli.load_config_flag(FLAGS)
-    check_mode(config, FLAGS.workdir)
+    workdir = cli.workdir_path(FLAGS.workdir)
+    check_mode(config, workdir)
     from cliquejax import checkpoint, data
     from cliquejax.train import loop, run_dir
 
     platform.use_compilation_cache(FLAGS.compilation_cache)
+    # From here a Ctrl-C unwinds: a workdir this session created is removed, a lock released.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_distributed()
-        results = run(config, FLAGS.workdir)
+        results = run(config, workdir)
+    except KeyboardInterrupt:
+        cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "
+                 "the same command to resume)", 130)
     except loop.Preempted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
@@ -125,7 +149,7 @@ def main(argv):
     import jax
 
     if jax.process_index() == 0:
-        print_summary(results, FLAGS.workdir)
+        print_summary(results, workdir)
         print(json.dumps(results, sort_keys=True))
 
 

@@ -48,9 +48,83 @@ def load_config_flag(flag_values, name: str = "config"):
     try:
         config = flag_values[name].value
         config.to_json_best_effort()  # touches every field: a deferred error surfaces here
+        unused = _ignored_config_argument(path)
     except Exception as error:  # noqa: BLE001 - a user's file can raise anything
         fail(config_file_error(path, error))
+    for field in _repeated_overrides():
+        value = config
+        for key in field[len("--config."):].split("."):
+            value = value.get(key) if hasattr(value, "get") else None
+        if isinstance(value, (tuple, list)):
+            fail(f"error: {field} is given more than once; allowed: each list field once "
+                 f"(repeated, the lists are joined: {field}={','.join(map(str, value))})")
+    if unused:
+        fail(f"error: --config={path}: {os.path.basename(path.split(':', 1)[0])} takes no "
+             f"argument ({unused!r} changes nothing); allowed: --config="
+             f"{path.split(':', 1)[0]} without ':{unused}'")
     return config
+
+
+def _ignored_config_argument(path: str) -> str | None:
+    """The `:argument` of `--config=file.py:argument` when the file's get_config ignores it
+    (its config equals the one without the argument), else None."""
+    import importlib.util
+    import inspect
+
+    file_name, _, argument = path.partition(":")
+    if not argument:
+        return None
+    spec = importlib.util.spec_from_file_location("_cliquejax_config_check", file_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parameters = list(inspect.signature(module.get_config).parameters.values())
+    if parameters and parameters[0].default == argument:
+        return None  # the default, given explicitly
+    plain = module.get_config().to_json_best_effort()
+    return argument if module.get_config(argument).to_json_best_effort() == plain else None
+
+
+def workdir_path(workdir) -> str:
+    """`--workdir` as the absolute path written to: `~` expanded as a shell would (a flag's
+    `--workdir=~/x` reaches the program unexpanded), so what is printed is where it is."""
+    if not isinstance(workdir, str) or not workdir.strip():
+        fail(f"error: --workdir={workdir!r} is empty; allowed: a directory path")
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"error: --workdir={workdir} is a file; allowed: a directory (new or a run)")
+    return path
+
+
+INTERRUPTED = "error: interrupted (Ctrl-C)"
+
+
+def _exit_interrupted(signum, frame) -> None:
+    del signum, frame
+    os.write(2, f"{INTERRUPTED}; nothing was changed\n".encode())
+    os._exit(130)
+
+
+def exit_on_interrupt() -> None:
+    """Ctrl-C ends the program at once with one line and exit code 130, instead of a
+    KeyboardInterrupt traceback from wherever it lands (an import, a compilation). For
+    commands whose only writes are atomic replacements (export, predict) or none."""
+    import signal
+
+    signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _repeated_overrides() -> list[str]:
+    """`--config.x` fields given more than once. A repeated scalar takes its last value, as
+    absl documents; a repeated list is appended to (widths=16,16,32 then widths=32 gives
+    16,16,32,32): `load_config_flag` refuses that."""
+    seen, repeated = set(), []
+    for argument in sys.argv[1:]:
+        if argument.startswith("--config."):
+            field = argument.split("=", 1)[0]
+            if field in seen and field not in repeated:
+                repeated.append(field)
+            seen.add(field)
+    return repeated
 
 
 def quiet_logging() -> None:
@@ -93,6 +167,11 @@ def run_app(main) -> None:
     from absl import app, flags
 
     _find_config_package()
+    overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    if overrides and not any(a.startswith("--config=") for a in sys.argv[1:]):
+        fail(f"error: {overrides[0]} needs --config=FILE (overrides change a config file's "
+             "values; a run resumed with --workdir alone keeps its own config.json); "
+             "allowed: --config=configs/<name>.py with the overrides")
     try:
         app.run(main)
     except SyntaxError as error:

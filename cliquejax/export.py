@@ -157,19 +157,28 @@ def load(path: str):
     """A jitted inference function `uint8 images (N, H, W[, C]) -> float32 logits` of the
     exported network; also `.image_shape`, `.num_classes` and `.class_names`."""
     header, payload = _read(path)
-    config = ml_collections.ConfigDict(header["config"])
-    image_shape = tuple(header["image_shape"])
-    model = models.build_model(config, header["num_classes"])
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32)))
+    try:
+        standalone.check_header(header)
+        config = ml_collections.ConfigDict(header["config"])
+        image_shape = tuple(header["image_shape"])
+        model = models.build_model(config, header["num_classes"])
+        abstract = jax.eval_shape(lambda: model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32)))
+        rows = header["tensors"]
+        mean, std = header["mean"], header["std"]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ExportFileError(f"{path!r}: its header does not describe a network this code "
+                              f"builds ({first_line(error, 200)}); export the run again") from None
     leaves, tree = jax.tree.flatten(abstract)
-    rows = header["tensors"]
     if (header.get("tree") != _tree_hash(abstract) or len(rows) != len(leaves)
             or any(tuple(row[0]) != leaf.shape for row, leaf in zip(rows, leaves, strict=False))):
         raise ExportFileError(f"{path!r} does not hold the variables of the network its "
                               "header describes (export the run again with this code)")
-    variables = jax.device_put(tree.unflatten([_tensor(*row, payload) for row in rows]))
-    mean, std = header["mean"], header["std"]
+    try:
+        variables = jax.device_put(tree.unflatten([_tensor(*row, payload) for row in rows]))
+    except (ValueError, TypeError) as error:  # a row pointing past the payload
+        raise ExportFileError(f"{path!r} is corrupt ({first_line(error, 200)}); export the "
+                              "run again") from None
     apply = jax.jit(lambda v, images: model.apply(v, normalize(images, mean, std), train=False))
 
     def predict(images):
@@ -297,11 +306,11 @@ def serialize_standalone(config, variables, info, class_names=None) -> tuple[byt
 
 def restore(workdir: str, what: str = "export"):
     """(config, trainer holding the latest good checkpoint) of the run in `workdir`, from its
-    own config.json (`evaluate.restore_trainer`: creates nothing on disk, one-line errors,
-    damaged checkpoints skipped)."""
+    own config.json and data.json (`evaluate.restore_trainer`: the data set itself is not
+    read; creates nothing on disk, one-line errors, damaged checkpoints skipped)."""
     from cliquejax.train.evaluate import restore_trainer
 
-    trainer = restore_trainer(None, workdir, what)
+    trainer = restore_trainer(None, os.path.expanduser(workdir), what, read_data=False)
     return trainer.config, trainer
 
 
@@ -313,32 +322,45 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
-def class_names(config):
-    """The data set's label names when it has them (image folders, TFDS ClassLabels)."""
-    from cliquejax.data import sources
+def class_names(trainer):
+    """The data set's label names as the run recorded them (data.json); for a run written
+    before data.json, read from the data set when it has them (image folders, TFDS)."""
+    if trainer.data_record is not None:
+        return trainer.data_record.get("class_names")
+    from cliquejax.data import info, sources
 
     try:
-        source = sources.load_source(config.data, "train")
-        names = getattr(source, "class_names", None)
-        if names is None:
-            names = source._data_source.dataset_info.features["label"].names
-        names = [str(n) for n in names]
-        return None if names == [str(i) for i in range(len(names))] else names
+        return info.label_names(sources.load_source(trainer.config.data, "train"))
     except Exception:  # noqa: BLE001 - names are optional decoration
         return None
+
+
+def write_atomically(path: str, blob: bytes, flag: str = "--out") -> None:
+    """Writes `blob` to `path` through a temporary file: an interrupted or failed write
+    leaves whatever `path` held before."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(blob)
+        os.replace(temporary, path)
+    except OSError as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise ValueError(f"{flag}={path!r} cannot be written ({error.strerror})") from None
 
 
 def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
     """Writes the latest checkpoint of `workdir` to `out` as `fmt`; returns sizes."""
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} is not one of: {', '.join(FORMATS)}")
-    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    out = os.path.expanduser(out)
+    if not out or os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise ValueError(f"--out={out!r}: allowed: a file path in an existing directory")
     config, trainer = restore(workdir)
     try:
         variables = {"params": trainer.state["params"],
                      "batch_stats": trainer.state["batch_stats"]}
-        names = class_names(config)
+        names = class_names(trainer)
         if fmt == "clqx":
             blob = serialize(config, variables, trainer.info, names)
             header_len = _PREFIX.unpack_from(blob)[2] + _PREFIX.size
@@ -352,11 +374,7 @@ def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
     finally:
         trainer.checkpoints.close()
     if jax.process_index() == 0:
-        try:
-            with open(out, "wb") as handle:
-                handle.write(blob)
-        except OSError as error:
-            raise ValueError(f"--out={out!r} cannot be written ({error.strerror})") from None
+        write_atomically(out, blob)
     return sizes
 
 
@@ -398,11 +416,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cli.quiet_logging()
     try:
-        sizes = export_checkpoint(args.workdir, args.out, args.format)
+        out = os.path.abspath(os.path.expanduser(args.out)) if args.out else args.out
+        sizes = export_checkpoint(args.workdir, out, args.format)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {args.out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
+    print(f"wrote {out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cliquejax import cli, kernels, summary
-from cliquejax.train import loop, step
+from cliquejax.train import loop, preflight, step
 
 PLATFORMS = ("cuda", "tpu", "cpu")
 # Custom-call targets every XLA backend implements (sharding annotations, host offload).
@@ -97,12 +97,14 @@ def for_platform(config, platform: str):
 def traced_steps(config):
     """(traced train step, traced eval step, abstract state) of `config`, on abstract inputs.
     The steps are the ones a run jits (`loop.build_model_and_transforms`, `step.jit_steps`)."""
+    loop.validate_train(config.train)  # the checks a run makes first (batch sizes >= 1)
+    preflight.check_seed(config.seed)
+    preflight.check_batch_sizes(config.train)  # names the field that does not divide
     image_shape, num_classes = summary.model_input(config)
     model, transforms, schedule, binary_mask = loop.build_model_and_transforms(
         config, image_shape, num_classes, steps_per_epoch=1)
     state = jax.eval_shape(lambda: step.init_state(model, transforms, image_shape, config.seed))
     shardings = step.make_shardings(config.train.batch_size)
-    step.make_shardings(config.train.eval_batch_size)  # the same check a run makes
     train, evaluate = step.jit_steps(model, transforms, schedule, config, shardings, state,
                                      binary_mask)
 

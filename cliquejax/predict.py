@@ -4,10 +4,11 @@
     python -m cliquejax.predict --workdir=runs/x cat.png dog.jpg
 
 Images are uint8 pixels of the data set's size: an .npz with `images` (N x H x W [x C]) or
-PNG/JPEG files (converted to grey or RGB to match the data set; not resized). They are
-normalised exactly as the training pipeline does and run through the trained network, so
-this is the reference the exported files are compared with. One line per image: its name
-(index or path), then its `top` classes.
+PNG/JPEG files (decoded as the image folders are, `data.local_sources.decode_image`, to grey
+or RGB to match the data set; not resized). They are normalised with the statistics the run
+recorded (data.json) as the training pipeline does and run through the trained network, so
+this is the reference the exported files are compared with; the data set is not read. One
+line per image: its name (index or path), then its `top` classes.
 """
 
 from __future__ import annotations
@@ -28,20 +29,15 @@ def read_inputs(paths: list[str], image_shape) -> tuple[np.ndarray, list[str]]:
     if len(paths) == 1 and paths[0].lower().endswith(".npz"):
         images = standalone.check_images(standalone.read_images(paths[0]), image_shape)
         return images, [str(i) for i in range(len(images))]
-    from PIL import Image, UnidentifiedImageError
+    from cliquejax.data import local_sources
 
-    mode = "L" if image_shape[-1] == 1 else "RGB"
     images = []
     for path in paths:
         if not path.lower().endswith(IMAGE_SUFFIXES):
             raise standalone.StandaloneError(
                 f"{path!r}: allowed inputs are one .npz (key 'images') or .png/.jpg/.jpeg files")
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode), np.uint8)
-        except (OSError, UnidentifiedImageError) as error:
-            reason = getattr(error, "strerror", None) or error
-            raise standalone.StandaloneError(f"cannot read image {path!r}: {reason}") from None
+        local_sources.check_image_file(path)  # PIL's pixel limit, a damaged header
+        pixels = local_sources.decode_image(path, image_shape[-1])  # 16-bit: its real range
         if pixels.shape[:2] != tuple(image_shape[:2]):
             raise standalone.StandaloneError(
                 f"{path!r} is {pixels.shape[1]}x{pixels.shape[0]} pixels; allowed: "
@@ -83,7 +79,7 @@ def main(argv=None) -> None:
         if missing:
             raise ValueError(f"{missing[0]!r} is not a file; allowed: one .npz (key 'images') "
                              "or PNG/JPEG files")
-        config, trainer = export.restore(args.workdir, "predict")
+        _, trainer = export.restore(args.workdir, "predict")
         trainer.checkpoints.close()
         images, labels = read_inputs(args.inputs, trainer.info.image_shape)
         logits = predictor(trainer)(images)
@@ -93,7 +89,7 @@ def main(argv=None) -> None:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     top = min(args.top, logits.shape[-1])
-    print("\n".join(standalone.top_lines(logits, labels, export.class_names(config), top)))
+    print("\n".join(standalone.top_lines(logits, labels, export.class_names(trainer), top)))
 
 
 if __name__ == "__main__":

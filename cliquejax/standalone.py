@@ -28,9 +28,21 @@ import json
 import os
 import struct
 import sys
+import zipfile
 import zlib
 
-import numpy as np
+
+def _interrupted(signum, frame) -> None:
+    os.write(2, b"error: interrupted (Ctrl-C)\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C at any moment, even in the imports below: one line
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupted)
+
+import numpy as np  # noqa: E402
 
 MAGIC, VERSION = b"CLQS", 1
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -79,6 +91,7 @@ def read(path: str) -> tuple[dict, bytes, np.ndarray, np.ndarray]:
         header = json.loads(text)
         program_len, bits_len, floats_len = (int(n) for n in header["sizes"])
         expected = header["sha256"]
+        check_header(header)
     except (ValueError, KeyError, TypeError):
         raise StandaloneError(f"{path!r} is truncated or corrupt (unreadable header)") from None
     payload = blob[_PREFIX.size + header_len:]
@@ -92,6 +105,14 @@ def read(path: str) -> tuple[dict, bytes, np.ndarray, np.ndarray]:
     except zlib.error:
         raise StandaloneError(f"{path!r} is corrupt (its program does not decompress)") from None
     return header, program, bits, floats
+
+
+def check_header(header) -> None:
+    """ValueError unless the header's input shape (H, W, C) and class count are sane."""
+    shape, classes = header["image_shape"], header["num_classes"]
+    if not (isinstance(shape, list) and len(shape) == 3 and isinstance(classes, int)
+            and all(isinstance(n, int) and n > 0 for n in [*shape, classes])):
+        raise ValueError("bad image_shape or num_classes")
 
 
 def check_images(images, image_shape) -> np.ndarray:
@@ -127,7 +148,13 @@ def load(path: str):
     bits, floats = jax.device_put(bits), jax.device_put(floats)
 
     def predict(images):
-        return np.asarray(call(check_images(images, image_shape), bits, floats))
+        images = check_images(images, image_shape)
+        try:
+            return np.asarray(call(images, bits, floats))
+        except Exception as error:  # noqa: BLE001 - a program that does not fit its header
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise StandaloneError(f"{path!r}: its program does not run on images of shape "
+                                  f"{images.shape} ({first})") from None
 
     predict.image_shape, predict.num_classes = image_shape, header["num_classes"]
     predict.class_names, predict.exported = header.get("class_names"), exported
@@ -136,20 +163,30 @@ def load(path: str):
 
 def read_images(path: str) -> np.ndarray:
     """The `images` array of an .npz file."""
+    allowed = "allowed: an .npz with images=uint8 N x H x W [x C]"
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "images" not in archive.files:
-                raise StandaloneError(f"{path!r} has no 'images' array (it holds: "
-                                      f"{', '.join(archive.files) or 'nothing'}); allowed: "
-                                      "an .npz with images=uint8 N x H x W [x C]")
-            return archive["images"]
+        loaded = np.load(path, allow_pickle=False)
     except OSError as error:
         raise StandaloneError(f"cannot read images {path!r}: "
-                              f"{error.strerror or 'not an .npz file'}") from None
-    except ValueError as error:
-        if isinstance(error, StandaloneError):
-            raise
-        raise StandaloneError(f"cannot read images {path!r}: not an .npz file") from None
+                              f"{error.strerror or 'not an .npz file'}; {allowed}") from None
+    except (ValueError, EOFError):  # a pickle, an empty or foreign file
+        raise StandaloneError(f"cannot read images {path!r}: not an .npz file; "
+                              f"{allowed}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise StandaloneError(f"{path!r} is a .npy array, not an .npz archive; {allowed} "
+                              "(numpy.savez(path, images=...))")
+    with loaded as archive:
+        if "images" not in archive.files:
+            raise StandaloneError(f"{path!r} has no 'images' array (it holds: "
+                                  f"{', '.join(archive.files) or 'nothing'}); {allowed}")
+        try:
+            return archive["images"]
+        except ValueError:  # object arrays are stored pickled
+            raise StandaloneError(f"{path!r}: its 'images' array holds Python objects; "
+                                  f"{allowed}") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as error:
+            raise StandaloneError(f"cannot read images {path!r}: it is damaged "
+                                  f"({type(error).__name__}); {allowed}") from None
 
 
 def top_lines(logits: np.ndarray, labels: list[str], class_names=None, top: int = 1):
@@ -170,9 +207,15 @@ def check_output(path: str | None) -> None:
 
 
 def save_logits(path: str, logits: np.ndarray) -> None:
+    """np.save through a temporary file: an interrupted write keeps what `path` held."""
+    path = path if path.endswith(".npy") else path + ".npy"  # where np.save writes
+    temporary = f"{path}.{os.getpid()}.tmp.npy"
     try:
-        np.save(path, logits)
+        np.save(temporary, logits)
+        os.replace(temporary, path)
     except OSError as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
         raise StandaloneError(f"--logits={path!r} cannot be written ({error.strerror})") from None
 
 

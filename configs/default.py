@@ -18,7 +18,7 @@ def get_config():
     config.data.data_dir = "data/tfds"  # where TFDS data sets live (and the digits builder writes)
     config.data.path = ""  # npz file or image folder
     config.data.image_size = 0  # 0: the data set's own size; else resize (image_folder, synthetic)
-    config.data.num_classes = 0  # synthetic only
+    config.data.num_classes = 0  # 0: the data set's; else the count it must have (synthetic: makes)
     config.data.num_train = 0  # synthetic only
     config.data.num_test = 0  # synthetic only
     config.data.svhn_extra = False  # svhn_cropped: train on train+extra (the CliqueNet recipe)

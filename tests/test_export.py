@@ -201,3 +201,37 @@ def test_cifar10_standalone_file_is_small():
     assert sizes["bits_bytes"] == sum(
         (leaf.size + 7) // 8 for leaf, is_binary in export._leaves(config, variables, info)
         if is_binary)
+
+
+def _resigned(blob: bytes, prefix, edit) -> bytes:
+    """`blob` with its JSON header edited by `edit` and signed again (a valid CRC-32)."""
+    import json
+    import zlib
+
+    magic, version, length, _ = prefix.unpack_from(blob)
+    header = edit(json.loads(blob[prefix.size:prefix.size + length]))
+    text = json.dumps(header).encode()
+    return prefix.pack(magic, version, len(text), zlib.crc32(text)) + text + \
+        blob[prefix.size + length:]
+
+
+def test_headers_that_describe_no_network_are_refused(digits, tmp_path):
+    """A header whose checksum holds but whose content is wrong (a hand edit, another tool):
+    one-line errors from both loaders, not a KeyError or a failure inside JAX."""
+    loaders = {"clqx": (export.load, export.ExportFileError, export._PREFIX),
+               "standalone": (standalone.load, standalone.StandaloneError,
+                              standalone._PREFIX)}
+    edits = {"no-shape": lambda h: {k: v for k, v in h.items() if k != "image_shape"},
+             "bad-shape": lambda h: dict(h, image_shape=[8, 8, 0]),
+             "other-shape": lambda h: dict(h, image_shape=[9, 9, 1]),
+             "classes": lambda h: dict(h, num_classes="ten")}
+    for fmt, (load, error_type, prefix) in loaders.items():
+        blob = open(digits["files"][fmt], "rb").read()
+        for name, edit in edits.items():
+            if name == "other-shape" and fmt == "clqx":
+                continue  # its network is rebuilt for the header's shape, and runs on it
+            path = tmp_path / f"{name}.{fmt}"
+            path.write_bytes(_resigned(blob, prefix, edit))
+            with pytest.raises(error_type) as error:  # the program's shape is 8 x 8
+                load(str(path))(np.zeros((2, 9, 9, 1), np.uint8))
+            assert "\n" not in str(error.value) and str(path) in str(error.value), (fmt, name)

@@ -7,9 +7,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -155,6 +157,7 @@ def test_resume_compares_optimizer_kwargs_by_the_arguments_they_give(stored, tmp
     else:
         old["optimizer"]["kwargs"] = stored
     (tmp_path / "config.json").write_text(json.dumps(old))
+    os.makedirs(tmp_path / "checkpoints" / "4")  # a run that trained: its config binds
     same = stored in ("b1=0.95", {"b1": 0.95})
     config.optimizer.kwargs = "b1=0.95" if same else ""
     assert run_dir.check_resume(config, str(tmp_path), overwrite=False) == {}
@@ -181,10 +184,11 @@ def test_workdir_lock_refuses_a_live_holder_and_replaces_a_stale_one(tmp_path):
 
 def test_npz_classes_come_from_the_data_not_the_largest_label(tmp_path):
     path = str(labelled_npz(tmp_path / "gap.npz", [0, 1, 3, 3], [0, 1]))
-    with pytest.raises(ValueError, match=r"y_train has 3 distinct labels but its largest is 3 "
-                                         r"\(class 2 never occurs\)"):
+    with pytest.raises(ValueError, match=r"y_train has no image of class 2 \(its largest label "
+                                         r"is 3; 3 classes occur\)"):
         local_sources.NpzSource(path, "train")
-    assert local_sources.NpzSource(path, "train", num_classes=5).num_classes == 5
+    with pytest.raises(ValueError, match=r"no image of class 2 \(data.num_classes=5; 3 classes"):
+        local_sources.NpzSource(path, "train", num_classes=5)  # a class that cannot be learnt
     with pytest.raises(ValueError, match=r"label 3; allowed: 0..2 \(data.num_classes=3"):
         local_sources.NpzSource(path, "test", num_classes=3)
 
@@ -209,3 +213,245 @@ def test_eta_does_not_count_the_first_step(capsys):
     # ~0.01 s per step left: about 10 s, where counting the first step gives ~90 s.
     assert bar.eta_seconds() < 30
     bar.close()
+
+
+# --- issue 27: the data is part of the run; every check before the first write; images as
+# they are; run directories; every command's malformed input (command line, as users run it)
+
+NPZ_RUN = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
+           "--config.model.layers=2,2,2", "--config.train.epochs=1",
+           "--config.train.batch_size=16", "--config.train.eval_batch_size=16",
+           "--config.train.max_steps=2", "--config.data.name=npz"]
+
+
+def run_env(*args, module=None, env=None, cwd=ROOT):
+    command = [sys.executable, *(["-m", module] if module else ["launch.py"]), *args]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def grey_png(path, value, dtype=np.uint8, size=8):
+    Image.fromarray(np.full((size, size), value, dtype)).save(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_the_data_is_part_of_the_run(tmp_path):
+    """data.json records what was read and its normalisation: after the npz changes, eval and
+    resume stop naming the change (eval runs with --accept_data_change, saying so), and
+    predict gives the same logits as before, from the recorded statistics (it used to
+    measure them again on the new data). A start that failed (config.json, no checkpoint)
+    does not block the corrected command; `~` in --workdir is the home directory, printed as
+    written; 16-bit PNGs keep their range."""
+    data = tmp_path / "data.npz"
+    labelled_npz(data, np.arange(64) % 4, np.arange(16) % 4)
+    workdir = tmp_path / "run"
+    os.makedirs(workdir)
+    stale = json.loads(json.dumps(local_config_json()))
+    stale["optimizer"]["name"] = "lbfgs"  # what a failed start of an earlier version left
+    (workdir / "config.json").write_text(json.dumps(stale))
+    done = run_env(*NPZ_RUN, f"--config.data.path={data}", "--workdir=~/run",
+                   env={"HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"results: {workdir}/results.json" in done.stderr
+    record = json.loads((workdir / "data.json").read_text())
+    assert record["fingerprint"]["train"]["file"] == str(data)
+    assert record["dataset"]["num_train"] == 64 and len(record["dataset"]["mean"]) == 1
+    images = tmp_path / "images.npz"
+    rng = np.random.default_rng(1)
+    np.savez(images, images=rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))
+    pngs = [grey_png(tmp_path / "eight.png", 128), grey_png(tmp_path / "sixteen.png", 128 * 257,
+                                                            np.uint16)]
+    before = tmp_path / "before.npy"
+    assert run_env(f"--workdir={workdir}", str(images), f"--logits={before}",
+                   module="cliquejax.predict").returncode == 0
+    pixels = tmp_path / "pixels.npy"
+    assert run_env(f"--workdir={workdir}", *pngs, f"--logits={pixels}",
+                   module="cliquejax.predict").returncode == 0
+    eight, sixteen = np.load(pixels)
+    np.testing.assert_array_equal(eight, sixteen)  # 128 * 257 of 65535 is 128 of 255
+    bomb = tmp_path / "bomb.png"  # a header claiming 20000 x 20000 pixels
+    chunk = lambda kind, body: (len(body).to_bytes(4, "big") + kind + body  # noqa: E731
+                                + zlib.crc32(kind + body).to_bytes(4, "big"))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (20_000).to_bytes(4, "big") * 2
+                                                  + bytes([8, 0, 0, 0, 0])) + chunk(b"IEND", b""))
+    assert one_line(run_env(f"--workdir={workdir}", str(bomb), module="cliquejax.predict")) == (
+        f"error: image file {bomb} has more pixels than PIL's limit of 89,478,485; allowed: "
+        "smaller images (resize it beforehand)")
+
+    arrays = dict(np.load(data))
+    np.savez(data, **dict(arrays, x_train=arrays["x_train"] // 2, x_test=arrays["x_test"] // 2))
+    changed = one_line(run_env(f"--workdir={workdir}", "--mode=eval"))
+    assert changed.startswith(f"error: the data of the run in {workdir} changed since it was "
+                              "recorded in data.json (test.sha256: "), changed
+    assert changed.endswith("--mode=eval would use other data than the run's: restore the data "
+                            "the run was trained on, or add --accept_data_change to use it as "
+                            "it is now (normalised as the run was; the change is recorded)")
+    resume = one_line(run_env(f"--workdir={workdir}"))
+    assert "resuming would use other data than the run's" in resume
+    accepted = run_env(f"--workdir={workdir}", "--mode=eval", "--accept_data_change")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert json.loads(accepted.stdout)["data_changed"][0].startswith("test.sha256: ")
+    after = tmp_path / "after.npy"
+    assert run_env(f"--workdir={workdir}", str(images), f"--logits={after}",
+                   module="cliquejax.predict").returncode == 0
+    np.testing.assert_array_equal(np.load(before), np.load(after))
+
+
+def local_config_json() -> dict:
+    from tests.conftest import launch_config
+
+    return json.loads(launch_config(["x", *NPZ_RUN]).to_json_best_effort())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["optimizer", "seed", "eval_batch"])
+def test_every_check_runs_before_anything_is_written(case, tmp_path):
+    """Values that used to pass the checks, write config.json and fail at the first step (or
+    after the first epoch, for the evaluation batch) stop first, leaving nothing behind."""
+    data = labelled_npz(tmp_path / "data.npz", np.arange(64) % 4, np.arange(16) % 4)
+    override, expected, devices = {
+        "optimizer": ("--config.optimizer.name=lbfgs", "error: the train step cannot be built "
+                      "for this config (optimizer 'lbfgs', schedule 'sgdr'): ", 1),
+        "seed": ("--config.seed=-1", "error: seed=-1; allowed: an integer 0..", 1),
+        "eval_batch": ("--config.train.eval_batch_size=15", "error: train.eval_batch_size=15 "
+                       "is not divisible by the 2 devices; allowed: a multiple of 2", 2),
+    }[case]
+    workdir = tmp_path / "run"
+    done = run_env(*NPZ_RUN, f"--config.data.path={data}", override, f"--workdir={workdir}",
+                   env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    assert one_line(done).startswith(expected), one_line(done)
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
+def test_overwrite_moves_aside_only_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    done = run_env(*SMALL, f"--workdir={tmp_path}", "--overwrite")
+    assert one_line(done) == (f"error: --overwrite: {tmp_path} holds no run (no config.json or "
+                              "checkpoints/) but other files (notes.txt); allowed: --overwrite "
+                              "on a run directory; choose a new or empty --workdir")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def image_folder(root, classes=("a", "b"), per_class=2):
+    for split in ("train", "test"):
+        for name in classes:
+            os.makedirs(root / split / name, exist_ok=True)
+            for index in range(per_class):
+                Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(
+                    root / split / name / f"{index}.png")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["not_an_image", "empty_class", "class_count", "pickled_npz",
+                                  "damaged_test_image"])
+def test_data_that_is_not_what_it_seems_is_named(case, tmp_path):
+    """What used to be dropped or trained without a word: a file that is no image (with
+    hidden entries around, which are ignored), a class without training images, a folder
+    whose class count is not the config's (Tiny ImageNet's 100), labels stored as Python
+    objects (named as such, not as a damaged file); and a test image whose pixels are
+    damaged, which used to stop the run at its first evaluation, after an epoch."""
+    folder = image_folder(tmp_path / "folder", per_class=8)  # one batch of 16
+    (folder / "train" / ".DS_Store").write_text("finder")
+    os.makedirs(folder / "train" / ".ipynb_checkpoints")
+    (folder / "train" / "a" / "._0.png").write_text("apple double")
+    overrides = ["--config.data.name=image_folder", f"--config.data.path={folder}"]
+    if case == "not_an_image":
+        (folder / "train" / "a" / "a_boxes.txt").write_text("0 0 8 8")
+        expected = (f"error: {folder}/train/a/a_boxes.txt is not a .png/.jpg/.jpeg image; "
+                    "allowed: only images in class folders (remove or move the file; hidden "
+                    "files are ignored)")
+    elif case == "empty_class":
+        os.makedirs(folder / "train" / "c")
+        expected = (f"error: class folder {folder}/train/c holds no images; allowed: at least "
+                    "one png/jpg image in every training class")
+    elif case == "damaged_test_image":  # its header reads, its pixels do not
+        damaged = folder / "test" / "b" / "1.png"
+        noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(damaged)
+        whole = damaged.read_bytes()
+        damaged.write_bytes(whole[:len(whole) // 2])  # the header and half the pixels
+        expected = f"error: image file {damaged} cannot be read ("
+    elif case == "class_count":
+        overrides = ["--config=configs/mbclique_tinyimagenet.py", f"--config.data.path={folder}"]
+        expected = (f"error: image folder {folder}/train has 2 class folders; the config "
+                    "expects data.num_classes=100; allowed: a folder of 100 classes, or "
+                    "--config.data.num_classes=2")
+    else:
+        path = tmp_path / "labels.npz"
+        np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.array(["a"] * 4, object),
+                 x_test=np.zeros((2, 8, 8), np.uint8), y_test=np.zeros(2, np.int64))
+        overrides = ["--config.data.name=npz", f"--config.data.path={path}"]
+        expected = (f"error: npz file {path}: key 'y_train' holds Python objects (numpy stored "
+                    "it pickled); allowed: numeric arrays, uint8 images and integer labels")
+    args = SMALL if case != "class_count" else []
+    workdir = tmp_path / "run"
+    message = one_line(run_env(*args, *overrides, f"--workdir={workdir}"))
+    assert message == expected or (expected.endswith("(") and message.startswith(expected))
+    assert not os.path.exists(workdir)
+
+
+def test_image_folder_modes_keep_their_range_and_hidden_entries_are_ignored(tmp_path):
+    folder = image_folder(tmp_path)
+    (folder / "train" / ".DS_Store").write_text("finder")
+    (folder / "train" / "a" / "._0.png").write_text("apple double")
+    grey_png(folder / "train" / "a" / "0.png", 40_000, np.uint16)  # I;16 -> 156 of 255
+    Image.new("1", (8, 8), 1).save(folder / "train" / "a" / "1.png")  # 1-bit: 255
+    Image.new("P", (8, 8), 3).save(folder / "train" / "b" / "0.png")  # palette index 3
+    source = local_sources.ImageFolderSource(str(folder), "train")
+    assert source.class_names == ["a", "b"] and len(source) == 4
+    assert source[0]["image"].shape == (8, 8, 3)
+    assert {int(source[0]["image"].max()), int(source[0]["image"].min())} == {156}
+    assert int(source[1]["image"].min()) == 255
+    palette = Image.new("P", (1, 1), 3).convert("RGB").getpixel((0, 0))
+    assert tuple(source[2]["image"][0, 0]) == palette
+
+
+@pytest.mark.slow
+def test_malformed_inputs_of_every_command_are_one_line(tmp_path):
+    """summary with a config argument its file ignores and a repeated list override;
+    standalone.py with a .npy instead of an .npz and with object arrays; predict with an
+    image over PIL's pixel limit (in `test_the_data_is_part_of_the_run`, which has a run)."""
+    config = "--config=configs/mbclique_digits.py"
+    assert one_line(run_env(f"{config}:foo", module="cliquejax.summary")) == (
+        "error: --config=configs/mbclique_digits.py:foo: mbclique_digits.py takes no argument "
+        "('foo' changes nothing); allowed: --config=configs/mbclique_digits.py without ':foo'")
+    assert one_line(run_env(config, "--config.model.widths=16,16,32", "--config.model.widths=32",
+                            module="cliquejax.summary")) == (
+        "error: --config.model.widths is given more than once; allowed: each list field once "
+        "(repeated, the lists are joined: --config.model.widths=16,16,32,32)")
+    npy, objects = tmp_path / "images.npy", tmp_path / "objects.npz"
+    np.save(npy, np.zeros((2, 8, 8), np.uint8))
+    np.savez(objects, images=np.array([np.zeros((8, 8), np.uint8), None], object))
+    model = tmp_path / "model.clqs"
+    model.write_bytes(b"not a model")
+    standalone_py = os.path.join(ROOT, "cliquejax", "standalone.py")
+    for images, expected in [
+            (npy, f"error: '{npy}' is a .npy array, not an .npz archive; allowed: an .npz with "
+                  "images=uint8 N x H x W [x C] (numpy.savez(path, images=...))"),
+            (objects, f"error: '{objects}': its 'images' array holds Python objects; allowed: "
+                      "an .npz with images=uint8 N x H x W [x C]")]:
+        done = subprocess.run([sys.executable, standalone_py, str(model), str(images)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert one_line(done) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["launch", "predict"])
+def test_ctrl_c_while_starting_is_one_line(command, tmp_path):
+    """SIGINT soon after the start (importing JAX, parsing flags): exit 130, one line."""
+    args = ([sys.executable, "launch.py", *SMALL, f"--workdir={tmp_path / 'run'}"]
+            if command == "launch" else
+            [sys.executable, "-m", "cliquejax.predict", f"--workdir={tmp_path}", "x.npz"])
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(0.7)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 130 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: interrupted (Ctrl-C)")
+    assert not os.path.exists(tmp_path / "run")

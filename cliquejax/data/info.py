@@ -79,7 +79,7 @@ def _write_stats_file(path: str, mean, std) -> None:
 
 
 def _memory_key(data_config, source) -> tuple:
-    path = sources.config_value(data_config, "path", "")
+    path = sources.data_path(data_config)
     modified_ns = os.stat(path).st_mtime_ns if path and os.path.exists(path) else 0
     fields = ("name", "data_dir", "image_size", "num_classes", "num_train", "svhn_extra")
     values = tuple(sources.config_value(data_config, field) for field in fields)
@@ -108,9 +108,10 @@ def training_stats(data_config, train_source):
     return stats
 
 
-def info_from_sources(data_config, train_source, test_source) -> DatasetInfo:
-    """The `DatasetInfo` of already opened train and test sources."""
-    mean, std = training_stats(data_config, train_source)
+def info_from_sources(data_config, train_source, test_source, stats=None) -> DatasetInfo:
+    """The `DatasetInfo` of already opened train and test sources; `stats` (mean, std): a
+    run's recorded normalisation (`run_dir.normalization`), measured when None."""
+    mean, std = stats if stats is not None else training_stats(data_config, train_source)
     image_shape = tuple(int(size) for size in train_source[0]["image"].shape)
     return DatasetInfo(
         name=sources.config_value(data_config, "name"),
@@ -121,6 +122,25 @@ def info_from_sources(data_config, train_source, test_source) -> DatasetInfo:
         mean=mean,
         std=std,
     )
+
+
+def fingerprint(train_source, test_source) -> dict:
+    """What was read, split by split (each source's `fingerprint()`: an npz file's size and
+    sha256, an image folder's files with sizes and times, a TFDS split's name, version and
+    size): recorded with a run, so a change to the data after training is found."""
+    return {"train": train_source.fingerprint(), "test": test_source.fingerprint()}
+
+
+def label_names(train_source) -> list[str] | None:
+    """The data set's class names when it has them (image folders, TFDS ClassLabels); None
+    when they are only the numbers 0..C-1."""
+    names = getattr(train_source, "class_names", None)
+    if names is None and hasattr(train_source, "_data_source"):
+        names = train_source._data_source.dataset_info.features["label"].names
+    if names is None:
+        return None
+    names = [str(name) for name in names]
+    return None if names == [str(i) for i in range(len(names))] else names
 
 
 def dataset_info(data_config) -> DatasetInfo:

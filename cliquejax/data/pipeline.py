@@ -20,7 +20,6 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from cliquejax.data import augment, info, local_sources, sources
 
@@ -155,9 +154,8 @@ class _NativeImageFolder:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        with Image.open(self.files[index]) as opened:
-            image = np.asarray(opened.convert("RGB"), dtype=np.uint8)
-        return {"image": image, "label": self.labels[index]}
+        return {"image": local_sources.decode_image(self.files[index]),
+                "label": self.labels[index]}
 
 
 def augmentation_from_config(data_config, image_shape) -> augment.Augmentation:
@@ -208,18 +206,20 @@ def make_train_iterator(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    stats=None,
 ):
     """Endless iterator of this process's training batches from global step `start_step` on.
 
     Batches are `{"image": float32 [B, H, W, C] normalised, "label": int32 [B]}` with
-    B = global_batch_size / process_count.
+    B = global_batch_size / process_count. `stats`: the (mean, std) to normalise with (a
+    run's recorded ones); measured on the training split when None.
     """
     process_index, _, local_batch = process_layout(global_batch_size, process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step {start_step} must be >= 0")
     train_source = sources.load_source(data_config, "train")
     test_source = sources.load_source(data_config, "test")
-    dataset_info = info.info_from_sources(data_config, train_source, test_source)
+    dataset_info = info.info_from_sources(data_config, train_source, test_source, stats)
     augmentation = augmentation_from_config(data_config, dataset_info.image_shape)
     reader = _TrainExampleReader(
         _read_source(train_source, augmentation),
@@ -246,6 +246,7 @@ def make_eval_iterator(
     split: str = "test",
     process_index: int | None = None,
     process_count: int | None = None,
+    stats=None,
 ):
     """One in-order pass over `split`, as this process's batches, without random
     augmentation (with data.augment=imagenet: the resize and centre crop).
@@ -257,7 +258,7 @@ def make_eval_iterator(
     train_source = sources.load_source(data_config, "train")
     split_source = train_source if split == "train" else sources.load_source(data_config, split)
     test_source = split_source if split == "test" else sources.load_source(data_config, "test")
-    dataset_info = info.info_from_sources(data_config, train_source, test_source)
+    dataset_info = info.info_from_sources(data_config, train_source, test_source, stats)
     num_steps = -(-len(split_source) // global_batch_size)
     augmentation = augmentation_from_config(data_config, dataset_info.image_shape)
     reader = _EvalExampleReader(

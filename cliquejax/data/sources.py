@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 from cliquejax.data import augment, local_sources, tfds_sources
 
 # Any other `data.name` is a TFDS data set prepared under `data.data_dir` (tfds_sources).
@@ -13,6 +16,11 @@ _RESIZING_SOURCES = ("image_folder", "synthetic")
 def config_value(data_config, field: str, default=None):
     """`data_config.<field>`, or `default` when the config has no such field."""
     return getattr(data_config, field, default)
+
+
+def data_path(data_config) -> str:
+    """`data.path` with `~` expanded, as a shell would (the npz file or image folder)."""
+    return os.path.expanduser(config_value(data_config, "path", "") or "")
 
 
 def _synthetic_source(data_config, split: str) -> local_sources.SyntheticSource:
@@ -45,16 +53,21 @@ def load_source(data_config, split: str):
                            config_value(data_config, "flip", False),
                            config_value(data_config, "crop_padding", 0))
     image_size = config_value(data_config, "image_size", 0)
-    if image_size < 0:
-        raise ValueError(f"data.image_size={image_size} is negative; allowed: 0 or a size")
+    if image_size < 0 or image_size * image_size > local_sources.Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"data.image_size={image_size}; allowed: 0 (the data set's own size) "
+                         f"or a size up to {math.isqrt(local_sources.Image.MAX_IMAGE_PIXELS)} "
+                         "(PIL's pixel limit)")
+    num_classes = config_value(data_config, "num_classes", 0) or 0
+    if num_classes < 0:
+        raise ValueError(f"data.num_classes={num_classes} is negative; allowed: 0 (the data "
+                         "set's classes) or the number of classes")
     if name == "synthetic":
         source = _synthetic_source(data_config, split)
     elif name == "npz":
-        source = local_sources.NpzSource(config_value(data_config, "path", ""), split,
-                                         config_value(data_config, "num_classes", 0) or 0)
+        source = local_sources.NpzSource(data_path(data_config), split, num_classes)
     elif name == "image_folder":
-        path = config_value(data_config, "path", "")
-        source = local_sources.ImageFolderSource(path, split, image_size)
+        source = local_sources.ImageFolderSource(data_path(data_config), split, image_size,
+                                                 num_classes)
     else:
         source = tfds_sources.open_tfds_source(
             name,
@@ -63,6 +76,12 @@ def load_source(data_config, split: str):
             svhn_extra=bool(config_value(data_config, "svhn_extra", False)),
             image_size=image_size,
         )
+    if num_classes and name not in ("synthetic", "npz", "image_folder") and \
+            source.num_classes != num_classes:
+        raise ValueError(f"data set {name!r} has {source.num_classes} classes; the config "
+                         f"expects data.num_classes={num_classes}; allowed: "
+                         f"--config.data.num_classes=0 (the data set's) or "
+                         f"{source.num_classes}")
     if image_size and name not in _RESIZING_SOURCES:
         native_size = source[0]["image"].shape[0]
         if image_size != native_size:

@@ -34,6 +34,12 @@ class TfdsExampleSource:
     def __len__(self) -> int:
         return len(self._data_source)
 
+    def fingerprint(self) -> dict:
+        """Name, version and size of the split read (TFDS versions its data sets: a rebuilt
+        or changed one gets another version or size)."""
+        return {"tfds": self.name, "version": self.version, "split": self.split,
+                "examples": len(self), "image_size": getattr(self, "image_size", 0)}
+
     def __getitem__(self, index: int) -> dict:
         try:
             example = self._data_source[int(index)]
@@ -96,9 +102,11 @@ def _not_prepared_error(name: str, data_dir: str) -> DatasetNotFoundError | None
     """Why `name` cannot be opened from `data_dir`, or None when the cause is elsewhere."""
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
+        where = "" if os.path.isabs(data_dir) else \
+            f" (relative to the working directory: {os.path.abspath(data_dir)})"
         return DatasetNotFoundError(
-            f"data set {name!r} is not prepared under data_dir={data_dir!r} and cannot be "
-            f"downloaded here: {prepare_command(name, data_dir)}"
+            f"data set {name!r} is not prepared under data_dir={data_dir!r}{where} and cannot "
+            f"be downloaded here: {prepare_command(name, data_dir)}"
         )
     file_format = builder.info.file_format.value
     if file_format not in _RANDOM_ACCESS_FORMATS:
@@ -157,6 +165,9 @@ def open_tfds_source(name: str, split: str, data_dir: str, *, svhn_extra: bool =
     varying size (imagenet2012) are resized to `image_size`, which they need. `svhn_extra`
     makes svhn_cropped's train split TFDS's 'train+extra'.
     """
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f"data.data_dir={data_dir!r} is a file; allowed: the directory that "
+                         "holds (or will hold) the prepared TFDS data sets")
     if name == "digits":
         digits_builder.ensure_digits_prepared(data_dir)
         tfds_name = digits_builder.DIGITS_NAME

@@ -68,6 +68,11 @@ class ModelConfig:
 
 
 def check_lengths(fields: dict) -> None:
+    """Per-block lists of equal length, of counts (widths, layers, channels) >= 1: a zero or
+    negative width would only fail deep in the initializer (fan_in), naming no field."""
+    for name, value in fields.items():
+        for entry in value:
+            check_range(f"{name} entry", entry, 1)
     lengths = {name: len(value) for name, value in fields.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())

@@ -14,7 +14,7 @@ import numpy as np
 
 from cliquejax import bits, checkpoint, data, models, report
 from cliquejax.models.common import check_range
-from cliquejax.train import optim, run_dir, step
+from cliquejax.train import optim, preflight, run_dir, step
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -79,11 +79,12 @@ class Trainer:
     """Everything a run needs, built once from the config. Building it reads the data and
     traces nothing to disk; the checkpoint directory is opened on first use."""
 
-    def __init__(self, config, workdir: str, create_checkpoints: bool = True):
+    def __init__(self, config, workdir: str, create_checkpoints: bool = True, info=None):
         validate_train(config.train)
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
-        self.info = data.dataset_info(config.data)
+        # `info`: the run's recorded data description (`run_dir.dataset_for_run`)
+        self.info = info if info is not None else data.dataset_info(config.data)
         self.global_batch = config.train.batch_size
         self.steps_per_epoch = data.steps_per_epoch(self.info, self.global_batch)
         self.total_steps = config.train.epochs * self.steps_per_epoch
@@ -139,7 +140,8 @@ class Trainer:
     def evaluate(self) -> dict:
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         batches = data.make_eval_iterator(self.config.data,
-                                          global_batch_size=self.config.train.eval_batch_size)
+                                          global_batch_size=self.config.train.eval_batch_size,
+                                          stats=(self.info.mean, self.info.std))
         for local in batches:
             sums = self.eval_step(self.state, step.global_batch(local, self.eval_shardings))
             for key, value in jax.device_get(sums).items():
@@ -245,7 +247,8 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     config, spe = trainer.config, trainer.steps_per_epoch
     start = int(trainer.state["step"])
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
-                                       seed=config.seed, start_step=start)
+                                       seed=config.seed, start_step=start,
+                                       stats=(trainer.info.mean, trainer.info.std))
     history, pending, test, shown = [], None, {}, {}
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
@@ -301,10 +304,12 @@ def end_epoch(trainer: Trainer, history, done: int, writer, last: bool, bar) -> 
     return test
 
 
-def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
+def train_and_evaluate(config, workdir: str, overwrite: bool = False,
+                       accept_data_change: bool = False) -> dict:
     """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns the
-    results. Every check (workdir lock, config.json, data, model, checkpoint fit) runs before
-    anything in `workdir` changes; `overwrite` then moves an old run aside."""
+    results. Every check (workdir lock, config.json, the data against the run's data.json,
+    model, `preflight`, checkpoint fit) runs before anything in `workdir` changes;
+    `overwrite` then moves an old run aside."""
     validate_train(config.train)
     created = not os.path.exists(workdir)
     run_dir.check_writable(workdir)
@@ -312,7 +317,13 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
     try:
         lock.acquire()
         changes = run_dir.check_resume(config, workdir, overwrite)
-        trainer = Trainer(config, workdir)
+        info, record, data_changes = run_dir.dataset_for_run(
+            config.data, workdir, fresh=overwrite or not run_dir.holds_checkpoint(workdir),
+            accept_change=accept_data_change)
+        if data_changes:
+            changes = dict(changes, data=data_changes)
+        trainer = Trainer(config, workdir, info=info)
+        preflight.check(trainer)
         if overwrite:
             run_dir.move_aside(workdir)
         resumed = trainer.restore_latest()  # a checkpoint that does not fit changes nothing
@@ -322,14 +333,16 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     try:
-        return _train(trainer, config, workdir, resumed, changes)
+        return _train(trainer, config, workdir, resumed, changes, record)
     finally:
         lock.release()
 
 
-def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict) -> dict:
+def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict,
+           record) -> dict:
     start = int(trainer.state["step"])
     run_dir.write_config(config, workdir, changes, start)
+    run_dir.write_data_record(workdir, record)
     if trainer.is_main:  # rows past the checkpoint resumed from are trained again
         report.drop_rows_after(os.path.join(workdir, report.METRICS_FILE), start)
     writer = report.MetricWriter(workdir, enabled=trainer.is_main)

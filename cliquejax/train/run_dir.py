@@ -6,10 +6,18 @@ fields and the two ways out); the fields in `ALLOWED_CHANGES`, which cannot chan
 parameters a run ends with, may change and each change is recorded in `changes.jsonl`.
 Evaluation and export read config.json, so they need only `--workdir`. A lock file
 (`run.lock`, holding the pid) keeps a second process off a workdir that is training.
+
+The data is part of the run: `data.json` (`dataset_for_run`) holds the data set's shapes,
+classes and normalisation as measured at the start, and a fingerprint of what was read.
+Evaluation, predict and export normalise with the recorded statistics (`normalization`); a
+resume or evaluation whose data no longer matches the fingerprint is refused, naming the
+change. A run without a checkpoint (a start that failed) binds nothing: the next command
+starts it anew. `--overwrite` moves aside a run, never a directory that holds no run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -37,7 +45,16 @@ RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_
                  "train.epochs", "train.compute_dtype", "train.remat")
 CHANGES_FILE = "changes.jsonl"
 LOCK_FILE = "run.lock"
+DATA_FILE = "data.json"  # what the run read: shapes, classes, normalisation, fingerprint
+# What a run directory holds (`holds_run`): a directory with none of these is not a run.
+RUN_ENTRIES = ("config.json", "checkpoints", DATA_FILE, "metrics.jsonl", "results.json")
+
+
 class ConfigMismatchError(ValueError):
+    pass
+
+
+class DataChangedError(ValueError):
     pass
 
 
@@ -223,10 +240,39 @@ class WorkdirLock:
                 pass
 
 
+def holds_checkpoint(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds a checkpoint (a step directory)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def holds_run(workdir: str) -> bool:
+    return any(os.path.exists(os.path.join(workdir, name)) for name in RUN_ENTRIES)
+
+
+def check_overwrite(workdir: str) -> None:
+    """`--overwrite` moves aside a run, and nothing else: a directory that holds other files
+    (a home directory, a data folder) is refused, naming some of them."""
+    if not os.path.isdir(workdir) or holds_run(workdir):
+        return
+    others = [name for name in sorted(os.listdir(workdir))
+              if not name.startswith("previous-") and name != LOCK_FILE
+              and not name.startswith(".write-test-")]
+    if others:
+        raise ConfigMismatchError(
+            f"--overwrite: {workdir} holds no run (no config.json or checkpoints/) but other "
+            f"files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); allowed: "
+            "--overwrite on a run directory; choose a new or empty --workdir")
+
+
 def check_resume(config, workdir: str, overwrite: bool) -> dict:
     """Refuses to resume `workdir` with a config that changes the run (unless `overwrite`);
-    returns the allowed changes ({field: [old, new]}) to record."""
+    returns the allowed changes ({field: [old, new]}) to record. A run without a checkpoint
+    (a start that failed) has trained nothing: its config.json does not bind the next."""
     if overwrite:
+        check_overwrite(workdir)
+        return {}
+    if not holds_checkpoint(workdir):
         return {}
     old = read_config_json(workdir)
     if old is None:
@@ -271,6 +317,112 @@ def write_config(config, workdir: str, changes: dict | None = None, step: int = 
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w") as handle:
         json.dump(_config_dict(config), handle, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def read_data_record(workdir: str) -> dict | None:
+    """The run's data.json (`data_record`), None for a run written before it existed."""
+    path = os.path.join(workdir, DATA_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+        dataset = record["dataset"]
+        dataset["image_shape"] = tuple(dataset["image_shape"])
+        dataset["mean"], dataset["std"] = tuple(dataset["mean"]), tuple(dataset["std"])
+        from cliquejax.data.info import DatasetInfo
+
+        DatasetInfo(**dataset)  # every field, and no other
+        record["fingerprint"]  # noqa: B018 - present, or the file is not ours
+        return record
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataChangedError(f"{path} cannot be read ({cli_reason(error)}); allowed: the "
+                               "data.json that launch.py wrote") from None
+
+
+def cli_reason(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
+def normalization(workdir: str):
+    """(mean, std) per channel, 0..255 scale, that the run in `workdir` was trained with (its
+    data.json); None for a run written before data.json. Evaluation, predict and export
+    normalise with these, whatever the data set's files hold now."""
+    record = read_data_record(workdir)
+    if record is None:
+        return None
+    return record["dataset"]["mean"], record["dataset"]["std"]
+
+
+def _flat_fingerprint(fingerprint: dict) -> dict:
+    return flatten(json.loads(json.dumps(fingerprint)))
+
+
+def data_differences(old: dict, new: dict) -> list[str]:
+    """What differs between two data fingerprints, one entry per field."""
+    flat_old, flat_new = _flat_fingerprint(old), _flat_fingerprint(new)
+    shown = lambda value: (value[:12] + "...") if isinstance(value, str) and len(value) > 16 \
+        else value  # noqa: E731
+    out = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key not in flat_old:
+            out.append(f"{key} added")
+        elif key not in flat_new:
+            out.append(f"{key} removed")
+        elif flat_old[key] != flat_new[key]:
+            out.append(f"{key}: {shown(flat_old[key])!r} -> {shown(flat_new[key])!r}")
+    return out
+
+
+def dataset_for_run(data_config, workdir: str, *, fresh: bool, read_data: bool = True,
+                    accept_change: bool = False, what: str = "resuming"):
+    """(DatasetInfo, data record to write or None (with `read_data=False`: the run's
+    record), accepted differences) of the run in `workdir`. `fresh`: a new run, measured
+    from the data now. Otherwise the recorded normalisation stands, and the data read now
+    must match the recorded fingerprint (unless `accept_change`, which returns the
+    differences to record); `read_data=False` (predict, export) describes the run from its
+    record alone."""
+    from cliquejax.data import info as data_info
+    from cliquejax.data import sources
+
+    record = None if fresh else read_data_record(workdir)
+    if record is not None and not read_data:
+        return data_info.DatasetInfo(**record["dataset"]), record, []
+    train = sources.load_source(data_config, "train")
+    test = sources.load_source(data_config, "test")
+    stats = None if record is None else (record["dataset"]["mean"], record["dataset"]["std"])
+    info = data_info.info_from_sources(data_config, train, test, stats)
+    fingerprint = data_info.fingerprint(train, test)
+    new_record = {"dataset": dataclasses.asdict(info), "fingerprint": fingerprint,
+                  "class_names": data_info.label_names(train)}
+    if record is None:
+        return info, new_record, []
+    differences = data_differences(record["fingerprint"], fingerprint)
+    recorded = data_info.DatasetInfo(**record["dataset"])
+    shape_change = [f"{field}: {getattr(recorded, field)!r} -> {getattr(info, field)!r}"
+                    for field in ("image_shape", "num_classes")
+                    if getattr(recorded, field) != getattr(info, field)]
+    if shape_change or (differences and not accept_change):
+        changed = shape_change or differences
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        way_out = "restore the data the run was trained on" + (
+            "" if shape_change else ", or add --accept_data_change to use it as it is now "
+            "(normalised as the run was; the change is recorded)")
+        raise DataChangedError(
+            f"the data of the run in {workdir} changed since it was recorded in {DATA_FILE} "
+            f"({changed[0]}{more}); {what} would use other data than the run's: {way_out}")
+    return info, (new_record if differences else None), differences
+
+
+def write_data_record(workdir: str, record: dict | None) -> None:
+    """data.json, written with config.json at the start of a run (atomically)."""
+    if record is None or jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, DATA_FILE)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(report.to_builtin(record), handle, indent=2, sort_keys=True)
     os.replace(temporary, path)
 
 

@@ -1,0 +1,98 @@
+"""The checks a training run makes once, before it writes or trains anything.
+
+Building the `Trainer` already reads both splits' headers and labels, builds the model, the
+optimizer and the schedule and checks the image size against the network. This adds what
+would otherwise surface at the first step or after the first epoch (when an epoch of work,
+hours on real data, is lost), each as one-line ValueError naming the field:
+
+- the seed, the loader's worker count, and every batch size against the device count;
+- one real training batch through the pipeline (decoding, augmentation), and the train step
+  traced on its shape: the model's forward and backward pass, the optimizer's update and the
+  schedule, applied once to the abstract parameters (nothing is computed or changed);
+- every test example decoded once, of the training split's shape and classes (a damaged
+  test image would otherwise stop the run at its first evaluation);
+- the first evaluation batch (viewed as evaluation sees it) run through the evaluation
+  step, which compiles it once for the run.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from cliquejax import data
+from cliquejax.train import step
+
+MAX_SEED = 2**63 - 1  # numpy's generators take any non-negative int; JAX's keys an int64
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}; allowed: an integer 0..{MAX_SEED}")
+
+
+def check_batch_sizes(train_config) -> None:
+    devices = jax.device_count()
+    for field in ("batch_size", "eval_batch_size"):
+        size = train_config[field]
+        if size % devices:
+            raise ValueError(f"train.{field}={size} is not divisible by the {devices} devices; "
+                             f"allowed: a multiple of {devices}")
+
+
+def _one_process_data(data_config):
+    """`data_config` reading in this process: a check needs no loader workers."""
+    copied = data_config.copy_and_resolve_references()
+    if "worker_count" in copied:
+        with copied.unlocked():
+            copied.worker_count = 0
+    return copied
+
+
+def _first_error_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def check_test_set(data_config, info) -> None:
+    """Every test example decoded once (the headers were checked when the source opened;
+    a file whose pixels are damaged fails only here), of the run's shape and classes."""
+    test = data.load_source(data_config, "test")
+    for index in range(len(test)):
+        example = test[index]
+        shape, label = tuple(example["image"].shape), int(example["label"])
+        if shape != tuple(info.image_shape) or not 0 <= label < info.num_classes:
+            name = test.files[index] if hasattr(test, "files") else f"test example {index}"
+            raise ValueError(f"{name} has shape {shape} and label {label}; allowed: shape "
+                             f"{tuple(info.image_shape)} and labels 0..{info.num_classes - 1}, "
+                             "as the training split")
+
+
+def check(trainer) -> None:
+    """Runs every check above for `trainer` (a `loop.Trainer` built for a run)."""
+    config = trainer.config
+    check_seed(config.seed)
+    check_batch_sizes(config.train)
+    workers = config.data.get("worker_count", 0)
+    if workers < 0:
+        raise ValueError(f"data.worker_count={workers} is negative; allowed: 0 (read in this "
+                         "process) or the number of loader processes")
+    data_config = _one_process_data(config.data)
+    stats = (trainer.info.mean, trainer.info.std)
+    batches = data.make_train_iterator(data_config, global_batch_size=trainer.global_batch,
+                                       seed=config.seed, start_step=0, stats=stats)
+    batch = step.global_batch(next(batches), trainer.shardings)
+    abstract = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
+                for key, value in batch.items()}
+    try:
+        trainer.train_step.trace(trainer.state, abstract)
+    except (TypeError, ValueError, ZeroDivisionError) as error:
+        raise ValueError(f"the train step cannot be built for this config (optimizer "
+                         f"{config.optimizer.name!r}, schedule {config.schedule.name!r}): "
+                         f"{_first_error_line(error)}") from None
+    check_test_set(data_config, trainer.info)
+    evaluation = data.make_eval_iterator(data_config,
+                                         global_batch_size=config.train.eval_batch_size,
+                                         stats=stats)
+    first = next(evaluation, None)
+    if first is not None:
+        jax.block_until_ready(trainer.eval_step(
+            trainer.state, step.global_batch(first, trainer.eval_shardings)))
