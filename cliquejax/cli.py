@@ -173,7 +173,8 @@ def run_app(main) -> None:
              "values; a run resumed with --workdir alone keeps its own config.json); "
              "allowed: --config=configs/<name>.py with the overrides")
     try:
-        app.run(main)
+        # absl's own parser prints two lines (FATAL ..., Pass --helpshort ...) and exits 1
+        app.run(main, flags_parser=lambda argv: flags.FLAGS(argv))
     except SyntaxError as error:
         fail(config_file_error(_config_argument(), error))
     except ImportError as error:
@@ -183,6 +184,8 @@ def run_app(main) -> None:
     except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as error:
         overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
         text = one_line(error)
+        if isinstance(error, flags.Error) and "--config" not in text:
+            fail(f"error: {text.rstrip('.')}; allowed: the flags --helpshort lists")
         if "Error whilst parsing config file" in text or not overrides:
             fail(config_file_error(_config_argument(), error))
         fail(f"error: bad config override {' '.join(overrides)}: {text}")

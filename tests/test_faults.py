@@ -423,6 +423,12 @@ def test_malformed_inputs_of_every_command_are_one_line(tmp_path):
                             module="cliquejax.summary")) == (
         "error: --config.model.widths is given more than once; allowed: each list field once "
         "(repeated, the lists are joined: --config.model.widths=16,16,32,32)")
+    # a bad command-line flag: absl's two lines (FATAL ..., Pass --helpshort ...), exit 1
+    assert one_line(run_env(f"--workdir={tmp_path / 'w'}", "--mode=bogus")) == (
+        "error: flag --mode=bogus: value should be one of <train|eval>; allowed: the flags "
+        "--helpshort lists")
+    assert one_line(run_env(config, "--nosuchflag", module="cliquejax.summary")) == (
+        "error: Unknown command line flag 'nosuchflag'; allowed: the flags --helpshort lists")
     npy, objects = tmp_path / "images.npy", tmp_path / "objects.npz"
     np.save(npy, np.zeros((2, 8, 8), np.uint8))
     np.savez(objects, images=np.array([np.zeros((8, 8), np.uint8), None], object))

@@ -42,6 +42,8 @@ def test_pip_install_in_an_empty_venv_runs_summary_and_predict(trained_digits_ru
     run = lambda *argv: subprocess.run(argv, cwd=elsewhere, env=env, capture_output=True,
                                        text=True, timeout=600)
 
+    train = run(str(venv / "bin" / "cliquejax-train"), "--helpshort")  # launch.py's command
+    assert "--workdir" in train.stdout + train.stderr and "Traceback" not in train.stderr
     config_file = os.path.join(ROOT, "configs", "mbclique_cifar10.py")
     for command in ([python, "-m", "cliquejax.summary"], [str(venv / "bin" / "cliquejax-summary")]):
         done = run(*command, f"--config={config_file}")

@@ -1,0 +1,171 @@
+"""Train or evaluate a config (`python launch.py`, or `cliquejax-train` once installed):
+
+    python launch.py --config=configs/mbclique_cifar10.py --workdir=runs/mbclique_cifar10
+    python launch.py --config=configs/cliquenet_cifar10.py --config.model.k=64 --workdir=DIR
+    python launch.py --workdir=DIR               # resume DIR with its own config.json
+    python launch.py --workdir=DIR --mode=eval   # evaluate DIR's latest good checkpoint
+
+A workdir's config.json is the run's identity: resuming with a config that changes the run
+is refused (--overwrite moves the old run into DIR/previous-<time>/ and starts anew). Its
+data.json records the data read (a fingerprint) and its normalisation: resuming or
+evaluating on data that changed is refused (--accept_data_change goes on, recording it).
+Every check runs before anything is written (`cliquejax.train.preflight`).
+
+Multi-host: every process runs the same command plus --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I, or --distributed to let JAX detect the cluster (SLURM, TPU).
+"""
+
+import os
+import signal
+import sys
+
+from cliquejax import cli, platform  # the standard library only: Ctrl-C stays one line
+
+FLAGS = None  # absl's flags, once `define_flags` ran
+
+
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b"error: interrupted (Ctrl-C) while starting; nothing was changed\n")
+    os._exit(130)
+
+
+def define_flags() -> None:
+    """The command's flags, defined once in this process."""
+    global FLAGS
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots, results.")
+    flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming) or evaluate.")
+    flags.DEFINE_bool("overwrite", False, "Start anew: move the run in --workdir (if any) into "
+                      "<workdir>/previous-<time>/ (never deleted).")
+    flags.DEFINE_bool("accept_data_change", False, "Resume or evaluate although the data differs "
+                      "from the fingerprint in <workdir>/data.json (normalised as the run was; "
+                      "recorded in changes.jsonl or eval.json).")
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
+    flags.DEFINE_string("compilation_cache", platform.default_compilation_cache(),
+                        "Directory where compiled steps are kept for later runs ('' disables).")
+    flags.mark_flags_as_required(["workdir"])
+    FLAGS = flags.FLAGS
+
+
+def start_distributed() -> None:
+    import jax
+
+    explicit = FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1
+    if not (explicit or FLAGS.distributed):
+        return
+    if platform.running_on_cpu_only():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def check_mode(config, workdir: str) -> None:
+    """Flag combinations that cannot work, refused before anything heavy is imported."""
+    if FLAGS.mode == "eval" and FLAGS.overwrite:
+        cli.fail("error: --overwrite is for --mode=train; --mode=eval changes no run")
+    if FLAGS.mode == "train" and config is None and (
+            FLAGS.overwrite or not os.path.exists(os.path.join(workdir, "config.json"))):
+        cli.fail(f"error: --config is required to start a run in {workdir} (it holds no "
+                 "config.json to resume); allowed: --config=configs/<name>.py")
+
+
+def train_or_evaluate(config, workdir: str) -> dict:
+    from cliquejax.train import evaluate, loop, run_dir
+
+    if FLAGS.mode == "eval":
+        return evaluate.evaluate_checkpoint(config, workdir, FLAGS.accept_data_change)
+    if config is None:
+        config = run_dir.load_config(workdir)  # resume the run as it was made
+    return loop.train_and_evaluate(config, workdir, overwrite=FLAGS.overwrite,
+                                   accept_data_change=FLAGS.accept_data_change)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_summary(results: dict, workdir: str) -> None:
+    """What a user reads at the end (stderr, before the JSON line on stdout)."""
+    if FLAGS.mode == "eval":
+        lines = [f"step {results['step']}: test accuracy {_percent(results['test_accuracy'])}"
+                 f", loss {results['test_loss']:.4g} on {results['examples']} examples",
+                 f"written to {os.path.join(workdir, 'eval.json')}"]
+    else:
+        minutes, seconds = divmod(results["wall_seconds"] or 0.0, 60)
+        best = _percent(results["best_test_accuracy"] if results["best_test_accuracy"] is not
+                        None and results["best_test_accuracy"] >= 0 else None)
+        lines = [f"done: {results['epochs']:g} epochs ({results['steps']} steps) in "
+                 f"{int(minutes)} min {seconds:.0f} s; test accuracy "
+                 f"{_percent(results['final_test_accuracy'])} final, {best} best (epoch "
+                 f"{'-' if results['best_epoch'] is None else format(results['best_epoch'], 'g')})",
+                 f"curves: {os.path.join(workdir, 'curves.png')}",
+                 f"results: {os.path.join(workdir, 'results.json')}"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def main(argv):
+    from absl import logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = cli.load_config_flag(FLAGS)
+    workdir = cli.workdir_path(FLAGS.workdir)
+    check_mode(config, workdir)
+    from cliquejax import checkpoint, data
+    from cliquejax.train import loop, run_dir
+
+    platform.use_compilation_cache(FLAGS.compilation_cache)
+    # From here a Ctrl-C unwinds: a workdir this session created is removed, a lock released.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        start_distributed()
+        results = train_or_evaluate(config, workdir)
+    except KeyboardInterrupt:
+        cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "
+                 "the same command to resume)", 130)
+    except loop.Preempted as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except checkpoint.CheckpointSaveError as error:
+        # A save that failed mid-write leaves Orbax's asynchronous writes abandoned; at a
+        # normal exit Python and asyncio would report them (warnings, tracebacks) after the
+        # one line a user must read last. Everything else is already written and closed.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    except loop.NonFiniteError as error:
+        cli.fail(f"error: {error}", 1)  # a failed run
+    except (ValueError, data.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
+            run_dir.ConfigMismatchError, FileNotFoundError) as error:
+        cli.fail(f"error: {error}")
+    except OSError as error:  # a write failing mid-run (disk full, permissions)
+        cli.fail(f"error: {cli.one_line(error)}; the run stopped (the last checkpoint is "
+                 "kept: run the same command to resume once the cause is fixed)", 1)
+    import json
+
+    import jax
+
+    if jax.process_index() == 0:
+        print_summary(results, workdir)
+        print(json.dumps(results, sort_keys=True))
+
+
+def run() -> None:
+    """The command. Before the heavy imports: Ctrl-C is one line, and on a CPU host the
+    process restarts with malloc's huge pages and XLA's CPU flags set."""
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    platform.restart_with_huge_pages()
+    platform.configure_xla()
+    define_flags()
+    cli.run_app(main)
+
+
+if __name__ == "__main__":
+    run()
