@@ -3,6 +3,7 @@ effect; the jitted steps (`step.py`) stay pure."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 
 from cliquejax import bits, checkpoint, data, models, report
+from cliquejax.data import augment
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, run_dir, step
 
@@ -29,12 +31,27 @@ class Preempted(Exception):  # noqa: N818 - a stop, not an error
         self.exit_code = exit_code
 
 
-class SignalFlag:
-    """Records SIGTERM / SIGINT so the loop can finish the step and save a checkpoint."""
+# Multi-process: how often the processes agree on a signal. Each agreement is one small
+# device collective, read one step later (never a stall beyond the step in flight), so a
+# signal stops every process within SIGNAL_SYNC_STEPS + 1 steps.
+SIGNAL_SYNC_STEPS = 10
 
-    def __init__(self):
+
+class SignalFlag:
+    """Records SIGTERM / SIGINT so the loop can finish the step and save a checkpoint.
+
+    `stop_after(done)` gives every process the same answer at the same step: with one
+    process, whether a signal came; with several, every SIGNAL_SYNC_STEPS steps each one
+    starts an agreement (the maximum of their flags, an asynchronous collective) and all
+    read it after the next step. `agreements` counts the collectives started."""
+
+    def __init__(self, every: int = SIGNAL_SYNC_STEPS):
         self.received = None
+        self.every = every
+        self.agreements = 0
         self._previous = {}
+        self._pending = None  # (step it was started after, the agreement being computed)
+        self._agree = None
 
     def __enter__(self):
         for sig in SIGNAL_EXIT_CODES:
@@ -48,14 +65,27 @@ class SignalFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def any_process(self) -> bool:
-        """True on every process when any process received a signal."""
-        mine = np.array([self.received is not None], np.int32)
-        if jax.process_count() == 1:
-            return bool(mine[0])
-        from jax.experimental import multihost_utils
+    def _start_agreement(self):
+        import jax.numpy as jnp
 
-        return bool(np.max(multihost_utils.process_allgather(mine)))
+        shardings = step.make_shardings(jax.device_count())
+        if self._agree is None:
+            self._agree = jax.jit(jnp.max, out_shardings=shardings.replicated)
+        mine = np.full((jax.local_device_count(),), self.received is not None, np.int32)
+        self.agreements += 1
+        return self._agree(jax.make_array_from_process_local_data(shardings.batch, mine))
+
+    def stop_after(self, done: int) -> bool:
+        """Whether every process stops after step `done` (the same answer on each)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        stop = False
+        if self._pending is not None and self._pending[0] == done - 1:
+            stop = bool(np.asarray(self._pending[1].addressable_data(0)))
+            self._pending = None
+        if done % self.every == 0:
+            self._pending = (done, self._start_agreement())
+        return stop
 
 
 def validate_train(train) -> None:
@@ -95,9 +125,13 @@ class Trainer:
         check_image_size(self.model, self.info, config.model.name)
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
+        view = functools.partial(
+            augment.device_view, mean=self.info.mean, std=self.info.std, seed=config.seed,
+            augmentation=data.pipeline.augmentation_from_config(config.data,
+                                                                self.info.image_shape))
         self.train_step, self.eval_step = step.jit_steps(
             self.model, self.transforms, self.schedule, config, self.shardings, self.state,
-            binary_mask)
+            binary_mask, train_view=functools.partial(view, train=True), eval_view=view)
         self._create_checkpoints = create_checkpoints
         self._checkpoints = None
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
@@ -140,9 +174,11 @@ class Trainer:
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         batches = data.make_eval_iterator(self.config.data,
                                           global_batch_size=self.config.train.eval_batch_size)
-        for local in batches:
-            sums = self.eval_step(self.state, step.global_batch(local, self.eval_shardings))
-            for key, value in jax.device_get(sums).items():
+        shardings = self.eval_shardings
+        sums = [self.eval_step(self.state, step.global_batch(local, shardings))
+                for local in batches]
+        for batch_sums in jax.device_get(sums):  # one read at the end: no stall per batch
+            for key, value in batch_sums.items():
                 totals[key] += float(value)
         count = max(totals["count"], 1.0)
         return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
@@ -241,34 +277,41 @@ def _check_finite(pending, first_step: int, trainer: Trainer) -> None:
 
 
 def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
-    """Trains from the current state to the end; returns the last test metrics."""
+    """Trains from the current state to the end; returns the last test metrics.
+
+    The host stays at most one step ahead of the device and never waits for the step it
+    has just dispatched: the finite-loss flag and the logged metrics are read one step
+    late, and the next batch is placed while the step runs."""
     config, spe = trainer.config, trainer.steps_per_epoch
+    log_every = config.train.log_every_steps
     start = int(trainer.state["step"])
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=start)
     history, pending, test, shown = [], None, {}, {}
+    batch = step.global_batch(next(batches), trainer.shardings)
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
-        batch = step.global_batch(next(batches), trainer.shardings)
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        done, last = current + 1, current + 1 == trainer.total_steps
+        if not last:
+            batch = step.global_batch(next(batches), trainer.shardings)
         _check_finite(pending, current, trainer)  # the previous step's flag: no stall
         trainer.check_saves()
-        pending, done = metrics, current + 1
-        history.append(metrics)
-        if done % config.train.log_every_steps == 0 or done % spe == 0:
-            mean = _mean_metrics(history[-config.train.log_every_steps:])
+        if current > start and current % log_every == 0:  # step `current` ended a window
+            mean = _mean_metrics(history[-log_every:])
             shown.update(loss=mean["loss"], acc=mean["accuracy"])
+        pending = metrics
+        history.append(metrics)
         bar.update(1, **shown)
         trainer.session_train_seconds += time.perf_counter() - tick
-        epoch_end, last = done % spe == 0, done == trainer.total_steps
-        if epoch_end or last:
+        if done % spe == 0 or last:
             _check_finite(pending, current + 1, trainer)
             test = end_epoch(trainer, history, done, writer, last, bar) or test
             if test:
                 shown["test"] = f"{100 * test['accuracy']:.2f}%"
                 bar.show(test=shown["test"])
             history = []
-        if flag.any_process() and not last:
+        if flag.stop_after(done) and not last:
             _check_finite(pending, current + 1, trainer)  # never save after a bad step
             trainer.save(done // spe, -1.0)
             trainer.checkpoints.wait()
