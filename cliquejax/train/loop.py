@@ -68,12 +68,12 @@ class SignalFlag:
     def _start_agreement(self):
         import jax.numpy as jnp
 
-        shardings = step.make_shardings(jax.device_count())
-        if self._agree is None:
-            self._agree = jax.jit(jnp.max, out_shardings=shardings.replicated)
+        if self._agree is None:  # a flag per device, their maximum on every device
+            self._shardings = step.make_shardings(jax.device_count())
+            self._agree = jax.jit(jnp.max, out_shardings=self._shardings.replicated)
         mine = np.full((jax.local_device_count(),), self.received is not None, np.int32)
         self.agreements += 1
-        return self._agree(jax.make_array_from_process_local_data(shardings.batch, mine))
+        return self._agree(jax.make_array_from_process_local_data(self._shardings.batch, mine))
 
     def stop_after(self, done: int) -> bool:
         """Whether every process stops after step `done` (the same answer on each)."""
@@ -267,6 +267,12 @@ def _mean_metrics(history: list[dict]) -> dict:
     return {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
 
 
+def show_mean(history: list[dict], shown: dict) -> None:
+    """The progress bar's loss and accuracy: the means over `history`."""
+    mean = _mean_metrics(history)
+    shown.update(loss=mean["loss"], acc=mean["accuracy"])
+
+
 def _check_finite(pending, first_step: int, trainer: Trainer) -> None:
     if pending is not None and float(pending["finite"]) == 0.0:
         last = trainer.checkpoints.latest_step()
@@ -297,15 +303,16 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
             batch = step.global_batch(next(batches), trainer.shardings)
         _check_finite(pending, current, trainer)  # the previous step's flag: no stall
         trainer.check_saves()
-        if current > start and current % log_every == 0:  # step `current` ended a window
-            mean = _mean_metrics(history[-log_every:])
-            shown.update(loss=mean["loss"], acc=mean["accuracy"])
+        if history and current % log_every == 0:  # step `current` ended a window
+            show_mean(history[-log_every:], shown)
         pending = metrics
         history.append(metrics)
         bar.update(1, **shown)
         trainer.session_train_seconds += time.perf_counter() - tick
         if done % spe == 0 or last:
             _check_finite(pending, current + 1, trainer)
+            if done % log_every == 0:  # its window, now: the epoch's end waits for it anyway
+                show_mean(history[-log_every:], shown)
             test = end_epoch(trainer, history, done, writer, last, bar) or test
             if test:
                 shown["test"] = f"{100 * test['accuracy']:.2f}%"
