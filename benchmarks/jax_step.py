@@ -50,7 +50,7 @@ def build_config(args):
     config.train.batch_size = batch
     config.data.update(name="synthetic", image_size=size, num_classes=spec["num_classes"],
                        num_train=PLACED_BATCHES * batch, num_test=batch, flip=False,
-                       crop_padding=0, worker_count=0)
+                       crop_padding=0, worker_count="0")
     return config
 
 

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from cliquejax import binary, bits, cli, models, standalone
+from cliquejax.data.augment import normalize  # the training steps' arithmetic
 
 MAGIC, VERSION = b"CLQX", 2
 _PREFIX = struct.Struct("<4sIQI")  # magic, version, header length, header crc32
@@ -88,13 +89,6 @@ def _model_config(config) -> dict:
     train = {"compute_dtype": config.train.get("compute_dtype", "float32")} \
         if "train" in config else {}
     return {"model": json.loads(config.model.to_json_best_effort()), "train": train}
-
-
-def normalize(images, mean, std):
-    """uint8 images -> float32 (x - mean) * (1 / std), the training pipeline's arithmetic
-    (`data.pipeline._Normalizer`), traced so it runs inside the exported program."""
-    inverse_std = np.float32(1.0) / np.asarray(std, np.float32)
-    return (images.astype(jnp.float32) - np.asarray(mean, np.float32)) * inverse_std
 
 
 # --------------------------------------------------------------------------------- clqx

@@ -47,17 +47,17 @@ def read_inputs(paths: list[str], image_shape) -> tuple[np.ndarray, list[str]]:
 
 
 def predictor(trainer):
-    """`uint8 images -> logits` of the trainer's state: the training pipeline's normaliser
-    (numpy), then the network's eval-mode forward pass."""
-    from cliquejax.data.pipeline import _Normalizer
+    """`uint8 images -> logits` of the trainer's state: the training steps' normalisation,
+    then the network's eval-mode forward pass."""
+    from cliquejax.data.augment import normalize
 
-    normalizer = _Normalizer(trainer.info.mean, trainer.info.std)
+    mean, std = trainer.info.mean, trainer.info.std
     variables = {"params": trainer.state["params"], "batch_stats": trainer.state["batch_stats"]}
-    apply = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))
+    apply = jax.jit(lambda v, x: trainer.model.apply(v, normalize(x, mean, std), train=False))
 
     def predict(images):
         images = standalone.check_images(images, trainer.info.image_shape)
-        return np.asarray(apply(variables, normalizer({"image": images})["image"]))
+        return np.asarray(apply(variables, images))
 
     return predict
 

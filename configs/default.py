@@ -27,7 +27,12 @@ def get_config():
     config.data.augment = "cifar"
     config.data.flip = False  # random horizontal flip (p=0.5), cifar and imagenet
     config.data.crop_padding = 0  # cifar: pad by this many pixels, then random crop back to size
-    config.data.worker_count = 0  # grain worker processes (0: in the main process)
+    # Grain worker processes decoding image folders (and resized TFDS images): auto (none on
+    # a CPU-only host, where the cores run the step; else one per core but one, at most 16)
+    # | a number, as text ("0": in the main process; --config.data.worker_count=2). Data
+    # sets held in memory need none: a batch is one gather, augmented on the device
+    # (cliquejax.data.pipeline).
+    config.data.worker_count = "auto"
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 1

@@ -4,6 +4,7 @@ transform on real images, and the pipeline's determinism with them."""
 import importlib
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,36 +34,63 @@ def ramp_image(height, width):
     return np.stack([cols, rows, np.full_like(rows, 100)], -1).astype(np.uint8)
 
 
-# --- cifar: flip and pad-and-crop ------------------------------------------------------
+# --- cifar: flip and pad-and-crop, on the device ---------------------------------------
 
 
-def test_flip_mirrors_the_width_axis_when_the_first_draw_says_so():
-    image = random_image(5, 7)
-    flipped_seen = set()
-    for seed in range(40):
-        out = augment.augment_image(image, np.random.default_rng(seed), flip=True, crop_padding=0)
-        flipped = np.random.default_rng(seed).random() < 0.5
-        np.testing.assert_array_equal(out, image[:, ::-1] if flipped else image)
-        flipped_seen.add(flipped)
-    assert flipped_seen == {True, False}
-    unflipped = augment.augment_image(image, np.random.default_rng(0), flip=False, crop_padding=0)
-    np.testing.assert_array_equal(unflipped, image)
-
-
-def test_crop_offsets_stay_within_the_padding_and_cover_it():
-    image, padding = random_image(6, 6, seed=1), 2
+def numpy_flip_and_crop(image, flip, offset_y, offset_x, padding):
+    """The "cifar" augmentation written out in numpy: mirror, zero-pad, take the window."""
+    if flip:
+        image = image[:, ::-1]
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    windows = {(y, x): padded[y:y + 6, x:x + 6] for y in range(5) for x in range(5)}
-    for (y, x), window in windows.items():
-        np.testing.assert_array_equal(augment.pad_and_crop(image, padding, y, x), window)
-    seen = set()
-    for seed in range(300):
-        out = augment.augment_image(image, np.random.default_rng(seed), flip=False,
-                                    crop_padding=padding)
-        matches = [offset for offset, window in windows.items() if np.array_equal(out, window)]
-        assert len(matches) == 1
-        seen.add(matches[0])
-    assert seen == set(windows)  # every offset in 0..2*padding, and no other
+    return padded[offset_y:offset_y + image.shape[0], offset_x:offset_x + image.shape[1]]
+
+
+def cifar_view(batch, seed=0, flip=True, crop_padding=2, mean=(0.0,) * 3, std=(1.0,) * 3):
+    choice = augment.Augmentation("cifar", flip=flip, crop_padding=crop_padding, size=6)
+    view = jax.jit(lambda b: augment.device_view(b, augmentation=choice, mean=mean, std=std,
+                                                 seed=seed, train=True))
+    return np.asarray(view(batch)["image"])
+
+
+def test_device_flip_and_crop_equal_the_numpy_version_for_every_draw():
+    count, padding = 300, 2
+    images = np.stack([random_image(6, 7, seed=i) for i in range(count)])
+    position = np.stack([np.full(count, 3), np.arange(count)], -1).astype(np.int32)
+    flips, offsets = jax.device_get(augment.cifar_draws(augment.example_keys(5, position),
+                                                        padding))
+    out = cifar_view({"image": images, "position": position}, seed=5, crop_padding=padding)
+    assert out.dtype == np.float32
+    for index in range(count):
+        expected = numpy_flip_and_crop(images[index], flips[index], *offsets[index], padding)
+        np.testing.assert_array_equal(out[index], expected.astype(np.float32))
+    assert set(flips.tolist()) == {True, False}
+    seen = {tuple(offset) for offset in offsets.tolist()}
+    assert seen == {(y, x) for y in range(5) for x in range(5)}  # every offset, no other
+
+
+def test_device_augmentation_is_keyed_by_seed_and_position_only():
+    images = np.stack([random_image(6, 6, seed=i) for i in range(16)])
+    position = np.stack([np.full(16, 1), np.arange(40, 56)], -1).astype(np.int32)
+    out = cifar_view({"image": images, "position": position})
+    order = np.random.default_rng(0).permutation(16)
+    shuffled = cifar_view({"image": images[order], "position": position[order]})
+    np.testing.assert_array_equal(shuffled, out[order])  # the batch around it plays no part
+    halves = [cifar_view({"image": images[part], "position": position[part]})
+              for part in (slice(0, 8), slice(8, 16))]
+    np.testing.assert_array_equal(np.concatenate(halves), out)  # nor does the batch size
+    assert not np.array_equal(cifar_view({"image": images, "position": position}, seed=1), out)
+    later = position + np.array([1, 0], np.int32)  # the next epoch: other draws
+    assert not np.array_equal(cifar_view({"image": images, "position": later}), out)
+
+
+def test_device_view_without_augmentation_only_normalises():
+    images = np.stack([random_image(6, 6, seed=i) for i in range(4)])
+    position = np.zeros((4, 2), np.int32)
+    mean, std = (10.0, 20.0, 30.0), (2.0, 4.0, 8.0)
+    out = cifar_view({"image": images, "position": position}, flip=False, crop_padding=0,
+                     mean=mean, std=std)
+    expected = (images.astype(np.float32) - np.float32(mean)) * (1 / np.float32(std))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 # --- imagenet: random-resized crop, flip, evaluation resize + centre crop --------------
@@ -165,18 +193,16 @@ def test_imagenet_batches_are_the_same_for_the_same_step(npz_config):
     npz_config.update(augment="none", flip=False)
     plain = next(data.make_train_iterator(npz_config, global_batch_size=16, seed=3))
     np.testing.assert_array_equal(plain["label"], uninterrupted[0]["label"])
-    assert not np.allclose(plain["image"], uninterrupted[0]["image"])
+    assert not np.array_equal(plain["image"], uninterrupted[0]["image"])
 
 
 def test_imagenet_eval_batches_are_the_resized_centre_crops(npz_config):
     npz_config.augment = "imagenet"
-    info = data.dataset_info(npz_config)
     batch = next(data.make_eval_iterator(npz_config, global_batch_size=10))
     source = data.load_source(npz_config, "test")
     for index in range(10):
         expected = augment.eval_resize_center_crop(source[index]["image"], 12)
-        pixels = batch["image"][index] * np.asarray(info.std) + np.asarray(info.mean)
-        np.testing.assert_allclose(pixels, expected, atol=1e-3)
+        np.testing.assert_array_equal(batch["image"][index], expected)
 
 
 def test_imagenet_crops_read_image_folders_at_their_own_size(tmp_path):
@@ -198,8 +224,7 @@ def test_imagenet_crops_read_image_folders_at_their_own_size(tmp_path):
     for index, label in enumerate(batch["label"]):
         # the 30 x 45 file resized (shorter side 9) and centre-cropped, not the squashed 8 x 8
         expected = augment.eval_resize_center_crop(native[("val", int(label))], 8)
-        pixels = batch["image"][index] * np.asarray(info.std) + np.asarray(info.mean)
-        np.testing.assert_allclose(pixels, expected, atol=1e-3)
+        np.testing.assert_array_equal(batch["image"][index], expected)
 
 
 @pytest.mark.parametrize("settings, fragments", [

@@ -19,6 +19,7 @@ from cliquejax.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     params_fingerprint,
+    state_checksum,
     tree_differences,
 )
 
@@ -283,3 +284,27 @@ def test_fingerprint_changes_with_one_bit_dtype_or_name():
     assert params_fingerprint(as_int) != digest
     renamed = {"params": {"conv2": tree["params"]["conv"], "dense": tree["params"]["dense"]}}
     assert params_fingerprint(renamed) != digest
+
+
+def test_state_checksum_changes_with_every_single_bit_and_nothing_else():
+    tree = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "step": jnp.array(7, jnp.int32),
+            "half": jnp.linspace(0.0, 2.0, 5).astype(jnp.bfloat16),
+            "count": jnp.arange(3, dtype=jnp.uint8)}
+    digest = state_checksum(tree)
+    assert state_checksum(jax.device_get(tree)) == digest  # on the host: the same bits
+    seen = {digest}
+    for name in ("w", "step", "half", "count"):
+        value = np.asarray(tree[name])
+        words = value.reshape(-1).view(f"uint{8 * value.itemsize}")
+        for word in range(words.size):
+            for bit in range(8 * value.itemsize):
+                flipped = words.copy()
+                flipped[word] ^= flipped.dtype.type(1 << bit)
+                changed = dict(tree, **{name: flipped.view(value.dtype).reshape(value.shape)})
+                seen.add(state_checksum(changed))
+    assert len(seen) == 1 + 12 * 32 + 32 + 5 * 16 + 3 * 8  # every flip its own checksum
+    swapped = np.asarray(tree["w"]).copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    assert state_checksum(dict(tree, w=swapped)) != digest  # the order of the words counts
+    assert state_checksum(dict(tree, w=np.asarray(tree["w"]).view(np.int32))) != digest
+    assert state_checksum({"v": tree["w"], **{k: tree[k] for k in tree if k != "w"}}) != digest

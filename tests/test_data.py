@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cliquejax import data
-from cliquejax.data import digits_builder
+from cliquejax.data import augment, digits_builder, pipeline
 from configs.default import get_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,14 @@ def assert_one_line_error(error_info, *fragments):
 
 def take(iterator, count):
     return [next(iterator) for _ in range(count)]
+
+
+def device_view(config, batch, seed=0, train=True):
+    """`batch` as the jitted step feeds the network (augmented on the device, normalised)."""
+    info = data.dataset_info(config)
+    choice = pipeline.augmentation_from_config(config, info.image_shape)
+    return jax.device_get(augment.device_view(batch, augmentation=choice, mean=info.mean,
+                                              std=info.std, seed=seed, train=train))
 
 
 def write_npz(path, num_train=96, num_test=37, shape=(6, 6, 3), seed=0):
@@ -105,8 +114,9 @@ def test_cifar10_path_reads_tfds_mock_data(tmp_path):
         assert (info.image_shape, info.num_classes, info.num_train) == ((32, 32, 3), 10, 48)
         batch = next(data.make_train_iterator(config, global_batch_size=16, seed=0))
         eval_batches = list(data.make_eval_iterator(config, global_batch_size=32))
-    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["label"].max() < 10
+    assert batch["position"].shape == (16, 2) and batch["position"].dtype == np.int32
     assert sum(b["mask"].sum() for b in eval_batches) == 48
     assert list((tmp_path / "cliquejax_stats").glob("cifar10-*-train-48.json"))
 
@@ -197,12 +207,17 @@ def test_synthetic_has_configured_shape_and_is_deterministic():
 
 
 def test_train_batches_are_normalised_and_each_epoch_visits_every_example_once(npz_config):
+    arrays = write_npz(npz_config.path)
     iterator = data.make_train_iterator(npz_config, global_batch_size=32, seed=1)
     epochs = [take(iterator, 3) for _ in range(2)]
     batch = epochs[0][0]
-    assert batch["image"].shape == (32, 6, 6, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (32, 6, 6, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
-    images = np.concatenate([b["image"] for b in epochs[0]])
+    for step, host in enumerate(epochs[0]):  # the examples the labels name, where they stand
+        np.testing.assert_array_equal(host["image"], arrays["x_train"][host["label"]])
+        np.testing.assert_array_equal(host["position"],
+                                      np.stack([np.zeros(32), np.arange(32) + 32 * step], -1))
+    images = np.concatenate([device_view(npz_config, b)["image"] for b in epochs[0]])
     np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
     np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=1e-4)
     orders = [np.concatenate([b["label"] for b in epoch]) for epoch in epochs]
@@ -218,12 +233,13 @@ def test_resume_at_a_step_equals_the_uninterrupted_run(npz_config):
         data.make_train_iterator(npz_config, global_batch_size=16, seed=4, start_step=5), 9
     )
     for expected, batch in zip(uninterrupted[5:], resumed, strict=True):
-        for key in ("image", "label"):
+        for key in ("image", "label", "position"):
             np.testing.assert_array_equal(expected[key], batch[key])
-    unaugmented = data.make_train_iterator(
-        data_config(name="npz", path=npz_config.path), global_batch_size=16, seed=4
-    )
-    assert not np.array_equal(next(unaugmented)["image"], uninterrupted[0]["image"])
+        np.testing.assert_array_equal(device_view(npz_config, expected, seed=4)["image"],
+                                      device_view(npz_config, batch, seed=4)["image"])
+    unaugmented = data_config(name="npz", path=npz_config.path)
+    assert not np.array_equal(device_view(unaugmented, uninterrupted[0], seed=4)["image"],
+                              device_view(npz_config, uninterrupted[0], seed=4)["image"])
 
 
 def test_two_processes_together_see_the_one_process_batches(npz_config):
@@ -236,18 +252,24 @@ def test_two_processes_together_see_the_one_process_batches(npz_config):
     ]
     for step, expected in enumerate(single):
         assert halves[0][step]["image"].shape[0] == 16
-        for key in ("image", "label"):
+        for key in ("image", "label", "position"):
             joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
             np.testing.assert_array_equal(joined, expected[key])
 
 
-def test_worker_processes_yield_the_in_process_batches(npz_config):
-    npz_config.update(flip=True, crop_padding=2)
-    in_process = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=2), 4)
-    npz_config.worker_count = 1
-    with_worker = take(data.make_train_iterator(npz_config, global_batch_size=16, seed=2), 4)
+def test_worker_processes_yield_the_in_process_batches(tmp_path):
+    for split, count in (("train", 12), ("test", 4)):
+        for index in range(count):
+            folder = tmp_path / split / f"class{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((6, 6, 3), 20 * index, np.uint8)).save(folder / f"{index}.png")
+    config = data_config(name="image_folder", path=str(tmp_path), flip=True, crop_padding=2,
+                         worker_count="0")
+    in_process = take(data.make_train_iterator(config, global_batch_size=4, seed=2), 4)
+    config.worker_count = "1"
+    with_worker = take(data.make_train_iterator(config, global_batch_size=4, seed=2), 4)
     for expected, batch in zip(in_process, with_worker, strict=True):
-        for key in ("image", "label"):
+        for key in ("image", "label", "position"):
             np.testing.assert_array_equal(expected[key], batch[key])
 
 
@@ -273,3 +295,40 @@ def test_batch_size_errors_are_one_line(npz_config):
     with pytest.raises(ValueError) as error_info:
         data.make_train_iterator(npz_config, global_batch_size=30, seed=0, process_count=4)
     assert_one_line_error(error_info, "not divisible")
+
+
+# --- issue 26: in-memory sources give uint8 batches by one gather; workers decode folders ---
+
+
+def test_in_memory_batches_are_the_sources_examples_in_the_epochs_order():
+    config = data_config(name="synthetic", image_size=8, num_train=40, num_test=6)
+    source = data.load_source(config, "train")
+    images, labels = data.sources.as_arrays(source)
+    assert images.shape == (40, 8, 8, 3) and labels.dtype == np.int32
+    batches = take(data.make_train_iterator(config, global_batch_size=16, seed=3,
+                                            start_step=2, process_index=1, process_count=2), 2)
+    for step, batch in zip((2, 3), batches, strict=True):
+        epoch, in_epoch = divmod(step, 40 // 16)
+        order = np.random.default_rng([3, 0, epoch]).permutation(40)
+        positions = in_epoch * 16 + 8 + np.arange(8)  # process 1's half of the global batch
+        for row, position in enumerate(positions):
+            example = source[int(order[position])]
+            np.testing.assert_array_equal(batch["image"][row], example["image"])
+            assert batch["label"][row] == example["label"]
+            assert tuple(batch["position"][row]) == (epoch, position)
+    (last,) = data.make_eval_iterator(config, global_batch_size=8)
+    np.testing.assert_array_equal(last["mask"], [1] * 6 + [0] * 2)
+    assert not last["image"][6:].any()
+
+
+@pytest.mark.parametrize("value, workers", [("auto", 0), ("0", 0), ("3", 3), (2, 2)])
+def test_worker_count_auto_is_none_on_a_cpu_host(value, workers):
+    config = ml_collections.ConfigDict({"worker_count": value})
+    assert data.pipeline.worker_count(config) == workers
+
+
+@pytest.mark.parametrize("value", ["-1", "many", True, 1.5])
+def test_bad_worker_count_is_a_one_line_error(value):
+    with pytest.raises(ValueError) as error_info:
+        data.pipeline.worker_count(ml_collections.ConfigDict({"worker_count": value}))
+    assert_one_line_error(error_info, f"data.worker_count={value!r}", "'auto'")

@@ -90,3 +90,27 @@ def test_two_processes_equal_one(tmp_path):
     assert two["params_fingerprint"] == one["params_fingerprint"]
     assert two["final_test_loss"] == one["final_test_loss"]
     assert json.loads((workdir / "results.json").read_text())["processes"] == 2
+
+
+SIGNAL_SCRIPT = os.path.join(ROOT, "tests", "scripts", "signal_run.py")
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_saves_and_stops_both_without_a_collective_per_step(tmp_path):
+    from cliquejax.train.loop import SIGNAL_SYNC_STEPS
+
+    port, workdir = free_port(), tmp_path / "run"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, SIGNAL_SCRIPT, str(port), str(i), str(workdir),
+                               "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    reports = []
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    # Signalled after step 3 (process 1 only): both agree at the next sync point, read one
+    # step later, and stop there with one agreement started per SIGNAL_SYNC_STEPS steps.
+    stopped = SIGNAL_SYNC_STEPS + 1
+    assert reports[0] == reports[1] == {"steps": stopped, "agreements": 1, "exit_code": 143}
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped)]

@@ -15,6 +15,7 @@ import pytest
 
 from cliquejax import checkpoint, clique, data, ops
 from cliquejax.cpu import ops as cpu_ops
+from cliquejax.data import augment
 from cliquejax.models import build_model
 from cliquejax.train import loop, optim, step
 from configs import cliquenet_cifar10, cliquenet_imagenet
@@ -42,7 +43,10 @@ CONFIGS = {"cliquenet": cliquenet_config, "mbcliquenet": mbcliquenet_config}
 def digits_batch(size: int = 32):
     config = tiny_digits_config()
     batch = next(data.make_train_iterator(config.data, global_batch_size=size, seed=0))
-    return {key: jnp.asarray(value) for key, value in batch.items()}
+    info = data.dataset_info(config.data)
+    choice = data.pipeline.augmentation_from_config(config.data, info.image_shape)
+    return augment.device_view(batch, augmentation=choice, mean=info.mean, std=info.std,
+                               train=True)  # the network's input, as the jitted step makes it
 
 
 TRANSFORMS = (optax.sgd(1.0),)  # plain SGD with learning rate 1: the update is -gradient

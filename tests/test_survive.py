@@ -482,7 +482,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_good_one(env, reference, 
     assert code == 0, err[-3000:]
     assert err.splitlines()[0] == (
         f"warning: checkpoint {workdir}/checkpoints/{TOTAL_STEPS} is corrupt (its state does "
-        f"not match the sha256 saved with it); falling back to step {STEPS_PER_EPOCH}"), err
+        f"not match the checksum saved with it); falling back to step {STEPS_PER_EPOCH}"), err
     assert json.loads(out.strip().splitlines()[-1])["step"] == STEPS_PER_EPOCH
     # None left: one line, nothing moved.
     damage(workdir / "checkpoints" / str(STEPS_PER_EPOCH), "truncate")

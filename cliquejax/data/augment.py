@@ -1,16 +1,21 @@
-"""Per-image augmentation on uint8 HxWxC numpy arrays, driven by a given random generator.
+"""Training augmentation and the network's input view of uint8 HxWxC images.
 
 `config.data.augment` picks one of three:
 - "cifar": random horizontal flip (`data.flip`, p = 0.5) and pad-and-crop (`data.crop_padding`
   pixels of zero padding, then a random crop back to the image size): the MBCliqueNet
-  paper's recipe (Sec. 3.1). With flip off and padding 0 it changes nothing.
+  paper's recipe (Sec. 3.1). With flip off and padding 0 it changes nothing. It runs on the
+  accelerator, inside the jitted step (`device_view`), on a whole uint8 batch: each example
+  draws from its own key, folded from (seed, epoch, position of the example in the epoch),
+  so a batch is a pure function of the seed and the step however it is sharded.
 - "imagenet": random-resized crop (area 8%-100% of the image, aspect ratio 3/4-4/3, up to 10
   draws then a centre crop, as the Inception / torchvision `RandomResizedCrop`) resized to
   the target size, then the flip if `data.flip`: the training recipe of the CliqueNet
   ImageNet model (the authors' PyTorch code). Evaluation resizes the shorter side to
   round(size * 256 / 224) and takes the centre size x size crop.
 - "none": the images as they are.
-Resizing is PIL's bilinear filter (with its antialiasing when shrinking), as torchvision's.
+Resizing is PIL's bilinear filter (with its antialiasing when shrinking), as torchvision's;
+the "imagenet" crops and their flip run on the host, per image, with a numpy generator.
+Every choice ends in `normalize` ((x - mean) / std per channel), on the device.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -26,6 +33,7 @@ RRC_SCALE = (0.08, 1.0)  # fraction of the image area
 RRC_RATIO = (3 / 4, 4 / 3)  # width / height
 RRC_ATTEMPTS = 10
 EVAL_RESIZE_RATIO = 256 / 224  # shorter side before the centre crop, per output pixel
+AUGMENTATION_STREAM = 1  # the device keys' stream (the pipeline's epoch order is stream 0)
 
 
 def check_settings(name: str, flip: bool, crop_padding: int) -> None:
@@ -42,41 +50,6 @@ def check_settings(name: str, flip: bool, crop_padding: int) -> None:
         raise ValueError(
             f"data.augment='imagenet' takes a random-resized crop, not data.crop_padding="
             f"{crop_padding}; allowed: crop_padding=0, or data.augment=cifar")
-
-
-def pad_and_crop(image: np.ndarray, padding: int, offset_y: int, offset_x: int) -> np.ndarray:
-    """The HxW window at (offset_y, offset_x) of `image` zero-padded by `padding` on each side.
-
-    Equal to `np.pad(image, padding)[offset_y:offset_y + H, offset_x:offset_x + W]` without
-    building the padded image. Offsets range over 0..2*padding.
-    """
-    height, width = image.shape[:2]
-    shift_y, shift_x = offset_y - padding, offset_x - padding
-    target_rows = slice(max(0, -shift_y), max(0, height - max(0, shift_y)))
-    target_cols = slice(max(0, -shift_x), max(0, width - max(0, shift_x)))
-    source_rows = slice(max(0, shift_y), max(0, height + min(0, shift_y)))
-    source_cols = slice(max(0, shift_x), max(0, width + min(0, shift_x)))
-    cropped = np.zeros_like(image)
-    cropped[target_rows, target_cols] = image[source_rows, source_cols]
-    return cropped
-
-
-def augment_image(
-    image: np.ndarray, rng: np.random.Generator, *, flip: bool, crop_padding: int
-) -> np.ndarray:
-    """The "cifar" augmentation: random horizontal flip (p=0.5) if `flip`, then a random
-    pad-and-crop if padding > 0.
-
-    The generator is always drawn from in the same order (flip coin, then two offsets), so a
-    given generator state gives the same result whatever the settings of earlier calls.
-    """
-    flip_coin = rng.random()
-    offset_y, offset_x = rng.integers(0, 2 * crop_padding + 1, size=2)
-    if flip and flip_coin < 0.5:
-        image = image[:, ::-1]
-    if crop_padding > 0:
-        image = pad_and_crop(image, crop_padding, int(offset_y), int(offset_x))
-    return np.ascontiguousarray(image)
 
 
 def random_resized_crop_box(
@@ -179,14 +152,71 @@ class Augmentation:
         squashed to size x size first)."""
         return self.name == "imagenet"
 
-    def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def host_train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The host's part of the training augmentation: all of "imagenet", nothing else."""
         if self.name == "imagenet":
             return augment_imagenet(image, rng, size=self.size, flip=self.flip)
-        if self.name == "cifar":
-            return augment_image(image, rng, flip=self.flip, crop_padding=self.crop_padding)
         return image
 
     def evaluate(self, image: np.ndarray) -> np.ndarray:
         if self.name == "imagenet":
             return eval_resize_center_crop(image, self.size)
         return image
+
+
+# --- on the device: cifar's flip and pad-and-crop, and the normalisation ----------------
+
+
+def example_keys(seed: int, position):
+    """One `jax.random` key per example from `position` int32 [B, 2] = (epoch, position of
+    the example in the epoch's order): the same example gets the same key on any device."""
+    base = jax.random.fold_in(jax.random.key(seed), AUGMENTATION_STREAM)
+    return jax.vmap(lambda where: jax.random.fold_in(jax.random.fold_in(base, where[0]),
+                                                     where[1]))(position)
+
+
+def cifar_draws(keys, crop_padding: int):
+    """(flip bool [B], offsets int32 [B, 2]) of the "cifar" augmentation: a fair coin, and
+    the crop's (row, column) in 0..2 * crop_padding, each uniform."""
+    def draw(key):
+        flip_key, crop_key = jax.random.split(key)
+        return (jax.random.uniform(flip_key) < 0.5,
+                jax.random.randint(crop_key, (2,), 0, 2 * crop_padding + 1))
+    return jax.vmap(draw)(keys)
+
+
+def flip_and_crop(images, flip, offsets, crop_padding: int):
+    """uint8 [B, H, W, C] images mirrored along W where `flip` (None: never), then each the
+    H x W window at `offsets` (row, column) of itself zero-padded by `crop_padding`."""
+    if flip is not None:
+        images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    if crop_padding:
+        pad = crop_padding
+        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        window = images.shape[1:]
+        images = jax.vmap(lambda image, at: jax.lax.dynamic_slice(
+            image, (at[0], at[1], 0), window))(padded, offsets)
+    return images
+
+
+def normalize(images, mean, std):
+    """uint8 images -> float32 (x - mean) * (1 / std) per channel (the training split's
+    statistics, 0..255 scale)."""
+    inverse_std = np.float32(1.0) / np.asarray(std, np.float32)
+    return (images.astype(jnp.float32) - np.asarray(mean, np.float32)) * inverse_std
+
+
+def device_view(batch: dict, *, augmentation: Augmentation, mean, std, seed: int = 0,
+                train: bool = False) -> dict:
+    """The batch the network reads, computed inside the jitted step from the pipeline's
+    uint8 batch: with `train`, the "cifar" augmentation keyed by `batch["position"]`; then
+    `normalize` with `mean` and `std`. Pure: the same batch gives the same bits anywhere."""
+    images = batch["image"]
+    if train and augmentation.name == "cifar" and (augmentation.flip or
+                                                   augmentation.crop_padding):
+        flip, offsets = cifar_draws(example_keys(seed, batch["position"]),
+                                    augmentation.crop_padding)
+        images = flip_and_crop(images, flip if augmentation.flip else None, offsets,
+                               augmentation.crop_padding)
+    view = {key: value for key, value in batch.items() if key != "position"}
+    return dict(view, image=normalize(images, mean, std))

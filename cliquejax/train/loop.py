@@ -3,6 +3,7 @@ effect; the jitted steps (`step.py`) stay pure."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -10,9 +11,11 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cliquejax import bits, checkpoint, data, models, report
+from cliquejax.data import augment
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, preflight, run_dir, step
 
@@ -29,16 +32,41 @@ class Preempted(Exception):  # noqa: N818 - a stop, not an error
         self.exit_code = exit_code
 
 
-class SignalFlag:
-    """Records SIGTERM / SIGINT so the loop can finish the step and save a checkpoint."""
+# Multi-process: how often the processes agree on a signal. Each agreement is one exchange
+# through JAX's coordination service (host to host, no device program), read one step
+# later, so a signal stops every process within SIGNAL_SYNC_STEPS + 1 steps.
+SIGNAL_SYNC_STEPS = 10
+_KEY_WAIT_MS = 10 * 60 * 1000  # processes stay within a step of each other (the steps'
+# all-reduces): a longer wait means a process is gone
 
-    def __init__(self):
+
+class SignalFlag:
+    """Records SIGTERM / SIGINT so the loop can finish the step and save a checkpoint.
+
+    `stop_after(done)` gives every process the same answer at the same step: with one
+    process, whether a signal came; with several, every SIGNAL_SYNC_STEPS steps each one
+    posts its flag to the coordination service's key-value store and, one step later, all
+    read every flag. No device collective is added to the steps (a device one, on XLA:CPU,
+    could interleave with a step's all-reduces differently on each process and hang them).
+    `agreements` counts the exchanges started."""
+
+    _runs = 0  # flags made in this program: the same count on every process
+
+    def __init__(self, every: int = SIGNAL_SYNC_STEPS):
         self.received = None
+        self.every = every
+        self.agreements = 0
         self._previous = {}
+        self._posted = None  # the step after which this process last posted its flag
+        SignalFlag._runs += 1
+        self._prefix = f"cliquejax/signal/{SignalFlag._runs}"
 
     def __enter__(self):
         for sig in SIGNAL_EXIT_CODES:
             self._previous[sig] = signal.signal(sig, self._handle)
+            # The signal may land on any thread: restart the system calls it interrupts
+            # (gloo's sockets between processes), instead of failing them with EINTR.
+            signal.siginterrupt(sig, False)
         return self
 
     def _handle(self, signum, _frame):
@@ -48,14 +76,28 @@ class SignalFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def any_process(self) -> bool:
-        """True on every process when any process received a signal."""
-        mine = np.array([self.received is not None], np.int32)
-        if jax.process_count() == 1:
-            return bool(mine[0])
-        from jax.experimental import multihost_utils
+    def _key(self, done: int, process: int) -> str:
+        return f"{self._prefix}/{done}/{process}"
 
-        return bool(np.max(multihost_utils.process_allgather(mine)))
+    def stop_after(self, done: int) -> bool:
+        """Whether every process stops after step `done` (the same answer on each)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        from orbax.checkpoint import multihost
+
+        client = multihost.get_jax_distributed_client()
+        stop = False
+        if self._posted is not None and self._posted == done - 1:
+            stop = any(client.blocking_key_value_get(self._key(self._posted, p), _KEY_WAIT_MS)
+                       == "1" for p in range(jax.process_count()))
+        if done % self.every == 0:
+            client.key_value_set(self._key(done, jax.process_index()),
+                                 "1" if self.received is not None else "0")
+            if self._posted is not None:  # read by every process by now: a step behind at most
+                client.key_value_delete(self._key(self._posted - self.every,
+                                                  jax.process_index()))
+            self._posted, self.agreements = done, self.agreements + 1
+        return stop
 
 
 def validate_train(train) -> None:
@@ -96,9 +138,13 @@ class Trainer:
         check_image_size(self.model, self.info, config.model.name)
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
+        view = functools.partial(
+            augment.device_view, mean=self.info.mean, std=self.info.std, seed=config.seed,
+            augmentation=data.pipeline.augmentation_from_config(config.data,
+                                                                self.info.image_shape))
         self.train_step, self.eval_step = step.jit_steps(
             self.model, self.transforms, self.schedule, config, self.shardings, self.state,
-            binary_mask)
+            binary_mask, train_view=functools.partial(view, train=True), eval_view=view)
         self._create_checkpoints = create_checkpoints
         self._checkpoints = None
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
@@ -142,9 +188,18 @@ class Trainer:
         batches = data.make_eval_iterator(self.config.data,
                                           global_batch_size=self.config.train.eval_batch_size,
                                           stats=(self.info.mean, self.info.std))
+        shardings = self.eval_shardings
+        # XLA:CPU may interleave the all-reduces of independent programs differently on
+        # each process (gloo), so there each batch is read before the next starts; an
+        # accelerator runs its programs in order, and the sums are read once at the end.
+        serial = jax.process_count() > 1 and jax.default_backend() == "cpu"
+        sums = []
         for local in batches:
-            sums = self.eval_step(self.state, step.global_batch(local, self.eval_shardings))
-            for key, value in jax.device_get(sums).items():
+            sums.append(self.eval_step(self.state, step.global_batch(local, shardings)))
+            if serial:
+                jax.block_until_ready(sums[-1])
+        for batch_sums in jax.device_get(sums):
+            for key, value in batch_sums.items():
                 totals[key] += float(value)
         count = max(totals["count"], 1.0)
         return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
@@ -228,9 +283,50 @@ def _record_empty(next_fun, args, kwargs, context):
     return out
 
 
-def _mean_metrics(history: list[dict]) -> dict:
-    fetched = jax.device_get(history)
-    return {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+class RunningMeans:
+    """Sums of the step metrics over the current log window (row 0) and epoch (row 1), kept
+    on the device by one jitted call per step: a mean is read with one transfer per metric
+    instead of one per metric and step."""
+
+    WINDOW, EPOCH = 0, 1
+
+    def __init__(self):
+        self.sums, self.counts, self._fresh = None, [0, 0], [True, True]
+
+    def add(self, metrics: dict) -> None:
+        if self.sums is None or all(self._fresh):
+            self.sums = _start_sums(metrics)
+        else:
+            self.sums = _add_sums(self.sums, metrics, tuple(not f for f in self._fresh))
+        self.counts = [1 if fresh else count + 1
+                       for fresh, count in zip(self._fresh, self.counts, strict=True)]
+        self._fresh = [False, False]
+
+    def mean(self, row: int) -> dict | None:
+        """Means over `row`'s steps (None before any), then a new `row` starts."""
+        count, self.counts[row], self._fresh[row] = self.counts[row], 0, True
+        if count == 0:
+            return None
+        return {key: float(value[row]) / count for key, value in
+                jax.device_get(self.sums).items()}
+
+
+@jax.jit
+def _start_sums(metrics):
+    return {key: jnp.stack([value, value]).astype(jnp.float32)
+            for key, value in metrics.items()}
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _add_sums(sums, metrics, keep):
+    kept = jnp.asarray(keep, jnp.float32)
+    return {key: sums[key] * kept + value.astype(jnp.float32) for key, value in metrics.items()}
+
+
+def show_mean(mean: dict | None, shown: dict) -> None:
+    """The progress bar's loss and accuracy from `mean` (a log window's means)."""
+    if mean:
+        shown.update(loss=mean["loss"], acc=mean["accuracy"])
 
 
 def _check_finite(pending, first_step: int, trainer: Trainer) -> None:
@@ -243,35 +339,43 @@ def _check_finite(pending, first_step: int, trainer: Trainer) -> None:
 
 
 def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
-    """Trains from the current state to the end; returns the last test metrics."""
+    """Trains from the current state to the end; returns the last test metrics.
+
+    The host stays at most one step ahead of the device and never waits for the step it
+    has just dispatched: the finite-loss flag and the logged metrics are read one step
+    late, and the next batch is placed while the step runs."""
     config, spe = trainer.config, trainer.steps_per_epoch
+    log_every = config.train.log_every_steps
     start = int(trainer.state["step"])
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=start,
                                        stats=(trainer.info.mean, trainer.info.std))
-    history, pending, test, shown = [], None, {}, {}
+    means, pending, test, shown = RunningMeans(), None, {}, {}
+    batch = step.global_batch(next(batches), trainer.shardings)
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
-        batch = step.global_batch(next(batches), trainer.shardings)
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        done, last = current + 1, current + 1 == trainer.total_steps
+        if not last:
+            batch = step.global_batch(next(batches), trainer.shardings)
         _check_finite(pending, current, trainer)  # the previous step's flag: no stall
         trainer.check_saves()
-        pending, done = metrics, current + 1
-        history.append(metrics)
-        if done % config.train.log_every_steps == 0 or done % spe == 0:
-            mean = _mean_metrics(history[-config.train.log_every_steps:])
-            shown.update(loss=mean["loss"], acc=mean["accuracy"])
+        if current > start and current % log_every == 0:  # step `current` ended a window
+            show_mean(means.mean(RunningMeans.WINDOW), shown)
+        pending = metrics
+        means.add(metrics)
         bar.update(1, **shown)
         trainer.session_train_seconds += time.perf_counter() - tick
-        epoch_end, last = done % spe == 0, done == trainer.total_steps
-        if epoch_end or last:
+        if done % spe == 0 or last:
             _check_finite(pending, current + 1, trainer)
-            test = end_epoch(trainer, history, done, writer, last, bar) or test
+            if done % log_every == 0:  # its window, now: the epoch's end waits for it anyway
+                show_mean(means.mean(RunningMeans.WINDOW), shown)
+            test = end_epoch(trainer, means.mean(RunningMeans.EPOCH), done, writer, last,
+                             bar) or test
             if test:
                 shown["test"] = f"{100 * test['accuracy']:.2f}%"
                 bar.show(test=shown["test"])
-            history = []
-        if flag.any_process() and not last:
+        if flag.stop_after(done) and not last:
             _check_finite(pending, current + 1, trainer)  # never save after a bad step
             trainer.save(done // spe, -1.0)
             trainer.checkpoints.wait()
@@ -281,11 +385,12 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     return test
 
 
-def end_epoch(trainer: Trainer, history, done: int, writer, last: bool, bar) -> dict:
+def end_epoch(trainer: Trainer, train_mean: dict | None, done: int, writer, last: bool,
+              bar) -> dict:
     config, spe = trainer.config, trainer.steps_per_epoch
     epoch = done / spe
-    if history:
-        writer.write(done, dict(_mean_metrics(history), epoch=epoch), "train")
+    if train_mean:
+        writer.write(done, dict(train_mean, epoch=epoch), "train")
     whole = int(np.ceil(epoch))
     test = {}
     if last or whole % config.train.eval_every_epochs == 0:
@@ -298,8 +403,10 @@ def end_epoch(trainer: Trainer, history, done: int, writer, last: bool, bar) -> 
         bar.write(f"epoch {epoch:g} (step {done}): test accuracy {100 * test['accuracy']:.2f}%"
                   f", loss {test['loss']:.4g}; best {100 * trainer.meta['best_accuracy']:.2f}%"
                   f" (epoch {trainer.meta['best_epoch']:g})")
-    writer.flush()
-    if last or whole % config.train.checkpoint_every_epochs == 0:
+    saving = last or whole % config.train.checkpoint_every_epochs == 0
+    if test or saving:  # TensorBoard's events reach the disk (an fsync) where the loop stops
+        writer.flush()  # anyway; its own thread flushes them every two minutes besides
+    if saving:
         trainer.save(whole, test.get("accuracy", -1.0))
     return test
 
