@@ -71,10 +71,7 @@ def check(trainer) -> None:
     config = trainer.config
     check_seed(config.seed)
     check_batch_sizes(config.train)
-    workers = config.data.get("worker_count", 0)
-    if workers < 0:
-        raise ValueError(f"data.worker_count={workers} is negative; allowed: 0 (read in this "
-                         "process) or the number of loader processes")
+    data.pipeline.worker_count(config.data)  # 'auto' or a count >= 0, else one line
     data_config = _one_process_data(config.data)
     stats = (trainer.info.mean, trainer.info.std)
     batches = data.make_train_iterator(data_config, global_batch_size=trainer.global_batch,
