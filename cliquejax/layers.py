@@ -187,12 +187,12 @@ class CliqueBlock(nn.Module):
 
 
 class BinaryConv(nn.Module):
-    """A conv whose latent kernel is binarised on use (`quantize`, e.g. `binary.sign_ste`);
+    """A conv whose latent kernel is binarised on use (`quantize`, e.g. `binary.ste_sign`);
     `quantize=None` gives the full-precision conv with the same latent init."""
 
     features: int
     kernel_size: int = 3
-    quantize: Callable | None = binary.sign_ste
+    quantize: Callable | None = binary.ste_sign
     dtype: Any = None
     ops: ops.Ops = ops.REFERENCE
 
@@ -204,27 +204,6 @@ class BinaryConv(nn.Module):
                                  self.quantize)
         return self.ops.conv2d(x, binary_kernel(weight, self.quantize is not None), 1,
                                    "SAME", self.dtype)
-
-
-class ModulatedBinaryConv(nn.Module):
-    """A modulated binary conv (MBCliqueNet section 2.1): `features // K` latent filters, binarised
-    and modulated by the (shared) M-filter passed in: Q = modulate(sign(C), M)."""
-
-    features: int
-    num_planes: int  # K
-    quantize: Callable | None = binary.sign_ste
-    latent_std: float | None = None  # None: He fan-in; u-MBCliqueNet uses 1.0
-    dtype: Any = None
-    ops: ops.Ops = ops.REFERENCE
-
-    @nn.compact
-    def __call__(self, x, m_filter):
-        ks = m_filter.shape[-1]
-        shape = (ks, ks, x.shape[-1], self.features // self.num_planes)
-        weight = quantized_param(self, names.KERNEL, latent_init(self.latent_std), shape,
-                                 self.quantize)
-        return self.ops.conv2d(x, binary.modulate(weight, m_filter), 1, "SAME",
-                                   self.dtype)
 
 
 def latent_init(std: float | None):

@@ -47,7 +47,7 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
     (optionally) binary: latent parameters, transformed on use."""
 
     num_planes: int = 4
-    quantize: Callable | None = binary.sign_ste
+    quantize: Callable | None = binary.ste_sign
     binarize_1x1: bool = True
 
     def weights(self, shapes):
@@ -74,7 +74,7 @@ class MBCliqueNet(nn.Module):
     widths: Sequence[int]
     num_layers: Sequence[int]
     num_planes: int = 4  # K
-    quantize: Callable | None = binary.sign_ste  # None: u-MBCliqueNet
+    quantize: Callable | None = binary.ste_sign  # None: u-MBCliqueNet
     binarize_stem: bool = False
     binarize_1x1: bool = True
     binarize_transition: bool = True
