@@ -76,6 +76,17 @@ def for_config(config, backend: str | None = None):
     return namespace(resolve(config, backend))
 
 
+def grad_norm(model):
+    """The training step's gradient norm for `model`: with the CPU kernels theirs (one
+    reduction over all leaves, `cliquejax.cpu.ops.global_norm`; its compiled step is the
+    one runs on the CPU were fingerprinted with), else `optax.tree.norm`."""
+    if getattr(getattr(model, "ops", None), "name", None) == "cpu":
+        return importlib.import_module(f"{CPU_PACKAGE}.ops").global_norm
+    import optax
+
+    return optax.tree.norm
+
+
 def remat(choice: str, backend: str | None = None) -> str:
     """The remat policy for a `train.remat` value: `auto` resolved for `backend` (default:
     JAX's default backend), any other value as it is."""

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.flatten_util import ravel_pytree
 
 from cliquejax import ops
 from cliquejax.cpu import conv
@@ -207,6 +208,16 @@ def dropout_bits(rng, shape) -> jax.Array:
         raise ValueError(f"dropout over {size} elements: at most 2**32 - 1 are allowed")
     index = jax.lax.iota(jnp.uint32, size).reshape(shape)
     return _lowbias32(index * jnp.uint32(_WEYL) + dropout_seed(rng))
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def global_norm(tree):
+    """`optax.tree.norm` as one reduction over the concatenated leaves: one kernel, not one
+    per parameter (the training step's, `cliquejax.kernels.grad_norm`)."""
+    flat = ravel_pytree(tree)[0].astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
 OPS = ops.Ops(name="cpu", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cliquejax import binary, names, platform
+from cliquejax import binary, kernels, names, platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +107,11 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
     `finite = 0`, so a bad update is never kept (or saved)."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     loss = _loss_fn(model, state, batch, rng)
+    global_norm = kernels.grad_norm(model)
     params, opt_states, finite = state["params"], [], jnp.array(True)
     for idx, tx in enumerate(transforms):  # one pass, or C then M (alternating update)
         (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)
         if idx == 0:
             first = ce, logits, batch_stats, grad_norm
         updates, opt_state = tx.update(grads, state["opt_state"][idx], params)

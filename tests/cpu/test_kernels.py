@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cliquejax import kernels, ops
@@ -26,6 +27,16 @@ def test_resolve(choice, backend, resolved):
     config.train.kernels = choice
     assert kernels.resolve(config, backend) == resolved
     assert kernels.namespace(resolved) is cpu_ops.OPS
+
+
+def test_grad_norm_of_the_cpu_kernels_is_the_norm():
+    """The training step's gradient norm with the CPU kernels (one reduction over all leaves)
+    equals Optax's, which the reference operations use."""
+    tree = {"a": jax.random.normal(jax.random.PRNGKey(0), (3, 4)), "b": {"c": jnp.arange(5.0)}}
+    model = build_model(cliquenet_config(), 10)
+    assert model.ops is cpu_ops.OPS and kernels.grad_norm(model) is cpu_ops.global_norm
+    assert kernels.grad_norm(model.clone(ops=ops.REFERENCE)) is optax.tree.norm
+    np.testing.assert_allclose(cpu_ops.global_norm(tree), optax.tree.norm(tree), rtol=1e-6)
 
 
 def test_remat_auto_on_the_cpu():
