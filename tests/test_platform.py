@@ -1,5 +1,7 @@
 """cliquejax.platform without the CPU package's part (tests/cpu/test_platform.py): no XLA:CPU
-flags on an accelerator, and where the compilation cache lives."""
+set-up on an accelerator or without `cliquejax/cpu/`, and where the compilation cache lives."""
+
+import importlib.util
 
 from cliquejax import platform
 
@@ -16,3 +18,13 @@ def test_default_compilation_cache(monkeypatch):
     assert platform.default_compilation_cache() == "/somewhere/cliquejax/jax"
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/mine")
     assert platform.default_compilation_cache() == "/mine"
+
+
+def test_cpu_set_up_only_with_the_cpu_package(monkeypatch):
+    """A CPU host gets XLA:CPU flags and the initial state's compiler options only where
+    `cliquejax/cpu/` exists (a copy without it runs this file: tests/test_kernels.py)."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    present = importlib.util.find_spec("cliquejax.cpu") is not None
+    assert (platform.configure_xla() != "") == present
+    assert (platform.init_compiler_options() is not None) == present
