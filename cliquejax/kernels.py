@@ -78,8 +78,9 @@ def for_config(config, backend: str | None = None):
 
 def grad_norm(model):
     """The training step's gradient norm for `model`: with the CPU kernels theirs (one
-    reduction over all leaves, `cliquejax.cpu.ops.global_norm`; its compiled step is the
-    one runs on the CPU were fingerprinted with), else `optax.tree.norm`."""
+    reduction over all leaves, `cliquejax.cpu.ops.global_norm`: XLA:CPU compiles the step's
+    gradients as it did before Optax's norm was offered, so CPU runs keep their parameters
+    to the bit), else `optax.tree.norm`."""
     if getattr(getattr(model, "ops", None), "name", None) == "cpu":
         return importlib.import_module(f"{CPU_PACKAGE}.ops").global_norm
     import optax
