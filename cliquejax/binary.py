@@ -8,6 +8,7 @@ Kernels use Flax's HWIO layout `(w, w, in_channels, out_channels)`. A modulated 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,55 +24,38 @@ def _hard_sign(w):
     return jnp.where(w >= 0, 1, -1).astype(w.dtype)
 
 
-def _inside_clip(w):
-    return jnp.abs(w) <= 1
-
-
-@jax.custom_vjp
-def sign_ste(w):
-    """Sign with the clipped straight-through estimator: grad passed where |w| <= 1."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def ste_sign(w, clip_value: float | None = 1.0):
+    """Sign with the straight-through estimator (as larq's `ste_sign`): the gradient passes
+    where |w| <= clip_value, everywhere for clip_value=None."""
     return _hard_sign(w)
 
 
-def _sign_ste_fwd(w):
+def _ste_sign_fwd(w, clip_value):
     return _hard_sign(w), w
 
 
-def _sign_ste_bwd(w, grad):
-    return (grad * _inside_clip(w).astype(grad.dtype),)
+def _ste_sign_bwd(clip_value, w, grad):
+    if clip_value is None:
+        return (grad,)
+    return (grad * (jnp.abs(w) <= clip_value).astype(grad.dtype),)
 
 
-sign_ste.defvjp(_sign_ste_fwd, _sign_ste_bwd)
+ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
+
+identity_ste = functools.partial(ste_sign, clip_value=None)  # the unclipped STE
 
 
-@jax.custom_vjp
-def identity_ste(w):
-    """Sign whose gradient is the identity everywhere (unclipped STE)."""
-    return _hard_sign(w)
-
-
-identity_ste.defvjp(lambda w: (_hard_sign(w), None), lambda _, grad: (grad,))
-
-
-@jax.custom_vjp
 def approx_sign(w):
-    """Sign with the ApproxSign gradient of Bi-Real Net: 2 - 2|w| inside |w| <= 1, else 0."""
-    return _hard_sign(w)
+    """Sign with the ApproxSign gradient of Bi-Real Net: 2 - 2|w| inside |w| <= 1, else 0,
+    the derivative of the polynomial 2w - w|w| there, passed straight through the sign
+    (its forward value adds exactly zero)."""
+    poly = jnp.where(jnp.abs(w) <= 1, 2 * w - w * jnp.abs(w), 0)
+    return jax.lax.stop_gradient(_hard_sign(w)) + (poly - jax.lax.stop_gradient(poly))
 
-
-def _approx_sign_fwd(w):
-    return _hard_sign(w), w
-
-
-def _approx_sign_bwd(w, grad):
-    slope = jnp.where(_inside_clip(w), 2 - 2 * jnp.abs(w), 0).astype(grad.dtype)
-    return (grad * slope,)
-
-
-approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
 
 SIGN_FUNCTIONS = {
-    "ste_sign": sign_ste,
+    "ste_sign": ste_sign,
     "identity_ste": identity_ste,
     "approx_sign": approx_sign,
 }
@@ -113,11 +97,6 @@ def modulate(binary_kernel, m_filter):
     return products.reshape(height, width_, in_channels, n_binary * n_planes)
 
 
-def reconstructed_filters(latent_kernel, m_filter, sign_fn=sign_ste):
-    """Q = sign(C) modulated by M: the filters a binary modulated conv convolves with."""
-    return modulate(sign_fn(latent_kernel), m_filter)
-
-
 # ---------------------------------------------------------------------------------------
 # Initialisation (MBCliqueNet section 2.2). Plain (untruncated) normals.
 # Since |sign(C)| = 1, std(Q) = std(M); for Q to match He-initialised full-precision
@@ -135,11 +114,6 @@ def he_normal_fan_in(fan_in: int):
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
     return init
-
-
-def latent_kernel_init(fan_in: int):
-    """Init for the latent kernel C of a conv with the given fan-in (w * w * in_channels)."""
-    return he_normal_fan_in(fan_in)
 
 
 def binary_kernel_init(key, shape, dtype=jnp.float32):

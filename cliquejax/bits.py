@@ -47,9 +47,8 @@ def weight_bits(variables) -> dict:
 
     def lookup(path, _):
         node = recorded
-        for entry in path:
-            node = node.get(str(getattr(entry, "key", entry)), {}) if isinstance(node, dict) \
-                else {}
+        for key in names.path_string(path).split("/"):
+            node = node.get(key, {}) if isinstance(node, dict) else {}
         return node.bits if isinstance(node, Stored) else FLOAT_BITS
 
     return jax.tree_util.tree_map_with_path(lookup, variables[names.PARAMS])

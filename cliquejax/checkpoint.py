@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from cliquejax import names
+
 STATE_ITEM = "state"
 META_ITEM = "meta"
 STATE_CHECKSUM = "state_checksum"
@@ -332,24 +334,20 @@ def _mismatch_message(step: int, differences: list[str]) -> str:
     return message
 
 
-def path_string(path) -> str:
-    """`opt_state/0/trace/conv/kernel`: one name per level, whatever the container type."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     specs = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             leaf = np.asarray(leaf)
-        specs[path_string(path)] = (tuple(int(n) for n in leaf.shape), str(np.dtype(leaf.dtype)))
+        shape = tuple(int(n) for n in leaf.shape)
+        specs[names.path_string(path)] = (shape, str(np.dtype(leaf.dtype)))
     return specs
 
 
 def tree_differences(saved, target) -> list[str]:
     """Short descriptions of how the leaves of `saved` and `target` differ, target order first.
 
-    Leaves are compared by path (see `path_string`; namedtuple fields, dict keys and sequence
+    Leaves are compared by path (see `names.path_string`; namedtuple fields, dict keys and sequence
     indices are all plain names, as Orbax stores them), shape and dtype. Leaves may be arrays,
     `jax.ShapeDtypeStruct`s or Orbax array metadata.
     """

@@ -33,9 +33,9 @@ X_j it reads are kept; loop: the loop body), "block" wraps the whole block;
 "layer_keep_1x1" is "layer" keeping the output of each bottleneck layer's 1x1 conv (k
 channels), so that no convolution is recomputed, at the memory of those outputs. The
 backward pass then recomputes those activations instead of storing them; values are
-unchanged. What is kept is tagged by `spec.kernels.saved_name` (`checkpoint_name`).
+unchanged. What is kept is tagged by name (`ops.BN_MOMENTS`, `ops.CLIQUE_1X1`).
 
-The operations themselves (BN-ReLU, convolution) come from `spec.kernels` (`ops.Kernels`:
+The operations themselves (BN-ReLU, convolution, dropout) come from `spec.ops` (`ops.Ops`:
 stock JAX operations, or the XLA:CPU kernels of `cliquejax/cpu/`).
 """
 
@@ -80,7 +80,7 @@ class BlockSpec:
     unroll: bool = True
     dtype: jnp.dtype | None = None  # conv compute dtype; None keeps the input's
     remat: str = "none"  # REMAT_POLICIES (module docstring)
-    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+    ops: ops.Ops = ops.REFERENCE  # the operations (`cliquejax.kernels`)
     stage_two_kernels: str = "shared"  # STAGE_TWO_KERNELS
 
     @property
@@ -150,22 +150,16 @@ def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
     input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
     Returns (output, new BN stats, new bottleneck BN stats or None)."""
-    k = spec.kernels
+    k = spec.ops
     y, new_bn = k.bn_relu(x, bn[0], bn[1], train, spec.bn)
-    y = k.conv2d(y, kernel, dtype=spec.dtype)
-    if bottleneck is not None:
-        y = k.saved_name(y, ops.CLIQUE_1X1)
-    y = ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 0), train)
+    y = k.conv2d(y, kernel, dtype=spec.dtype, name=None if bottleneck is None else ops.CLIQUE_1X1)
+    y = k.dropout(y, spec.dropout_rate, k.fold_in(seed, 0), train)
     if bottleneck is None:
         return y, new_bn, None
     b_params, b_stats, b_kernel = bottleneck
     y, new_b = k.bn_relu(y, b_params, b_stats, train, spec.bn)
     y = k.conv2d(y, b_kernel, dtype=spec.dtype)
-    return ops.dropout(y, spec.dropout_rate, ops.fold_seed(seed, 1), train), new_bn, new_b
-
-
-def _layer_seed(seed, stage: int, i):
-    return ops.fold_seed(ops.fold_seed(seed, stage), i)
+    return k.dropout(y, spec.dropout_rate, k.fold_in(seed, 1), train), new_bn, new_b
 
 
 def _layer_policy(spec: BlockSpec):
@@ -187,9 +181,9 @@ def _remat_if(policy, fn, **static):
 # ----------------------------------------------------------------------------- unrolled
 
 
-def _concat_layer(features, kernels, bn, bottleneck, seed, train, spec):
-    """`_layer` on the concatenation of `features`, with the matching kernel pieces."""
-    x, kernel = jnp.concatenate(features, axis=-1), jnp.concatenate(kernels, axis=2)
+def _concat_layer(features, pieces, bn, bottleneck, seed, train, spec):
+    """`_layer` on the concatenation of `features`, with the matching kernel `pieces`."""
+    x, kernel = jnp.concatenate(features, axis=-1), jnp.concatenate(pieces, axis=2)
     return _layer(x, kernel, bn, bottleneck, seed, train, spec)
 
 
@@ -201,7 +195,8 @@ def _update_unrolled(params, stats, stage, i, pieces, seed, train, spec):
     layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
     y, stats[name], new_b = layer([f for _, f in pieces],
                                   [params[spec.clique_name(stage, j, i)] for j, _ in pieces],
-                                  (params[name], stats[name]), bott, _layer_seed(seed, stage, i))
+                                  (params[name], stats[name]), bott,
+                                  spec.ops.fold_in(seed, stage, i))
     if spec.bottleneck:
         stats[b_name] = new_b
     return y
@@ -264,7 +259,7 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
     layers = range(1, spec.num_layers + 1) if stage == 1 else range(1, spec.stage_two_layers + 1)
     inputs = spec.stage_one_inputs if stage == 1 else spec.stage_two_inputs
     gaps = [(offset + (i - 1) * k, gap_size(i)) for i in layers]
-    kernels = jnp.stack([
+    weights = jnp.stack([
         _insert(jnp.concatenate([params[spec.clique_name(stage, j, i)] for j in inputs(i)], 2),
                 at, n, 0, 2)
         for i, (at, n) in zip(layers, gaps, strict=True)
@@ -283,8 +278,8 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
     def body(idx, carry):
         buffer, bn_s, b_s = carry
         bott = (_take(b_p, idx), _take(b_s, idx), b_k[idx]) if spec.bottleneck else None
-        y, new_bn, new_b = _layer(buffer, kernels[idx], (_take(bn_p, idx), _take(bn_s, idx)),
-                                  bott, _layer_seed(seed, stage, idx + 1), train, spec)
+        y, new_bn, new_b = _layer(buffer, weights[idx], (_take(bn_p, idx), _take(bn_s, idx)),
+                                  bott, spec.ops.fold_in(seed, stage, idx + 1), train, spec)
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, y, offset + idx * k, axis=3)
         b_s = _put(b_s, idx, new_b) if spec.bottleneck else b_s
         return buffer, _put(bn_s, idx, new_bn), b_s
@@ -333,7 +328,7 @@ def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
     block)."""
     block_policy = ops.REMAT_SAVED if spec.remat == "block" else None
     block = _remat_if(block_policy, _block, train=train, spec=spec)
-    return block(params, stats, x0, ops.dropout_seed(rng))
+    return block(params, stats, x0, spec.ops.fold_in(rng))
 
 
 def _block(params, stats, x0, seed, train: bool, spec: BlockSpec):

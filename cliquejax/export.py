@@ -27,7 +27,6 @@ masks into +-1 and runs the same network with each BN folded into one multiply-a
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cliquejax import binary, bits, cli, models, standalone
+from cliquejax import binary, bits, cli, models, names, standalone
 from cliquejax.data.augment import normalize  # the training steps' arithmetic
 
 MAGIC, VERSION = b"CLQX", 2
@@ -54,16 +53,13 @@ class ExportFileError(ValueError):
     pass
 
 
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def binary_paths(config, info) -> set[str]:
     """Paths ("a/b/kernel") of the parameters stored as 1-bit signs, as the model's layers
     record them (`cliquejax.bits`): the one place export asks which leaves are binary."""
     model = models.build_model(config, info.num_classes)
     mask = bits.binary_mask(bits.abstract_variables(model, info.image_shape))
-    return {_path(p) for p, is_binary in jax.tree_util.tree_leaves_with_path(mask) if is_binary}
+    leaves = jax.tree_util.tree_leaves_with_path(mask)
+    return {names.path_string(p) for p, is_binary in leaves if is_binary}
 
 
 def _binary_names(config, info) -> set[str]:
@@ -73,14 +69,15 @@ def _binary_names(config, info) -> set[str]:
 def _leaves(config, variables, info) -> list[tuple[np.ndarray, bool]]:
     """(value, is_binary) of every leaf of {"params", "batch_stats"}, in tree order."""
     binary_names = _binary_names(config, info)
-    return [(np.asarray(leaf), _path(path) in binary_names)
+    return [(np.asarray(leaf), names.path_string(path) in binary_names)
             for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))]
 
 
 def _tree_hash(variables) -> str:
     """A short hash of the variables' paths in tree order: the clqx table has no names, so
     this is what tells a file from another version of the model code."""
-    paths = "\n".join(_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    paths = "\n".join(names.path_string(p) for p, _ in leaves)
     return hashlib.sha256(paths.encode()).hexdigest()[:16]
 
 
@@ -188,7 +185,7 @@ def load(path: str):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _bn_multiplier(var, scale, epsilon: float):
-    """rsqrt(var + eps) * scale as the network's eval-mode BN computes it (`ops._normalize`),
+    """rsqrt(var + eps) * scale as the network's eval-mode BN computes it (`ops.normalize`),
     so the folded multiplier is the very float32 the trained network multiplies by."""
     return jax.lax.rsqrt(var + epsilon) * scale
 
@@ -202,7 +199,7 @@ def fold_batch_norms(variables, epsilon: float) -> tuple[dict, dict]:
     differ from the checkpoint's by float32 rounding only. The network still runs its own BN
     code: its mean is a zero constant and its var the float32 V with V + eps == 1 exactly, so
     it computes x * 1 * a + b. Other leaves are returned unchanged."""
-    flat = {_path(p): np.asarray(leaf)
+    flat = {names.path_string(p): np.asarray(leaf)
             for p, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
     eps = np.float32(epsilon)
     unit_var = np.float32(1) - eps
@@ -232,7 +229,7 @@ def standalone_program(config, variables, info):
     model = models.build_model(config, info.num_classes)
     values, constants = fold_batch_norms(variables, model.bn.epsilon)
     bits_at = _binary_names(config, info)
-    paths = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
+    paths = [names.path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
     _, tree = jax.tree.flatten(variables)
     bit_chunks, float_chunks, layout = [], [], []
     bit_offset = float_offset = 0
@@ -389,19 +386,14 @@ def describe_sizes(sizes: dict) -> str:
     return "; ".join(parts)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr with exit code 2."""
-
-    def error(self, message):
-        if "--config" in message:
-            message += " (the run's own config.json is read from --workdir; no --config)"
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+# commands that read a run directory take its config.json, never --config
+NO_CONFIG = {"--config": "the run's own config.json is read from --workdir; no --config"}
 
 
 def main(argv=None) -> None:
-    parser = OneLineParser(prog="python -m cliquejax.export",
-                           description="Write a run's latest checkpoint as a deployable file.")
+    parser = standalone.OneLineParser(
+        prog="python -m cliquejax.export", notes=NO_CONFIG,
+        description="Write a run's latest checkpoint as a deployable file.")
     parser.add_argument("--workdir", required=True, help="the run directory (config.json, "
                         "checkpoints/)")
     parser.add_argument("--out", required=True, help="the file to write")

@@ -1,4 +1,5 @@
-"""Which implementation of the network's operations runs: the one place that chooses.
+"""Which implementation of the network's operations runs, and what the backward pass
+recomputes: the one place that chooses per backend.
 
 `config.train.kernels`:
 - `reference`: stock JAX operations (`lax.conv_general_dilated`, jnp BatchNorm and ReLU,
@@ -9,9 +10,15 @@
 - `auto` (default): `cpu` when JAX's default backend is the CPU and `cliquejax/cpu/` is
   present, else `reference`.
 
-The models take the chosen namespace (`namespace(...)`) as a field, so that the math never
-asks which backend it runs on. Only this module imports `cliquejax.cpu`, and only when the
-CPU kernels are chosen: a fork without that folder keeps a working codebase.
+The models take the chosen namespace (`namespace(...)`, an `ops.Ops`) as their `ops` field,
+so that the math never asks which backend it runs on.
+
+`config.train.remat` (`remat`): `auto` (default) is `cliquejax.cpu.ops.REMAT` when JAX's
+default backend is the CPU and `cliquejax/cpu/` is present, else `none`; any other value of
+`clique.REMAT_POLICIES` is taken as it is.
+
+Only this module and `cliquejax.platform` import `cliquejax.cpu`, and only when it is chosen:
+a fork without that folder keeps a working codebase.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def resolve(config, backend: str | None = None) -> str:
 
 
 def namespace(name: str):
-    """The operations namespace (`ops.Kernels`) of a resolved choice."""
+    """The operations namespace (`ops.Ops`) of a resolved choice."""
     if name == "reference":
         from cliquejax import ops
 
@@ -60,10 +67,36 @@ def namespace(name: str):
         if not cpu_kernels_present():
             raise ValueError("train.kernels='cpu' needs the cliquejax/cpu/ package, which is "
                              "not installed; allowed: auto, reference")
-        return importlib.import_module(f"{CPU_PACKAGE}.ops").KERNELS
+        return importlib.import_module(f"{CPU_PACKAGE}.ops").OPS
     raise ValueError(f"kernels {name!r} is not one of: reference, cpu")
 
 
 def for_config(config, backend: str | None = None):
     """The operations namespace `config.train.kernels` resolves to."""
     return namespace(resolve(config, backend))
+
+
+def grad_norm(model):
+    """The training step's gradient norm for `model`: with the CPU kernels theirs (one
+    reduction over all leaves, `cliquejax.cpu.ops.global_norm`: XLA:CPU compiles the step's
+    gradients as it did before Optax's norm was offered, so CPU runs keep their parameters
+    to the bit), else `optax.tree.norm`."""
+    if getattr(getattr(model, "ops", None), "name", None) == "cpu":
+        return importlib.import_module(f"{CPU_PACKAGE}.ops").global_norm
+    import optax
+
+    return optax.tree.norm
+
+
+def remat(choice: str, backend: str | None = None) -> str:
+    """The remat policy for a `train.remat` value: `auto` resolved for `backend` (default:
+    JAX's default backend), any other value as it is."""
+    if choice != "auto":
+        return choice
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend == "cpu" and cpu_kernels_present():
+        return importlib.import_module(f"{CPU_PACKAGE}.ops").REMAT
+    return "none"

@@ -1,6 +1,6 @@
 """Thin Flax Linen wrappers: they name and initialise parameters, the math lives in
 `ops` and `clique` (pure functions). Modules that convolve or normalise take the operations
-as a field, `kernels` (`ops.Kernels`, chosen by `config.train.kernels`)."""
+as a field, `ops` (`ops.Ops`, chosen by `config.train.kernels`)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class BatchNorm(nn.Module):
 
     bn: ops.BNSpec = ops.TF_BN
     relu: bool = False
-    kernels: ops.Kernels = ops.REFERENCE
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -50,7 +50,7 @@ class BatchNorm(nn.Module):
                   names.BIAS: self.param(names.BIAS, nn.initializers.zeros, shape)}
         mean = self.variable(names.BATCH_STATS, names.MEAN, jnp.zeros, shape)
         var = self.variable(names.BATCH_STATS, names.VAR, jnp.ones, shape)
-        norm = self.kernels.bn_relu if self.relu else self.kernels.batch_norm
+        norm = self.ops.bn_relu if self.relu else self.ops.batch_norm
         stats = {names.MEAN: mean.value, names.VAR: var.value}
         y, new_stats = norm(x, params, stats, train, self.bn)
         if train and self.is_mutable_collection(names.BATCH_STATS):
@@ -59,31 +59,32 @@ class BatchNorm(nn.Module):
 
 
 class Conv(nn.Module):
-    """Bias-free NHWC convolution through `kernels.conv2d`."""
+    """Bias-free NHWC convolution through `ops.conv2d`."""
 
     features: int
     kernel_size: int = 3
     stride: int = 1
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
-    kernels: ops.Kernels = ops.REFERENCE
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x):
         ks = self.kernel_size
         kernel = self.param(names.KERNEL, self.kernel_init, (ks, ks, x.shape[-1], self.features))
         pad = "SAME" if self.stride == 1 else [(ks // 2, (ks - 1) // 2)] * 2
-        return self.kernels.conv2d(x, kernel, self.stride, pad, self.dtype)
+        return self.ops.conv2d(x, kernel, self.stride, pad, self.dtype)
 
 
 class Dropout(nn.Module):
     rate: float
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
         if not train or self.rate == 0.0:
             return x
-        return ops.dropout(x, self.rate, self.make_rng("dropout"), train)
+        return self.ops.dropout(x, self.rate, self.make_rng("dropout"), train)
 
 
 class BNReLUConv(nn.Module):
@@ -95,14 +96,14 @@ class BNReLUConv(nn.Module):
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
-    kernels: ops.Kernels = ops.REFERENCE
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = BatchNorm(self.bn, relu=True, kernels=self.kernels, name="bn")(x, train)
+        y = BatchNorm(self.bn, relu=True, ops=self.ops, name="bn")(x, train)
         y = Conv(self.features, self.kernel_size, kernel_init=self.kernel_init, dtype=self.dtype,
-                 kernels=self.kernels, name="conv")(y)
-        return Dropout(self.dropout_rate)(y, train)
+                 ops=self.ops, name="conv")(y)
+        return Dropout(self.dropout_rate, self.ops)(y, train)
 
 
 class Attention(nn.Module):
@@ -128,12 +129,12 @@ class Transition(nn.Module):
     kernel_init: Initializer = he_fan_in
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
-    kernels: ops.Kernels = ops.REFERENCE
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = BNReLUConv(x.shape[-1], 1, self.dropout_rate, self.kernel_init, self.dtype,
-                       self.bn, self.kernels, name="unit")(x, train)
+                       self.bn, self.ops, name="unit")(x, train)
         if self.attention:
             y = Attention(name="attention")(y)
         return ops.avg_pool(y, 2)
@@ -143,11 +144,11 @@ class PooledFeature(nn.Module):
     """BN -> ReLU -> global average pool: one block's contribution to the multi-scale head."""
 
     bn: ops.BNSpec = ops.TF_BN
-    kernels: ops.Kernels = ops.REFERENCE
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x, train: bool):
-        bn = BatchNorm(self.bn, relu=True, kernels=self.kernels, name="bn")
+        bn = BatchNorm(self.bn, relu=True, ops=self.ops, name="bn")
         return ops.global_avg_pool(bn(x, train))
 
 
@@ -158,7 +159,7 @@ class CliqueBlock(nn.Module):
     spec: clique.BlockSpec
     kernel_init: Initializer = he_fan_in
 
-    def kernels(self, shapes: dict[str, tuple]) -> dict:
+    def weights(self, shapes: dict[str, tuple]) -> dict:
         """The kernels the clique functions convolve with. Subclasses override this to keep
         latent parameters and transform them on use (see `ModulatedCliqueBlock`)."""
         return {name: self.param(name, self.kernel_init, shape) for name, shape in shapes.items()}
@@ -166,7 +167,7 @@ class CliqueBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         layout = clique.param_layout(self.spec)
-        params = self.kernels({n: arg for n, (kind, arg) in layout.items() if kind == "kernel"})
+        params = self.weights({n: arg for n, (kind, arg) in layout.items() if kind == "kernel"})
         stats = {}
         for name, (kind, arg) in layout.items():
             if kind == "bn":
@@ -186,14 +187,14 @@ class CliqueBlock(nn.Module):
 
 
 class BinaryConv(nn.Module):
-    """A conv whose latent kernel is binarised on use (`quantize`, e.g. `binary.sign_ste`);
+    """A conv whose latent kernel is binarised on use (`quantize`, e.g. `binary.ste_sign`);
     `quantize=None` gives the full-precision conv with the same latent init."""
 
     features: int
     kernel_size: int = 3
-    quantize: Callable | None = binary.sign_ste
+    quantize: Callable | None = binary.ste_sign
     dtype: Any = None
-    kernels: ops.Kernels = ops.REFERENCE
+    ops: ops.Ops = ops.REFERENCE
 
     @nn.compact
     def __call__(self, x):
@@ -201,29 +202,8 @@ class BinaryConv(nn.Module):
         shape = (ks, ks, x.shape[-1], self.features)
         weight = quantized_param(self, names.KERNEL, binary.binary_kernel_init, shape,
                                  self.quantize)
-        return self.kernels.conv2d(x, binary_kernel(weight, self.quantize is not None), 1,
+        return self.ops.conv2d(x, binary_kernel(weight, self.quantize is not None), 1,
                                    "SAME", self.dtype)
-
-
-class ModulatedBinaryConv(nn.Module):
-    """A modulated binary conv (MBCliqueNet section 2.1): `features // K` latent filters, binarised
-    and modulated by the (shared) M-filter passed in: Q = modulate(sign(C), M)."""
-
-    features: int
-    num_planes: int  # K
-    quantize: Callable | None = binary.sign_ste
-    latent_std: float | None = None  # None: He fan-in; u-MBCliqueNet uses 1.0
-    dtype: Any = None
-    kernels: ops.Kernels = ops.REFERENCE
-
-    @nn.compact
-    def __call__(self, x, m_filter):
-        ks = m_filter.shape[-1]
-        shape = (ks, ks, x.shape[-1], self.features // self.num_planes)
-        weight = quantized_param(self, names.KERNEL, latent_init(self.latent_std), shape,
-                                 self.quantize)
-        return self.kernels.conv2d(x, binary.modulate(weight, m_filter), 1, "SAME",
-                                   self.dtype)
 
 
 def latent_init(std: float | None):

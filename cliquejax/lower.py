@@ -5,9 +5,9 @@
 Lowers (does not compile) the train step and the eval step of a config, as `launch.py`
 builds them, for `--platform` (cuda | tpu | cpu) from abstract inputs
 (`jax.ShapeDtypeStruct`: nothing is allocated, no data is read, no accelerator is needed),
-and counts what the StableHLO program holds: convolutions, dot products, conditionals and
-custom calls. An op in a function called n times counts n times; an op in a loop body
-counts once. Kernels (`config.train.kernels`) set to `auto` are
+and counts what the StableHLO program holds, walking the lowered MLIR module: convolutions,
+dot products, conditionals and custom calls. An op in a function called n times counts n
+times; an op in a loop body counts once. Kernels (`config.train.kernels`) set to `auto` are
 resolved as the target platform resolves them (`kernels.resolve`): the CPU kernels for
 `cpu`, the reference operations for `cuda` and `tpu`.
 
@@ -26,12 +26,12 @@ from __future__ import annotations
 import collections
 import copy
 import json
-import re
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.mlir import ir
 
 from cliquejax import cli, kernels, summary
 from cliquejax.train import loop, preflight, step
@@ -43,27 +43,36 @@ PORTABLE_CALL_TARGETS = frozenset({
     "MoveToHost", "MoveToDevice",
 })
 
-_SYMBOL = r'@("[^"]+"|[\w.$-]+)'  # a function name, quoted when it has other characters
-_FUNC = re.compile(r"^\s*func\.func (?:public |private )?" + _SYMBOL + r"\(", re.M)
-_OPS = re.compile(r"\bstablehlo\.(convolution|dot_general|dot|case|if)\b")
-_CALL = re.compile(r"\bcall " + _SYMBOL + r"\(")
-_CUSTOM = re.compile(r"stablehlo\.custom_call\s*@([\w.$-]+)|call_target_name\s*=\s*\"([^\"]+)\"")
-_KINDS = {"convolution": "convolutions", "dot_general": "dots", "dot": "dots",
-          "case": "conditionals", "if": "conditionals"}
+_KINDS = {"stablehlo.convolution": "convolutions", "stablehlo.dot_general": "dots",
+          "stablehlo.dot": "dots", "stablehlo.case": "conditionals", "stablehlo.if": "conditionals"}
 
 
-def count_ops(module_text: str) -> dict:
-    """Convolutions, dots, conditionals and custom calls of a StableHLO module's text,
-    counting each function's ops once per call from `main`."""
-    starts = [(m.start(), m.group(1)) for m in _FUNC.finditer(module_text)]
-    bodies = {name: module_text[begin:end] for (begin, name), (end, _) in
-              zip(starts, [*starts[1:], (len(module_text), "")], strict=True)}
+def _function_counts(function) -> tuple[collections.Counter, collections.Counter]:
+    """(op kind -> count, callee -> times called) of one `func.func`, its nested regions
+    (loop bodies, branches) included."""
+    counts, calls = collections.Counter(), collections.Counter()
+
+    def visit(op):
+        if op.name in _KINDS:
+            counts[_KINDS[op.name]] += 1
+        elif op.name == "stablehlo.custom_call":
+            counts["custom_call:" + ir.StringAttr(op.attributes["call_target_name"]).value] += 1
+        elif op.name == "func.call":
+            calls[ir.FlatSymbolRefAttr(op.attributes["callee"]).value] += 1
+        return ir.WalkResult.ADVANCE
+
+    function.operation.walk(visit)
+    return counts, calls
+
+
+def count_ops(module) -> dict:
+    """Convolutions, dots, conditionals and custom calls of a lowered StableHLO module
+    (`Lowered.compiler_ir("stablehlo")`), counting each function's ops once per call from
+    `main`."""
     own, calls = {}, {}
-    for name, body in bodies.items():
-        counts = collections.Counter(_KINDS[op] for op in _OPS.findall(body))
-        for target in _CUSTOM.findall(body):
-            counts["custom_call:" + (target[0] or target[1])] += 1
-        own[name], calls[name] = counts, collections.Counter(_CALL.findall(body))
+    for function in module.body.operations:
+        name = ir.StringAttr(function.attributes["sym_name"]).value
+        own[name], calls[name] = _function_counts(function)
     totals: dict[str, collections.Counter] = {}
 
     def total(name):
@@ -75,7 +84,7 @@ def count_ops(module_text: str) -> dict:
             totals[name] = counts
         return totals[name]
 
-    counts = total("main" if "main" in bodies else next(iter(bodies), "main"))
+    counts = total("main" if "main" in own else next(iter(own), "main"))
     custom = {key.split(":", 1)[1]: n for key, n in counts.items()
               if key.startswith("custom_call:")}
     return {"convolutions": counts["convolutions"], "dots": counts["dots"],
@@ -84,13 +93,16 @@ def count_ops(module_text: str) -> dict:
 
 
 def for_platform(config, platform: str):
-    """A copy of `config` with `train.kernels` resolved as `platform` resolves it (`auto`:
-    the CPU kernels for `cpu`, the reference operations for `cuda` and `tpu`)."""
+    """A copy of `config` with `train.kernels` and `train.remat` resolved as `platform`
+    resolves them (`auto`: the CPU kernels and their remat for `cpu`, the reference
+    operations without remat for `cuda` and `tpu`)."""
     if platform not in PLATFORMS:
         raise ValueError(f"--platform={platform!r} is not one of: {', '.join(PLATFORMS)}")
     config = copy.deepcopy(config)
     if "kernels" in config.train:
         config.train.kernels = kernels.resolve(config, backend=platform)
+    if "remat" in config.train:
+        config.train.remat = kernels.remat(config.train.remat, backend=platform)
     return config
 
 
@@ -120,7 +132,7 @@ def traced_steps(config):
 def describe_lowered(traced, platform: str) -> dict:
     """Op counts of `traced` lowered for `platform`, and its FLOPs (2 x MACs)."""
     lowered = traced.lower(lowering_platforms=(platform,))
-    counts = count_ops(lowered.as_text())
+    counts = count_ops(lowered.compiler_ir("stablehlo"))
     counts["flops"] = 2 * int(sum(summary.jaxpr_macs(traced.jaxpr.jaxpr).values()))
     return counts
 

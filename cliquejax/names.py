@@ -8,13 +8,14 @@ storage report (`summary`, `models/mbcliquenet.py`).
 
 from __future__ import annotations
 
+import jax
+
 # Variable collections.
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
 BITS = "bits"  # storage bits of quantized weights, at their parameter paths (`cliquejax.bits`)
 
-# Convolution and dense weights (`layers.Conv`, `layers.BinaryConv`, the latent kernel of
-# `layers.ModulatedBinaryConv`, `flax.linen.Dense`).
+# Convolution and dense weights (`layers.Conv`, `layers.BinaryConv`, `flax.linen.Dense`).
 KERNEL = "kernel"
 # BatchNorm: parameters {SCALE, BIAS} and statistics {MEAN, VAR}; BIAS is also a dense bias.
 SCALE = "scale"
@@ -48,15 +49,15 @@ def stage_two_kernel(name: str) -> str:
     return f"{prefix}II_{name.removeprefix(prefix)}"
 
 
+def path_string(path) -> str:
+    """A pytree path (`jax.tree_util.tree_map_with_path`) as one name per level, whatever the
+    container type: `opt_state/0/trace/conv/kernel`."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
 def leaf_name(path) -> str:
-    """The last key of a pytree path (`jax.tree_util.tree_map_with_path`), as a string."""
-    if not path:
-        return ""
-    entry = path[-1]
-    for attribute in ("key", "name", "idx"):
-        if hasattr(entry, attribute):
-            return str(getattr(entry, attribute))
-    return str(entry)
+    """The last key of a pytree path, as a string."""
+    return path_string(tuple(path)[-1:])
 
 
 def is_kernel(name: str) -> bool:

@@ -3,9 +3,8 @@ explicit statistics, convolution, dropout and pooling. Parameters and statistics
 pytrees (`{"scale", "bias"}` and `{"mean", "var"}`), so the clique functions stay pure.
 
 The operations whose implementation may change with the backend (convolution, BatchNorm,
-max pooling, the naming of values kept by rematerialisation, the gradient norm) reach the
-models through a `Kernels` namespace: `REFERENCE` here, the XLA:CPU one in `cliquejax/cpu/`,
-chosen by `config.train.kernels` (`cliquejax.kernels`)."""
+max pooling, dropout) reach the models through an `Ops` namespace: `REFERENCE` here, the
+XLA:CPU one in `cliquejax/cpu/`, chosen by `config.train.kernels` (`cliquejax.kernels`)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.ad_checkpoint import checkpoint_name
 
 from cliquejax import names
@@ -106,72 +104,32 @@ def bn_relu(x, params, stats, train: bool, bn: BNSpec = TF_BN):
     return jax.nn.relu(y), new_stats
 
 
-def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None):
+def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None,
+           name: str | None = None):
     """NHWC x HWIO convolution. `dtype` (e.g. bfloat16) casts both operands; the result
-    is returned in that dtype."""
+    is returned in that dtype. `name` tags the result for remat policies (`CLIQUE_1X1`)."""
     if dtype is not None:
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    y = jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride),
+                                     padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if name is None else checkpoint_name(y, name)
 
 
 def dropout(x, rate: float, rng, train: bool):
-    """Element-wise dropout (inverted scaling), active only in training with rate > 0.
-
-    `rng` is a PRNG key or a uint32 seed from `dropout_seed` / `fold_seed`. The keep mask
-    comes from `dropout_bits`, a counter-based hash that XLA fuses into the masking: on
-    every backend a handful of integer operations per element, where threefry
-    (`jax.random.bernoulli`) costs several rounds of them and cost a CliqueNet training step
-    on CPU a large part of its speed (benchmarks/README.md)."""
+    """Element-wise dropout (inverted scaling), active only in training with rate > 0; the
+    keep mask is `jax.random.bernoulli` of the key `rng`."""
     if not train or rate == 0.0:
         return x
-    threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
-    keep = dropout_bits(rng, x.shape) >= jnp.uint32(threshold)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
 
 
-def _lowbias32(h):
-    """C. Wellons' `lowbias32` integer hash (uint32 -> uint32, a bijection)."""
-    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
-    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
-_WEYL = 0x9E3779B9  # 2^32 / golden ratio
-
-
-def dropout_seed(rng) -> jax.Array:
-    """A uint32 seed: `rng` itself if it already is one, else one draw from the key."""
-    rng = jnp.asarray(rng)
-    if rng.ndim == 0 and rng.dtype == jnp.uint32:
-        return rng
-    return jax.random.bits(rng, (), jnp.uint32)
-
-
-def fold_seed(seed, data) -> jax.Array:
-    """A new seed for stream `data` (an int, static or traced) of `seed`: the integer hash
-    of both, a few scalar integer operations. `jax.random.fold_in` does the same with
-    threefry, whose scalar kernels were half of the compiled program's fusions for
-    CliqueNet k=36 T=12 on CPU (four per layer)."""
-    stream = _lowbias32(jnp.asarray(data, jnp.uint32) * jnp.uint32(_WEYL) + jnp.uint32(1))
-    return _lowbias32(dropout_seed(seed) ^ stream)
-
-
-def dropout_bits(rng, shape) -> jax.Array:
-    """Uniform uint32 bits of `shape` for the key or seed `rng`: each element's flat index
-    passed through a Weyl step offset by the seed and the `lowbias32` integer hash. Same
-    seed, same bits; on any sharding, the same bits as unsharded (they depend only on the
-    index)."""
-    size = math.prod(shape)
-    if size >= 2**32:
-        raise ValueError(f"dropout over {size} elements: at most 2**32 - 1 are allowed")
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    return _lowbias32(index * jnp.uint32(_WEYL) + dropout_seed(rng))
+def fold_in(rng, *data):
+    """The key of stream `data` (ints, static or traced) of `rng`, one `jax.random.fold_in`
+    per item; with no data, `rng` itself (the form a block passes to its layers)."""
+    for item in data:
+        rng = jax.random.fold_in(rng, item)
+    return rng
 
 
 def avg_pool(x, size: int = 2):
@@ -195,15 +153,13 @@ def global_avg_pool(x):
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels:
+class Ops:
     """The operations a model runs whose implementation may depend on the backend, with the
     signatures of the functions of this module. A model takes one as a field (as Flax's
     examples pass `conv` and `norm` modules in), so that its math does not ask which
-    backend it runs on: `REFERENCE` below, or `cliquejax.cpu.KERNELS`.
+    backend it runs on: `REFERENCE` below, or `cliquejax.cpu.ops.OPS`.
 
-    saved_name(x, name): `x` tagged for remat policies (`jax.checkpoint` saves it by name).
-    global_norm(tree): the gradient's L2 norm (a training-step metric, and the finite check).
-    init_compiler_options: (key, value) pairs for compiling the initial state, computed once.
+    fold_in(rng, *data): the dropout rng of stream `data`; `dropout` takes what it returns.
     """
 
     name: str
@@ -211,10 +167,9 @@ class Kernels:
     batch_norm: Callable
     bn_relu: Callable
     max_pool: Callable
-    saved_name: Callable
-    global_norm: Callable
-    init_compiler_options: tuple = ()
+    dropout: Callable
+    fold_in: Callable
 
 
-REFERENCE = Kernels(name="reference", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,
-                    max_pool=max_pool, saved_name=checkpoint_name, global_norm=optax.global_norm)
+REFERENCE = Ops(name="reference", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,
+                max_pool=max_pool, dropout=dropout, fold_in=fold_in)

@@ -57,6 +57,15 @@ def restart_with_huge_pages() -> None:
         cpu.restart_with_huge_pages()
 
 
+def init_compiler_options() -> dict | None:
+    """Compiler options for a program that runs once (the initial state): those of
+    `cliquejax/cpu/platform.py` when JAX runs on the CPU and that package exists, else None."""
+    import jax
+
+    cpu = cpu_platform()
+    return dict(cpu.INIT_COMPILER_OPTIONS) if cpu and jax.default_backend() == "cpu" else None
+
+
 def default_compilation_cache() -> str:
     """$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/cliquejax/jax (~/.cache)."""
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:

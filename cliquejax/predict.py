@@ -63,8 +63,8 @@ def predictor(trainer):
 
 
 def main(argv=None) -> None:
-    parser = export.OneLineParser(prog="python -m cliquejax.predict",
-                                  description="Classes of images from a run's checkpoint.")
+    parser = standalone.OneLineParser(prog="python -m cliquejax.predict", notes=export.NO_CONFIG,
+                                      description="Classes of images from a run's checkpoint.")
     parser.add_argument("--workdir", required=True, help="the run directory")
     parser.add_argument("inputs", nargs="+", help="one .npz (key 'images') or PNG/JPEG files")
     parser.add_argument("--logits", help="also save the logits (N, classes) to this .npy")

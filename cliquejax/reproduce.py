@@ -48,7 +48,6 @@ results.json is malformed stops the command with one line naming the file.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib
@@ -625,15 +624,11 @@ def format_commands(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m cliquejax.reproduce",
-                     description="The papers' tables: published figures against ours.")
+    from cliquejax.standalone import OneLineParser
+
+    parser = OneLineParser(prog="python -m cliquejax.reproduce",
+                           description="The papers' tables: published figures against ours.")
     parser.add_argument("--runs", nargs="+", metavar="DIR", default=None,
                         help="run directories, or directories holding them "
                              "(default: every run under results/)")

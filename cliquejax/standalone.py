@@ -219,13 +219,23 @@ def save_logits(path: str, logits: np.ndarray) -> None:
         raise StandaloneError(f"--logits={path!r} cannot be written ({error.strerror})") from None
 
 
-def main(argv=None) -> None:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr with exit code 2: every command of
+    cliquejax uses it (defined here, where it must be for this file to run alone). `notes`:
+    option -> text added to an error that names the option."""
 
-    parser = Parser(description="Top-1 classes of uint8 images from a standalone model.")
+    def __init__(self, *args, notes: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notes = notes or {}
+
+    def error(self, message):
+        notes = "".join(f" ({note})" for option, note in self.notes.items() if option in message)
+        print(f"error: {message}{notes}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None) -> None:
+    parser = OneLineParser(description="Top-1 classes of uint8 images from a standalone model.")
     parser.add_argument("model", help="the file written by cliquejax.export --format=standalone")
     parser.add_argument("images", help=".npz with images = uint8 N x H x W [x C]")
     parser.add_argument("--logits", help="also save the logits (N, classes) to this .npy")

@@ -39,13 +39,11 @@ def get_config():
     config.train.batch_size = 64  # global, over all devices and hosts
     config.train.eval_batch_size = 256
     config.train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
-    # Rematerialisation (gradient checkpointing): layer (default: recompute each clique layer
-    # / conv unit in the backward pass) | block (recompute each whole block) | none (keep
-    # every activation). Same values and gradients. On CPU `layer` was both faster and far
-    # smaller than `none` (benchmarks/README.md); on an accelerator with memory to spare,
-    # `none` may be faster: measure.
-    # On CPU it needs XLA's cse_barrier_expander pass off, which cliquejax.platform does.
-    config.train.remat = "layer"
+    # Rematerialisation (gradient checkpointing): auto (per backend, cliquejax/kernels.py:
+    # `layer` on the CPU, `none` elsewhere) | layer (recompute each clique layer / conv unit
+    # in the backward pass) | layer_keep_1x1 | block (recompute each whole block) | none
+    # (keep every activation). Same values and gradients.
+    config.train.remat = "auto"
     # Which implementation of the operations runs (cliquejax/kernels.py): auto (the XLA:CPU
     # kernels of cliquejax/cpu/ when JAX runs on the CPU, else the stock JAX operations) |
     # reference (stock JAX operations on every backend) | cpu. Same values and gradients.

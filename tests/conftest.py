@@ -10,7 +10,6 @@ import fcntl
 import json
 import os
 import shutil
-import site
 import sys
 import tempfile
 
@@ -57,9 +56,11 @@ def pytest_collection_modifyitems(items):
 def python_without_cliquejax(env=None) -> tuple[list[str], dict]:
     """(argv prefix, environment) of this interpreter with its installed packages but not the
     editable cliquejax that make installs: `-S` skips the site-packages .pth files (where the
-    editable install hooks in) and PYTHONPATH gives back the packages themselves."""
+    editable install hooks in) and PYTHONPATH gives back the packages themselves (read from
+    sys.path, so that it also works in an interpreter started this way)."""
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
     return [sys.executable, "-S", "-s"], env
 
 

@@ -27,7 +27,7 @@ def test_sign_forward_values_and_dtype(name, dtype):
 
 
 def test_sign_of_negative_zero_is_plus_one():
-    assert float(binary.sign_ste(jnp.float32(-0.0))) == 1.0
+    assert float(binary.ste_sign(jnp.float32(-0.0))) == 1.0
 
 
 def _sign_grad(sign, w, g):
@@ -38,7 +38,7 @@ def test_ste_gradient_is_clipped_at_one_inclusive():
     w = jnp.array(BOUNDARY, jnp.float32)
     g = jnp.array([0.3, -1.7, 2.5, 4.0, -0.25, 1.5, 9.0], jnp.float32)
     expected = np.array([0.0, -1.7, 2.5, 4.0, -0.25, 1.5, 0.0], np.float32)
-    np.testing.assert_array_equal(_sign_grad(binary.sign_ste, w, g), expected)
+    np.testing.assert_array_equal(_sign_grad(binary.ste_sign, w, g), expected)
 
 
 def test_identity_ste_gradient_passes_everywhere():
@@ -64,7 +64,7 @@ def test_sign_gradient_keeps_bfloat16(name):
 
 def test_sign_functions_work_under_jit():
     w = jnp.array([-2.0, 0.0, 0.5], jnp.float32)
-    grad = jax.jit(jax.grad(lambda w: jnp.sum(binary.sign_ste(w))))(w)
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(binary.ste_sign(w))))(w)
     np.testing.assert_array_equal(grad, [0.0, 1.0, 1.0])
 
 
@@ -79,7 +79,7 @@ def test_get_sign_function_rejects_unknown_name():
 
 
 def test_get_sign_function_known_names():
-    assert binary.get_sign_function("ste_sign") is binary.sign_ste
+    assert binary.get_sign_function("ste_sign") is binary.ste_sign
     assert binary.get_sign_function("identity_ste") is binary.identity_ste
     assert binary.get_sign_function("approx_sign") is binary.approx_sign
 
@@ -114,9 +114,14 @@ def test_modulate_rejects_mismatched_spatial_size():
         binary.modulate(jnp.ones((3, 3, 2, 2)), jnp.ones((4, 5, 5)))
 
 
+def reconstructed_filters(latent, m_filter):
+    """Q = sign(C) modulated by M (eq. 3): the filters a modulated binary conv uses."""
+    return binary.modulate(binary.ste_sign(latent), m_filter)
+
+
 def test_reconstructed_filters_use_signs_and_jit():
     latent, m_filter, _ = _random_problem(1)
-    q = jax.jit(binary.reconstructed_filters)(latent, m_filter)
+    q = jax.jit(reconstructed_filters)(latent, m_filter)
     signs = np.where(np.asarray(latent) >= 0, 1.0, -1.0)
     np.testing.assert_allclose(q, binary.modulate(jnp.asarray(signs), m_filter), rtol=1e-6)
     plane = np.abs(np.asarray(m_filter)[1])[:, :, None]
@@ -144,7 +149,7 @@ def test_modulation_gradients_match_eq6_eq7():
     g = jax.random.normal(key, (3, 3, 5, 12))
 
     def loss(latent, m_filter):
-        return jnp.sum(g * binary.reconstructed_filters(latent, m_filter))
+        return jnp.sum(g * reconstructed_filters(latent, m_filter))
 
     grad_c, grad_m = jax.grad(loss, argnums=(0, 1))(latent, m_filter)
     expected_c, expected_m = _eq6_eq7(g, latent, m_filter)
@@ -168,12 +173,12 @@ def test_modulation_gradients_through_convolution():
     def conv_loss(q):
         return jnp.sum(r * _conv(x, q))
 
-    q = binary.reconstructed_filters(latent, m_filter)
+    q = reconstructed_filters(latent, m_filter)
     grad_q = jax.grad(conv_loss)(q)
     expected_c, expected_m = _eq6_eq7(grad_q, latent, m_filter)
 
     def loss(latent, m_filter):
-        return conv_loss(binary.reconstructed_filters(latent, m_filter))
+        return conv_loss(reconstructed_filters(latent, m_filter))
 
     grad_c, grad_m = jax.grad(loss, argnums=(0, 1))(latent, m_filter)
     np.testing.assert_allclose(grad_c, expected_c, atol=1e-4, rtol=1e-5)
@@ -197,7 +202,7 @@ def test_he_normal_is_flax_compatible_and_has_requested_std():
 def test_binary_kernel_init_reads_fan_in_from_shape():
     kernel = binary.binary_kernel_init(jax.random.key(1), (3, 3, 64, 16))
     assert abs(float(jnp.std(kernel)) / math.sqrt(2 / (3 * 3 * 64)) - 1) < 0.05
-    signs = binary.sign_ste(kernel)
+    signs = binary.ste_sign(kernel)
     assert abs(float(jnp.mean(signs))) < 0.05
     assert abs(float(jnp.std(signs)) - 1) < 0.01
 
@@ -206,13 +211,13 @@ def test_reconstructed_filters_match_he_std_at_init():
     size, width, n_planes = 3, 64, 4
     fan_in = binary.unified_fan_in(size, width)
     assert fan_in == 3 * 3 * 64
-    latent_init = binary.latent_kernel_init(fan_in)
+    latent_init = binary.he_normal_fan_in(fan_in)  # the latent C
     m_init = binary.m_filter_init(fan_in)
 
     def one_draw(key):
         c_key, m_key = jax.random.split(key)
         latent = latent_init(c_key, (size, size, width, width // n_planes))
-        return binary.reconstructed_filters(latent, m_init(m_key, (n_planes, size, size)))
+        return reconstructed_filters(latent, m_init(m_key, (n_planes, size, size)))
 
     # one M-filter holds only K*w*w = 36 values, so pool independent blocks for the std
     q = jax.vmap(one_draw)(jax.random.split(jax.random.key(2), 32))
@@ -221,7 +226,7 @@ def test_reconstructed_filters_match_he_std_at_init():
     # and within one block, std(Q) is the root mean square of that block's M-filter
     m_filter = m_init(jax.random.key(3), (n_planes, size, size))
     latent = latent_init(jax.random.key(4), (size, size, width, width // n_planes))
-    q_one = binary.reconstructed_filters(latent, m_filter)
+    q_one = reconstructed_filters(latent, m_filter)
     rms_m = float(jnp.sqrt(jnp.mean(m_filter**2)))
     assert abs(float(jnp.sqrt(jnp.mean(q_one**2))) - rms_m) < 1e-6
 
@@ -241,7 +246,7 @@ def test_pack_unpack_round_trip(shape):
     unpacked = binary.unpack_signs(packed, stored_shape)
     assert unpacked.dtype == np.float32 and unpacked.shape == shape
     np.testing.assert_array_equal(unpacked, np.where(kernel >= 0, 1.0, -1.0))
-    np.testing.assert_array_equal(unpacked, np.asarray(binary.sign_ste(jnp.asarray(kernel))))
+    np.testing.assert_array_equal(unpacked, np.asarray(binary.ste_sign(jnp.asarray(kernel))))
 
 
 def test_pack_bit_layout_and_size_check():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliquejax import export, models, predict, standalone, summary
+from cliquejax import export, models, names, predict, standalone, summary
 from cliquejax.data import info as data_info
 from cliquejax.data import sources
 from configs import mbclique_cifar10
@@ -133,8 +133,8 @@ def test_bad_runs_are_refused_before_anything_is_created(digits, tmp_path, capsy
     _one_line_exit(capsys, predict.main, [f"--workdir={untrained}", "x.npz"])
     damaged = tmp_path / "damaged"
     shutil.copytree(digits["workdir"], damaged)
-    for root, _, names in os.walk(damaged / "checkpoints"):
-        for name in names:
+    for root, _, files in os.walk(damaged / "checkpoints"):
+        for name in files:
             if os.sep + "d" == root[-2:]:  # the arrays' data files
                 path = os.path.join(root, name)
                 os.truncate(path, min(100, os.path.getsize(path)))
@@ -188,7 +188,7 @@ def test_cifar10_standalone_file_is_small():
     rng = np.random.default_rng(0)
     variables = jax.tree_util.tree_map_with_path(
         lambda path, s: rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        if export._path(path).endswith("/var") else
+        if names.path_string(path).endswith("/var") else
         rng.standard_normal(s.shape).astype(np.float32), shapes)
     info = data_info.DatasetInfo("cifar10", (32, 32, 3), 10, 50_000, 10_000,
                                  (125.3, 123.0, 113.9), (63.0, 62.1, 66.7))

@@ -144,6 +144,20 @@ def test_config_differences_allowed_refused_and_one_sided():
                        "train.log_every_steps": [5, 7]}
 
 
+def test_remat_auto_compares_as_the_policy_it_resolves_to():
+    """A run written with train.remat=layer on a CPU (before `auto` existed) is the run
+    today's config file (`auto`) makes here; another policy is still a change."""
+    from cliquejax import kernels
+
+    here = kernels.remat("auto")
+    assert run_dir.config_differences({"train": {"remat": here}},
+                                      {"train": {"remat": "auto"}}) == ([], {})
+    other = "block" if here != "block" else "none"
+    refused, _ = run_dir.config_differences({"train": {"remat": other}},
+                                            {"train": {"remat": "auto"}})
+    assert refused == [f"train.remat: {other!r} -> {here!r}"]
+
+
 @pytest.mark.parametrize("stored", [{}, None, "b1=0.95", {"b1": 0.95}])
 def test_resume_compares_optimizer_kwargs_by_the_arguments_they_give(stored, tmp_path):
     """optimizer.kwargs was a dict (`{}` in older runs' config.json, or no field before that)

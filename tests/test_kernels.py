@@ -1,27 +1,21 @@
-"""`config.train.kernels`: the choice (`cliquejax.kernels`), every XLA:CPU kernel against its
-reference (values and gradients), training steps of CliqueNet and MBCliqueNet equal on both,
-the reference program made of stock operations only, and a codebase without `cliquejax/cpu/`
-that still trains."""
+"""`config.train.kernels` and `config.train.remat=auto`: the choices per backend
+(`cliquejax.kernels`), and a copy of the repository without `cliquejax/cpu/` whose fast tests
+pass (the CPU kernels themselves: tests/cpu/)."""
 
 import ast
-import dataclasses
-import functools
+import os
 import pathlib
 import shutil
 import subprocess
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from cliquejax import kernels, ops
-from cliquejax.cpu import ops as cpu_ops
+from cliquejax import kernels
 from cliquejax.models import build_model
-from cliquejax.train import optim, step
 from configs.default import get_config
 from tests.conftest import python_without_cliquejax
-from tests.test_precision_remat import cliquenet_config, digits_batch, mbcliquenet_config
+from tests.test_precision_remat import cliquenet_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,8 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("choice,backend,resolved", [
-    ("auto", "cpu", "cpu"), ("auto", "cuda", "reference"), ("auto", "tpu", "reference"),
-    ("reference", "cpu", "reference"), ("cpu", "cuda", "cpu")])
+    ("auto", "cuda", "reference"), ("auto", "tpu", "reference"),
+    ("reference", "cpu", "reference")])
 def test_resolve(choice, backend, resolved):
     config = get_config()
     config.train.kernels = choice
@@ -40,8 +34,16 @@ def test_resolve(choice, backend, resolved):
 
 def test_auto_is_the_default_and_follows_jax_backend():
     assert get_config().train.kernels == "auto"
-    assert kernels.resolve(get_config()) == ("cpu" if jax.default_backend() == "cpu"
-                                             else "reference")
+    on_cpu = jax.default_backend() == "cpu" and kernels.cpu_kernels_present()
+    assert kernels.resolve(get_config()) == ("cpu" if on_cpu else "reference")
+
+
+@pytest.mark.parametrize("choice,backend,resolved", [
+    ("auto", "cuda", "none"), ("auto", "tpu", "none"), ("block", "cpu", "block"),
+    ("layer", "cuda", "layer")])
+def test_remat(choice, backend, resolved):
+    assert get_config().train.remat == "auto"
+    assert kernels.remat(choice, backend) == resolved
 
 
 def test_bad_choice_is_a_one_line_error():
@@ -55,6 +57,7 @@ def test_bad_choice_is_a_one_line_error():
 def test_without_the_cpu_package_auto_is_the_reference(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_kernels_present", lambda: False)
     assert kernels.resolve(get_config(), "cpu") == "reference"
+    assert kernels.remat("auto", "cpu") == "none"
     with pytest.raises(ValueError, match="train.kernels='cpu' needs the cliquejax/cpu/"):
         kernels.namespace("cpu")
 
@@ -71,226 +74,23 @@ def test_only_the_chooser_imports_the_cpu_package():
                      if isinstance(node, ast.ImportFrom) and node.module else [])
             assert not [n for n in names if n.startswith("cliquejax.cpu")], path
 
-# ----------------------------------------------------------------------------- kernel by kernel
-
-
-def _random(shape, seed, dtype=jnp.float32, shift=0.0):
-    return (jax.random.normal(jax.random.PRNGKey(seed), shape) + shift).astype(dtype)
-
-
-def _bn_inputs(dtype):
-    x = _random((4, 5, 5, 6), 0, dtype, shift=0.5)
-    params = {"scale": _random((6,), 1), "bias": _random((6,), 2)}
-    stats = {"mean": _random((6,), 3), "var": 1.0 + jnp.arange(6.0)}
-    return x, params, stats
-
-
-def conv_case(dtype, kernel_size=3, stride=1, cin=16):
-    x, w = _random((2, 7, 7, cin), 0), _random((kernel_size, kernel_size, cin, 8), 1) * 0.1
-    pad = "SAME" if stride == 1 else ((1, 1), (1, 1))
-    return (lambda k, x, w: k.conv2d(x, w, stride, pad, dtype)), (x, w)
-
-
-def bn_case(fn_name, train, dtype=jnp.float32, bn=ops.TORCH_BN):
-    x, params, stats = _bn_inputs(dtype)
-    def run(k, x, params):
-        y, new = getattr(k, fn_name)(x, params, stats, train, bn)
-        return y, new["mean"], new["var"]
-    return run, (x, params)
-
-
-# name -> (function of (kernels, *args) -> outputs, args, relative tolerance)
-CASES = {
-    "conv2d 3x3 float32": (*conv_case(None), 1e-5),
-    "conv2d 1x1 float32": (*conv_case(None, 1), 1e-5),
-    "conv2d 3x3/2 float32": (*conv_case(None, 3, 2), 1e-5),
-    "conv2d 3x3 bfloat16": (*conv_case(jnp.bfloat16), 2e-2),
-    "conv2d 1x1 bfloat16": (*conv_case(jnp.bfloat16, 1), 2e-2),
-    "conv2d RGB bfloat16": (*conv_case(jnp.bfloat16, 3, 1, 3), 2e-2),
-    "batch_norm train": (*bn_case("batch_norm", True), 1e-5),
-    "batch_norm eval": (*bn_case("batch_norm", False), 1e-5),
-    "bn_relu train": (*bn_case("bn_relu", True), 1e-5),
-    "bn_relu eval": (*bn_case("bn_relu", False, bn=ops.TF_BN), 1e-5),
-    "bn_relu train bfloat16": (*bn_case("bn_relu", True, jnp.bfloat16), 2e-2),
-    "max_pool 3x3/2": (lambda k, x: k.max_pool(x, 3, 2), (_random((2, 9, 9, 3), 4),), 1e-5),
-    "saved_name": (lambda k, x: k.saved_name(jnp.sin(x), ops.BN_MOMENTS),
-                   (_random((3, 4), 5),), 1e-5),
-    "global_norm": (lambda k, x, y: k.global_norm({"a": x, "b": {"c": y}}),
-                    (_random((3, 4), 6), _random((5,), 7)), 1e-5),
-}
-
-
-def test_every_kernel_has_a_case():
-    fields = {f.name for f in dataclasses.fields(ops.Kernels)} - {"name",
-                                                                  "init_compiler_options"}
-    assert fields == {name.split()[0] for name in CASES}
-
-
-def _value_and_grads(fn, kernel_set, args):
-    """fn's outputs and the gradient of a nonlinear function of them, all float32."""
-    def loss(*args):
-        outputs = jax.tree.leaves(fn(kernel_set, *args))
-        return sum(jnp.sum(jnp.sin(o.astype(jnp.float32) * (i + 1)))
-                   for i, o in enumerate(outputs)), outputs
-    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, range(len(args)), has_aux=True))(
-        *args)
-    return [a.astype(jnp.float32) for a in jax.tree.leaves((outputs, grads))]
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_cpu_kernel_equals_reference(case):
-    """Values and gradients: float32 within 1e-5, bfloat16 (products rounded to bfloat16
-    in another order) within 2e-2, relative to each array's largest magnitude."""
-    fn, args, tolerance = CASES[case]
-    got = _value_and_grads(fn, cpu_ops.KERNELS, args)
-    want = _value_and_grads(fn, ops.REFERENCE, args)
-    assert len(got) == len(want) >= 2
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape
-        np.testing.assert_allclose(g, w, rtol=tolerance,
-                                   atol=tolerance * max(1.0, float(jnp.max(jnp.abs(w)))))
-
-# ----------------------------------------------------------------------------- whole steps
-
-
-# MBCliqueNet is compared after one step: a binary network's sign and the M-filter shared by
-# a whole block amplify float32 rounding differences (the order of a sum) from the second
-# step on (measured: up to 5e-5 relative in a momentum after two steps, 1e-3 after three),
-# as between 1 and 8 devices (tests/test_distributed.py).
-STEPS = {"cliquenet": 3, "mbcliquenet": 1}
-
-
-def _config(name: str, choice: str):
-    config = {"cliquenet": cliquenet_config, "mbcliquenet": mbcliquenet_config}[name]()
-    # remat changes no value on either (tests/test_precision_remat.py); without it the
-    # steps compile faster
-    config.train.kernels, config.train.remat = choice, "none"
-    return config
-
-
-@functools.cache
-def _initial_state(name: str):
-    """The same for both kernels (initialisation runs no kernel), computed once."""
-    config = _config(name, "reference")
-    model, (tx, _) = build_model(config, 10), optim.make_optimizer(config, 10)
-    return step.initial_state(model, (tx,), (8, 8, 1), 0,
-                              jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-
-
-def train_steps(name: str, choice: str):
-    config = _config(name, choice)
-    model = build_model(config, 10)
-    assert model.kernels.name == choice
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch=10)
-    train = jax.jit(functools.partial(step.train_step, model=model, transforms=(tx,),
-                                      schedule=schedule, seed=0))
-    state, losses = _initial_state(name), []
-    for index in range(STEPS[name]):
-        batch = digits_batch(32) if index % 2 == 0 else jax.tree.map(
-            lambda a: a[::-1], digits_batch(32))
-        state, metrics = train(state, batch)
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state)
-
-
-@pytest.mark.parametrize("name", ["cliquenet", "mbcliquenet"])
-def test_training_steps_equal_on_both_kernels(name):
-    """SGD steps (momentum, weight decay; CliqueNet with dropout, MBCliqueNet binary) in
-    float32: the same losses, parameters, BN statistics and momentum."""
-    losses, state = train_steps(name, "cpu")
-    ref_losses, ref_state = train_steps(name, "reference")
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
-                            jax.tree.leaves(ref_state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.max(np.abs(b))),
-                                   err_msg=jax.tree_util.keystr(path))
-    assert len(losses) == STEPS[name]
-
-# ----------------------------------------------------------------------------- the programs
-
-
-def _primitives(jaxpr) -> list[str]:
-    names = []
-    for eqn in jaxpr.eqns:
-        names.append(eqn.primitive.name)
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(item, "jaxpr", item)
-                if hasattr(inner, "eqns"):
-                    names.extend(_primitives(inner))
-    return names
-
-
-def step_primitives(config) -> list[str]:
-    """Every primitive of the bfloat16 training step's jaxpr (forward and backward)."""
-    config.train.compute_dtype = "bfloat16"
-    model = build_model(config, 10)
-    tx, schedule = optim.make_optimizer(config, steps_per_epoch=10)
-    state = jax.eval_shape(lambda: step.init_state(model, (tx,), (8, 8, 1), seed=0))
-    train = functools.partial(step.train_step, model=model, transforms=(tx,),
-                              schedule=schedule, seed=0)
-    return _primitives(jax.make_jaxpr(train)(state, digits_batch(32)).jaxpr)
-
-
-@pytest.mark.parametrize("name", ["cliquenet", "u-mbcliquenet"])
-def test_reference_program_is_stock_operations(name):
-    """kernels=reference, bfloat16: the convolutions stay convolutions (the only products are
-    the classifier's, forward and backward), with no conditional, bitcast or custom
-    derivative; the CPU kernels' program of the same step has all of them."""
-    def config(choice):
-        c = cliquenet_config() if name == "cliquenet" else mbcliquenet_config()
-        if name == "u-mbcliquenet":
-            c.model.binarize = False  # the sign's straight-through estimator is custom
-        c.train.kernels = choice
-        return c
-    reference = step_primitives(config("reference"))
-    assert reference.count("conv_general_dilated") > 10
-    assert reference.count("dot_general") <= 3
-    # (`jax.nn.relu` itself is a custom_jvp of JAX's: its derivative at 0)
-    assert not {"cond", "bitcast_convert_type", "custom_vjp_call"} & set(reference)
-    cpu = step_primitives(config("cpu"))
-    assert cpu.count("dot_general") > 10 and {"cond", "bitcast_convert_type"} <= set(cpu)
-
-
-FORK_SCRIPT = """
-import sys
-sys.path.insert(0, {root!r})
-from cliquejax import platform
-assert platform.configure_xla() == "", "no XLA:CPU flags without cliquejax/cpu/"
-import functools, jax, jax.numpy as jnp
-from cliquejax import kernels
-from cliquejax.models import build_model
-from cliquejax.train import optim, step
-from configs import mbclique_digits
-config = mbclique_digits.get_config()
-config.model.widths, config.model.layers = (8, 8, 16), (2, 2, 2)
-config.train.compute_dtype = "bfloat16"
-model = build_model(config, 10)
-tx, schedule = optim.make_optimizer(config, 10)
-state = jax.eval_shape(lambda: step.init_state(model, (tx,), (8, 8, 1), 0))
-batch = {{"image": jnp.ones((4, 8, 8, 1)), "label": jnp.arange(4)}}
-train = functools.partial(step.train_step, model=model, transforms=(tx,), schedule=schedule,
-                          seed=0)
-jax.jit(train).trace(state, batch).lower()  # every line of the step runs once
-print(kernels.resolve(config), model.kernels.name, sorted(m for m in sys.modules
-                                                          if m.startswith("cliquejax.cpu")))
-"""
-
 
 @pytest.mark.slow
-def test_a_fork_without_the_cpu_package_builds_and_lowers_the_step(tmp_path):
-    """Deleting `cliquejax/cpu/` leaves a codebase whose default (`auto`) is the reference
-    kernels, with no XLA:CPU flag, and whose training step traces and lowers."""
-    for part in ("cliquejax", "configs"):
-        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns(
-            "__pycache__", "cpu"))
-    assert not (tmp_path / "cliquejax" / "cpu").exists()
-    script = tmp_path / "fork.py"
-    script.write_text(FORK_SCRIPT.format(root=str(tmp_path)))
-    python, env = python_without_cliquejax(
-        {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)})
-    done = subprocess.run([*python, str(script)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["reference", "reference", "[]"]
+def test_a_copy_without_the_cpu_package_passes_the_fast_tests(tmp_path):
+    """Deleting `cliquejax/cpu/` leaves a codebase whose fast tests pass: `auto` is the
+    reference operations, tests/cpu/ skips, no XLA:CPU set-up is made
+    (tests/test_platform.py)."""
+    copy = tmp_path / "repo"  # the working tree, without dot-folders (.git, .venv), runs
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.egg-info",
+                                                              "runs"))
+    shutil.rmtree(copy / "cliquejax" / "cpu")
+    python, env = python_without_cliquejax({k: v for k, v in os.environ.items()
+                                            if k not in ("XLA_FLAGS", "PYTHONPATH")})
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), env["PYTHONPATH"]])
+    this = "tests/test_kernels.py::test_a_copy_without_the_cpu_package_passes_the_fast_tests"
+    done = subprocess.run([*python, "-m", "pytest", "-m", "not slow", "-x", "-q", "-p",
+                           "no:cacheprovider", "--deselect", this, "tests"],
+                          capture_output=True, text=True,
+                          timeout=2400, env=env, cwd=copy)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout

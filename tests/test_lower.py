@@ -58,15 +58,15 @@ def test_count_ops_reads_calls_and_custom_calls():
     """The counter sees a CPU-only custom call (LAPACK) where there is one, and counts an op
     of a function called twice twice."""
     x = jax.ShapeDtypeStruct((4, 4), jnp.float32)
-    on = lambda platform: lower.count_ops(
-        jax.jit(jnp.linalg.cholesky).trace(x).lower(lowering_platforms=(platform,)).as_text())
+    on = lambda platform: lower.count_ops(jax.jit(jnp.linalg.cholesky).trace(x).lower(
+        lowering_platforms=(platform,)).compiler_ir("stablehlo"))
     assert any(c.startswith("lapack_") for c in on("cpu")["custom_calls"])
     assert not set(on("cuda")["custom_calls"]) <= lower.PORTABLE_CALL_TARGETS
     inner = jax.jit(lambda a, b: jnp.dot(a, b))
-    text = jax.jit(lambda a: inner(inner(a, a), a)).trace(x).lower(
-        lowering_platforms=("tpu",)).as_text()
-    assert text.count("stablehlo.dot_general") == 1  # one function, called twice
-    assert lower.count_ops(text)["dots"] == 2
+    lowered = jax.jit(lambda a: inner(inner(a, a), a)).trace(x).lower(
+        lowering_platforms=("tpu",))
+    assert lowered.as_text().count("stablehlo.dot_general") == 1  # one function, called twice
+    assert lower.count_ops(lowered.compiler_ir("stablehlo"))["dots"] == 2
 
 
 def test_float32_steps_lower_for_cuda_and_tpu():

@@ -7,10 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from cliquejax import binary, bits, layers, ops, summary
+from cliquejax import bits, summary
 from cliquejax.models import build_model
 from cliquejax.train import step
 from configs import mbclique_cifar10
+from tests.test_binary import reconstructed_filters
 
 
 def small_config(**model):
@@ -18,17 +19,6 @@ def small_config(**model):
     config.model.update(dict(widths=(8, 8, 16), layers=(2, 2, 2), K=4))
     config.model.update(model)
     return config
-
-
-def test_modulated_binary_conv_module():
-    conv = layers.ModulatedBinaryConv(features=8, num_planes=4)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 3))
-    m_filter = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 3))
-    variables = conv.init(jax.random.PRNGKey(2), x, m_filter)
-    latent = variables["params"]["kernel"]
-    assert latent.shape == (3, 3, 3, 2)  # width / K binary filters are all that is stored
-    expected = ops.conv2d(x, binary.modulate(jnp.where(latent >= 0, 1.0, -1.0), m_filter))
-    np.testing.assert_allclose(conv.apply(variables, x, m_filter), expected, atol=1e-5)
 
 
 def test_recorded_1_bit_weights_are_the_ones_the_forward_pass_binarises():
@@ -138,7 +128,7 @@ def test_reconstructed_filters_have_he_std_at_init():
     init = jax.vmap(lambda key: net.init(key, jnp.zeros((1, 32, 32, 3)))["params"])
     params = jax.jit(init)(jax.random.split(jax.random.PRNGKey(0), 8))
     for block, width in zip(("block1", "block2", "block3"), config.model.widths, strict=True):
-        reconstruct = jax.vmap(binary.reconstructed_filters)
+        reconstruct = jax.vmap(reconstructed_filters)
         qs = [reconstruct(params[block][f"W_bottleneck_{i}"], params[block]["M_filter"])
               for i in (1, 2, 3, 4)]
         std = float(jnp.std(jnp.stack(qs)))

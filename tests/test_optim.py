@@ -15,7 +15,6 @@ import pytest
 from cliquejax import bits, names
 from cliquejax.models import build_model
 from cliquejax.train.optim import (
-    l2_penalty,
     make_optimizer,
     make_schedule,
     optimizer_kwargs,
@@ -24,6 +23,15 @@ from cliquejax.train.optim import (
 from configs import cliquenet_cifar10, mbclique_cifar10
 from configs.default import get_config
 from tests.conftest import launch_config
+
+
+def l2_penalty(params, mask):
+    """0.5 * sum of squares of the leaves where `mask` is True (the loss term that L2 decay
+    stands for)."""
+    squares = jax.tree.map(
+        lambda leaf, decayed: jnp.sum(jnp.square(leaf)) if decayed else jnp.zeros(()),
+        params, mask)
+    return 0.5 * sum(jax.tree.leaves(squares), jnp.zeros(()))
 
 
 def make_config(epochs=10, schedule="constant", **schedule_fields):

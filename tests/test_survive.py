@@ -329,7 +329,7 @@ def test_batch_the_devices_do_not_divide_is_a_one_line_error(env, tmp_path):
         "of 8"), err
 
 
-# --- issue 19: a run directory's config.json, lock, checksums, idempotent results ---
+# --- a run directory's config.json, lock, checksums, idempotent results ---
 
 
 def test_console_shows_each_evaluation_and_a_summary(reference):

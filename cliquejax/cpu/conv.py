@@ -18,7 +18,7 @@ Forward, two ways to sum over the T taps (`FORWARD_PATCHES` picks one per shape)
 Backward: the patches of the output gradient G (pixels, T*Cout) give both gradients,
 dx = G @ (flipped, transposed kernel) and dkernel = x.T @ G.
 
-Where XLA's CPU backend needs steering (each checked in tests/test_conv.py by the HLO):
+Where XLA's CPU backend needs steering (each checked in tests/cpu/test_conv.py by the HLO):
 - a transposed operand must be materialised in row-major order (`_transpose`), or the dot
   is not given to YNNPACK and silently runs in float32;
 - pads, slices and concatenations run on 16-bit integer views (`_bit_view`): in bfloat16

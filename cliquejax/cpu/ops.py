@@ -1,10 +1,12 @@
-"""XLA:CPU versions of the backend-dependent operations of `cliquejax.ops`, and `KERNELS`,
-the namespace that hands them to the models. Each equals its reference in values and
-gradients (tests/test_kernels.py); they differ in the program XLA:CPU compiles."""
+"""XLA:CPU versions of the backend-dependent operations of `cliquejax.ops`, and `OPS`, the
+namespace that hands them to the models. Each equals its reference in values and gradients
+(tests/cpu/test_kernels.py; dropout in distribution, tests/cpu/test_dropout.py); they differ
+in the program XLA:CPU compiles."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -92,19 +94,23 @@ normalize_relu.defvjp(_normalize_relu_fwd, _normalize_relu_bwd)
 # ----------------------------------------------------------------------------- convolution
 
 
-def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None):
+def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None,
+           name: str | None = None):
     """`ops.conv2d` for XLA:CPU. Stride-1 bfloat16 convolutions (but RGB stems) run as
     bfloat16 matrix products (`conv.conv2d_matmul`): XLA's CPU backend computes a bfloat16
     convolution in float32. Other 1x1 stride-1 convolutions take their kernel gradient from
-    one dot (`conv.pointwise_conv`)."""
+    one dot (`conv.pointwise_conv`). A `name`d result is saved as bits (`saved_name`)."""
     bf16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
     if bf16 and stride == 1 and conv.matmul_pays(kernel.shape):
-        return conv.conv2d_matmul(x, kernel, padding, dtype)
-    if dtype is not None:
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if kernel.shape[:2] == (1, 1) and stride == 1 and padding in ("SAME", "VALID"):
-        return conv.pointwise_conv(x, kernel)
-    return ops.conv2d(x, kernel, stride, padding)
+        y = conv.conv2d_matmul(x, kernel, padding, dtype)
+    else:
+        if dtype is not None:
+            x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if kernel.shape[:2] == (1, 1) and stride == 1 and padding in ("SAME", "VALID"):
+            y = conv.pointwise_conv(x, kernel)
+        else:
+            y = ops.conv2d(x, kernel, stride, padding)
+    return y if name is None else saved_name(y, name)
 
 
 # ----------------------------------------------------------------------------- max pooling
@@ -146,21 +152,76 @@ def _max_pool_bwd(size, stride, residuals, dy):
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
+# ----------------------------------------------------------------------------- dropout
+
+
+def dropout(x, rate: float, rng, train: bool):
+    """`ops.dropout` with the keep mask from `dropout_bits`, a counter-based hash that XLA
+    fuses into the masking: a handful of integer operations per element, where threefry
+    (`jax.random.bernoulli`) costs several rounds of them and cost a CliqueNet training step
+    on CPU a large part of its speed (benchmarks/README.md). `rng` is a PRNG key or a uint32
+    seed from `fold_in`."""
+    if not train or rate == 0.0:
+        return x
+    threshold = min(int(round(rate * 2.0**32)), 2**32 - 1)
+    keep = dropout_bits(rng, x.shape) >= jnp.uint32(threshold)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
+
+
+def _lowbias32(h):
+    """C. Wellons' `lowbias32` integer hash (uint32 -> uint32, a bijection)."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+_WEYL = 0x9E3779B9  # 2^32 / golden ratio
+
+
+def dropout_seed(rng) -> jax.Array:
+    """A uint32 seed: `rng` itself if it already is one, else one draw from the key."""
+    rng = jnp.asarray(rng)
+    if rng.ndim == 0 and rng.dtype == jnp.uint32:
+        return rng
+    return jax.random.bits(rng, (), jnp.uint32)
+
+
+def fold_in(rng, *data) -> jax.Array:
+    """`ops.fold_in` on a uint32 seed (`dropout_seed`): the integer hash of the seed and each
+    stream number, a few scalar integer operations. `jax.random.fold_in` does the same with
+    threefry, whose scalar kernels were half of the compiled program's fusions for
+    CliqueNet k=36 T=12 on CPU (four per layer)."""
+    seed = dropout_seed(rng)
+    for item in data:
+        stream = _lowbias32(jnp.asarray(item, jnp.uint32) * jnp.uint32(_WEYL) + jnp.uint32(1))
+        seed = _lowbias32(seed ^ stream)
+    return seed
+
+
+def dropout_bits(rng, shape) -> jax.Array:
+    """Uniform uint32 bits of `shape` for the key or seed `rng`: each element's flat index
+    passed through a Weyl step offset by the seed and the `lowbias32` integer hash. Same
+    seed, same bits; on any sharding, the same bits as unsharded (they depend only on the
+    index)."""
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(f"dropout over {size} elements: at most 2**32 - 1 are allowed")
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _lowbias32(index * jnp.uint32(_WEYL) + dropout_seed(rng))
+
+
 # ----------------------------------------------------------------------------- training step
 
 
 def global_norm(tree):
-    """`optax.global_norm` as one reduction over the concatenated leaves: one kernel, not
-    one per parameter."""
+    """`optax.tree.norm` as one reduction over the concatenated leaves: one kernel, not one
+    per parameter (the training step's, `cliquejax.kernels.grad_norm`)."""
     flat = ravel_pytree(tree)[0].astype(jnp.float32)
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
-# The initial state is computed once: LLVM's optimisations of XLA:CPU are not worth their
-# compile time there (the values differ by at most one float32 ulp, from the truncated-normal
-# math; tests/test_initial_state.py).
-INIT_COMPILER_OPTIONS = (("xla_backend_optimization_level", 0),)
-
-KERNELS = ops.Kernels(name="cpu", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,
-                      max_pool=max_pool, saved_name=saved_name, global_norm=global_norm,
-                      init_compiler_options=INIT_COMPILER_OPTIONS)
+OPS = ops.Ops(name="cpu", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,
+              max_pool=max_pool, dropout=dropout, fold_in=fold_in)
+# `config.train.remat=auto` on the CPU (`cliquejax.kernels.remat`): recomputing each layer
+# was both faster and far smaller than keeping everything (benchmarks/README.md).
+REMAT = "layer"

@@ -95,6 +95,11 @@ def cpu_xla_flags(cache_dir: str | None = None) -> tuple[str, ...]:
     return flags
 
 
+# The initial state is computed once: LLVM's optimisations of XLA:CPU are not worth their
+# compile time there (the values differ by at most one float32 ulp, from the truncated-normal
+# math; tests/test_initial_state.py).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 

@@ -40,22 +40,22 @@ class CliqueNet(nn.Module):
     dtype: Any = None
     bn: ops.BNSpec = ops.TF_BN
     remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
-    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+    ops: ops.Ops = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     def block_spec(self, b: int, in_channels: int) -> clique.BlockSpec:
         return clique.BlockSpec(
             in_channels=in_channels, channels=self.channels[b], num_layers=self.num_layers[b],
             variant=self.variant, x=self.x, bottleneck=self.bottleneck,
             dropout_rate=self.dropout_rate, bn=self.bn, unroll=self.unroll,
-            dtype=self.dtype, remat=self.remat, kernels=self.kernels)
+            dtype=self.dtype, remat=self.remat, ops=self.ops)
 
     def _stem(self, x, train):
         if self.stem == "cifar":
             return layers.Conv(64, 3, kernel_init=self.kernel_init, dtype=self.dtype,
-                               kernels=self.kernels, name="stem")(x)
-        x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, self.kernels, name="stem")(x)
-        x = layers.BatchNorm(self.bn, relu=True, kernels=self.kernels, name="stem_bn")(x, train)
-        return self.kernels.max_pool(x, 3, 2)
+                               ops=self.ops, name="stem")(x)
+        x = layers.Conv(64, 7, 2, self.kernel_init, self.dtype, self.ops, name="stem")(x)
+        x = layers.BatchNorm(self.bn, relu=True, ops=self.ops, name="stem_bn")(x, train)
+        return self.ops.max_pool(x, 3, 2)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -69,12 +69,12 @@ class CliqueNet(nn.Module):
             if self.compression:
                 block = unit(layers.BNReLUConv)(
                     block.shape[-1] // 2, 1, self.dropout_rate, self.kernel_init, self.dtype,
-                    self.bn, self.kernels, name=f"compression{b + 1}")(block, train)
-            pooled.append(unit(layers.PooledFeature)(self.bn, self.kernels,
+                    self.bn, self.ops, name=f"compression{b + 1}")(block, train)
+            pooled.append(unit(layers.PooledFeature)(self.bn, self.ops,
                                                      name=f"pool{b + 1}")(block, train))
             if b < len(self.channels) - 1:
                 x = unit(layers.Transition)(self.dropout_rate, self.attention, self.kernel_init,
-                                            self.dtype, self.bn, self.kernels,
+                                            self.dtype, self.bn, self.ops,
                                             name=f"transition{b + 1}")(transit, train)
         features = jnp.concatenate(pooled, axis=-1).astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(features)
@@ -129,4 +129,4 @@ def build(config, num_classes: int) -> CliqueNet:
         num_classes=num_classes, channels=(m.k,) * 3, num_layers=(n,) * 3, variant=m.variant,
         x=m.x, attention=m.attention, bottleneck=m.bottleneck, compression=m.compression,
         dropout_rate=m.dropout_rate, unroll=m.unroll, dtype=compute_dtype(config),
-        bn=m.bn, remat=remat_policy(config), kernels=kernel_ops(config))
+        bn=m.bn, remat=remat_policy(config), ops=kernel_ops(config))

@@ -63,4 +63,4 @@ def build(config, num_classes: int) -> CliqueNet:
         attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
         stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
         dtype=compute_dtype(config), bn=m.bn, remat=remat_policy(config),
-        kernels=kernel_ops(config))
+        ops=kernel_ops(config))

@@ -86,15 +86,16 @@ def compute_dtype(config):
     return COMPUTE_DTYPES[name]
 
 
-def kernel_ops(config) -> ops.Kernels:
+def kernel_ops(config) -> ops.Ops:
     """The operations the model runs, from `config.train.kernels` (`cliquejax.kernels`)."""
     return kernels.for_config(config)
 
 
 def remat_policy(config) -> str:
     """What the backward pass recomputes, from `config.train.remat` (see `clique`):
-    none | layer (each clique layer and conv unit) | layer_keep_1x1 (layer, keeping the 1x1
-    conv outputs of bottleneck layers) | block (each whole block)."""
+    auto (per backend: `kernels.remat`) | none | layer (each clique layer and conv unit) |
+    layer_keep_1x1 (layer, keeping the 1x1 conv outputs of bottleneck layers) | block (each
+    whole block)."""
     name = config.train.get("remat", "none") if "train" in config else "none"
-    check_choice("train.remat", name, REMAT_POLICIES)
-    return name
+    check_choice("train.remat", name, ("auto", *REMAT_POLICIES))
+    return kernels.remat(name)

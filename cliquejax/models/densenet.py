@@ -30,11 +30,11 @@ class DenseNet(nn.Module):
     dtype: Any = None
     remat: str = "none"  # none | layer (each conv unit) | block (each dense block; transitions)
     bn: ops.BNSpec = ops.TF_BN
-    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+    ops: ops.Ops = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = layers.Conv(16, 3, dtype=self.dtype, kernels=self.kernels, name="stem")(
+        x = layers.Conv(16, 3, dtype=self.dtype, ops=self.ops, name="stem")(
             images.astype(self.dtype or jnp.float32))
         unit = layers.checkpointed(layers.BNReLUConv, self.remat)
         for b in range(3):
@@ -43,9 +43,9 @@ class DenseNet(nn.Module):
                 self, x, train)
             if b < 2:
                 x = unit(x.shape[-1], 1, self.dropout_rate, dtype=self.dtype, bn=self.bn,
-                         kernels=self.kernels, name=f"transition{b + 1}")(x, train)
+                         ops=self.ops, name=f"transition{b + 1}")(x, train)
                 x = ops.avg_pool(x, 2)
-        pooled = layers.PooledFeature(self.bn, self.kernels, name="pool")(x, train)
+        pooled = layers.PooledFeature(self.bn, self.ops, name="pool")(x, train)
         pooled = pooled.astype(jnp.float32)
         return nn.Dense(self.num_classes, kernel_init=layers.xavier, name="classifier")(pooled)
 
@@ -56,7 +56,7 @@ def _dense_block(model: DenseNet, x, train: bool, *, index: int):
     unit = layers.checkpointed(layers.BNReLUConv, per_layer)
     for i in range(model.layers_per_block):
         new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype, bn=model.bn,
-                   kernels=model.kernels, name=f"block{index}_layer{i + 1}")(x, train)
+                   ops=model.ops, name=f"block{index}_layer{i + 1}")(x, train)
         x = jnp.concatenate([x, new], axis=-1)
     return x
 

@@ -65,10 +65,10 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
     (optionally) binary: latent parameters, transformed on use."""
 
     num_planes: int = 4
-    quantize: Callable | None = binary.sign_ste
+    quantize: Callable | None = binary.ste_sign
     binarize_1x1: bool = True
 
-    def kernels(self, shapes):
+    def weights(self, shapes):
         width, K = self.spec.channels, self.num_planes
         m_filter = self.param(names.M_FILTER,
                               binary.m_filter_init(binary.unified_fan_in(3, width)), (K, 3, 3))
@@ -92,7 +92,7 @@ class MBCliqueNet(nn.Module):
     widths: Sequence[int]
     num_layers: Sequence[int]
     num_planes: int = 4  # K
-    quantize: Callable | None = binary.sign_ste  # None: u-MBCliqueNet
+    quantize: Callable | None = binary.ste_sign  # None: u-MBCliqueNet
     binarize_stem: bool = False
     binarize_1x1: bool = True
     binarize_transition: bool = True
@@ -108,7 +108,7 @@ class MBCliqueNet(nn.Module):
     dtype: Any = None
     bn: ops.BNSpec = ops.TORCH_BN
     remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
-    kernels: ops.Kernels = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+    ops: ops.Ops = ops.REFERENCE  # the operations (`cliquejax.kernels`)
 
     def _quantize_if(self, flag: bool):
         return self.quantize if flag else None
@@ -116,33 +116,33 @@ class MBCliqueNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         x = layers.BinaryConv(self.widths[0], 3, self._quantize_if(self.binarize_stem),
-                              self.dtype, self.kernels, name="stem")(
+                              self.dtype, self.ops, name="stem")(
             images.astype(self.dtype or jnp.float32))
         pooled = []
         for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
             if self.clique_conv == "per_connection" and x.shape[-1] != width:
                 # every modulated 3x3 of the block takes `width` channels (section 2.2)
                 x = layers.BinaryConv(width, 1, self._quantize_if(self.binarize_1x1),
-                                      self.dtype, self.kernels, name=f"block{b + 1}_input")(x)
+                                      self.dtype, self.ops, name=f"block{b + 1}_input")(x)
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
                                     bottleneck=self.clique_conv == "bottleneck",
                                     dropout_rate=self.dropout_rate,
                                     bn=self.bn, unroll=self.unroll,
-                                    dtype=self.dtype, remat=self.remat, kernels=self.kernels,
+                                    dtype=self.dtype, remat=self.remat, ops=self.ops,
                                     stage_two_kernels=self.stage_two_kernels)
             block, transit = ModulatedCliqueBlock(
                 spec, num_planes=self.num_planes, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
             head_feature = block if self.head_input == "x0_and_stage2" else transit
             pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
-                self.bn, self.kernels, name=f"pool{b + 1}")(head_feature, train))
+                self.bn, self.ops, name=f"pool{b + 1}")(head_feature, train))
             if b + 1 < len(self.widths):
                 transition = functools.partial(_transition, index=b + 1)
                 x = layers.checkpointed(transition, self.remat)(self, transit, train)
         features = jnp.concatenate(pooled, axis=-1)[:, None, None, :]
         logits = layers.BinaryConv(self.num_classes, 1, self._quantize_if(self.binarize_head),
-                                   self.dtype, self.kernels, name="head_conv")(features)
-        head_bn = layers.BatchNorm(self.bn, kernels=self.kernels, name="head_bn")
+                                   self.dtype, self.ops, name="head_conv")(features)
+        head_bn = layers.BatchNorm(self.bn, ops=self.ops, name="head_bn")
         return head_bn(logits[:, 0, 0, :].astype(jnp.float32), train)
 
 
@@ -150,11 +150,11 @@ def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
     """BN -> ReLU -> (binary) conv -> [attention] -> 2x2 average pool, from block `index` to
     the next: a `transition_kernel` conv to the next block's width (or keeping the channels)."""
     width = model.widths[index] if model.transition_width == "next" else x.shape[-1]
-    x = layers.BatchNorm(model.bn, relu=True, kernels=model.kernels,
+    x = layers.BatchNorm(model.bn, relu=True, ops=model.ops,
                          name=f"transition{index}_bn")(x, train)
     x = layers.BinaryConv(width, model.transition_kernel,
                           model._quantize_if(model.binarize_transition),
-                          model.dtype, model.kernels, name=f"transition{index}")(x)
+                          model.dtype, model.ops, name=f"transition{index}")(x)
     if model.attention:
         x = layers.Attention(name=f"transition{index}_attention")(x)
     return ops.avg_pool(x, 2)
@@ -224,7 +224,7 @@ def build(config, num_classes: int) -> MBCliqueNet:
         transition_kernel=m.transition_kernel, transition_width=m.transition_width,
         attention=m.attention, head_input=m.head_input, dropout_rate=m.dropout_rate,
         unroll=m.unroll, dtype=compute_dtype(config),
-        bn=m.bn, remat=remat_policy(config), kernels=kernel_ops(config))
+        bn=m.bn, remat=remat_policy(config), ops=kernel_ops(config))
 
 
 # ----------------------------------------------------------------------------- storage

@@ -143,14 +143,6 @@ def weight_decay_mask(params, on: str):
     raise _not_one_of("optimizer.weight_decay_on", on, WEIGHT_DECAY_TARGETS)
 
 
-def l2_penalty(params, mask):
-    """0.5 * sum of squares of the leaves where `mask` is True."""
-    squares = jax.tree.map(
-        lambda leaf, decayed: jnp.sum(jnp.square(leaf)) if decayed else jnp.zeros(()),
-        params, mask)
-    return 0.5 * sum(jax.tree.leaves(squares), jnp.zeros(()))
-
-
 def _validate_optimizer(opt) -> None:
     if not opt.lr > 0:
         raise ValueError(f"optimizer.lr={opt.lr!r} must be > 0")

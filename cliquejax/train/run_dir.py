@@ -28,7 +28,7 @@ import time
 import jax
 import ml_collections
 
-from cliquejax import report
+from cliquejax import kernels, report
 from cliquejax.train import optim
 
 # Fields that may differ between a run and the config resuming or evaluating it: how often
@@ -99,7 +99,12 @@ def _in(name: str, groups) -> bool:
 
 def _comparable(tree: dict) -> dict:
     """`tree` with `optimizer.kwargs` as the arguments it gives, so that a config's string
-    (`"b1=0.9"`, `""`) equals the dict an older run's config.json holds (`{"b1": 0.9}`, `{}`)."""
+    (`"b1=0.9"`, `""`) equals the dict an older run's config.json holds (`{"b1": 0.9}`, `{}`),
+    and `train.remat=auto` as the policy it resolves to on this backend, so that a run
+    written before `auto` existed (`layer` on a CPU) is the run today's config file makes."""
+    train = tree.get("train")
+    if isinstance(train, dict) and train.get("remat") == "auto":
+        tree = {**tree, "train": {**train, "remat": kernels.remat("auto")}}
     optimizer = tree.get("optimizer")
     if not isinstance(optimizer, dict) or "kwargs" not in optimizer:
         return tree

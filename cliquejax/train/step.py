@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cliquejax import binary, names, ops
+from cliquejax import binary, kernels, names, platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,19 +75,12 @@ def init_state(model, transforms, image_shape, seed: int) -> dict:
             "opt_state": tuple(t.init(params) for t in transforms)}
 
 
-def model_kernels(model) -> ops.Kernels:
-    """The operations namespace the model was built with (`cliquejax.kernels`); the
-    reference one for a model without that field."""
-    return getattr(model, "kernels", ops.REFERENCE)
-
-
 def initial_state(model, transforms, image_shape, seed: int, sharding) -> dict:
     """`init_state` computed under `jit`, placed with `sharding`, with the compiler options
-    of the model's kernels for a program that runs once."""
+    of the backend for a program that runs once (`platform.init_compiler_options`)."""
     init = jax.jit(lambda: init_state(model, transforms, image_shape, seed),
                    out_shardings=sharding)
-    options = dict(model_kernels(model).init_compiler_options) or None
-    return init.lower().compile(compiler_options=options)()
+    return init.lower().compile(compiler_options=platform.init_compiler_options())()
 
 
 def cross_entropy(logits, labels):
@@ -116,7 +109,7 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
     `finite = 0`, so a bad update is never kept (or saved)."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     loss = _loss_fn(model, state, batch, rng)
-    global_norm = model_kernels(model).global_norm
+    global_norm = kernels.grad_norm(model)
     params, opt_states, finite = state["params"], [], jnp.array(True)
     for idx, tx in enumerate(transforms):  # one pass, or C then M (alternating update)
         (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)

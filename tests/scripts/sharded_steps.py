@@ -16,6 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cliquejax import data  # noqa: E402
+from cliquejax.kernels import resolve  # noqa: E402
 from cliquejax.train import loop, step  # noqa: E402
 from tests.conftest import tiny_digits_config  # noqa: E402
 
@@ -37,7 +38,7 @@ def config_for(model: str, kernels: str = "auto"):
 def main(model: str, out: str, steps: int = 4, kernels: str = "auto") -> None:
     config = config_for(model, kernels)
     trainer = loop.Trainer(config, os.path.dirname(out))
-    assert trainer.model.kernels.name == (kernels if kernels != "auto" else "cpu")
+    assert trainer.model.ops.name == resolve(config)
     batches = data.make_train_iterator(config.data, global_batch_size=16, seed=config.seed)
     losses = []
     for _ in range(steps):

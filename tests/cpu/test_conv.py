@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from cliquejax import ops
-from cliquejax.cpu import conv
-from cliquejax.cpu import ops as cpu_ops
+
+conv = pytest.importorskip("cliquejax.cpu.conv")
+cpu_ops = pytest.importorskip("cliquejax.cpu.ops")
 
 CASES = [  # (batch, height, width, cin, cout, kernel, padding)
     (2, 8, 8, 6, 4, 3, "SAME"),
