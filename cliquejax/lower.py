@@ -117,16 +117,21 @@ def traced_steps(config):
         config, image_shape, num_classes, steps_per_epoch=1)
     state = jax.eval_shape(lambda: step.init_state(model, transforms, image_shape, config.seed))
     shardings = step.make_shardings(config.train.batch_size)
+    # the data set's statistics are constants of the program: any values lower the same ops
+    channels = image_shape[-1]
+    train_view, eval_view = loop.device_views(config, image_shape, np.zeros(channels, np.float32),
+                                              np.ones(channels, np.float32))
     train, evaluate = step.jit_steps(model, transforms, schedule, config, shardings, state,
-                                     binary_mask)
+                                     binary_mask, train_view=train_view, eval_view=eval_view)
 
-    def batch(size, mask):
-        spec = {"image": jax.ShapeDtypeStruct((size, *image_shape), jnp.float32),
-                "label": jax.ShapeDtypeStruct((size,), jnp.int32)}
-        return dict(spec, mask=jax.ShapeDtypeStruct((size,), jnp.float32)) if mask else spec
+    def batch(size, **extra):  # what the pipeline gives: uint8 images (`cliquejax.data`)
+        return {"image": jax.ShapeDtypeStruct((size, *image_shape), jnp.uint8),
+                "label": jax.ShapeDtypeStruct((size,), jnp.int32),
+                **{key: jax.ShapeDtypeStruct(*spec) for key, spec in extra.items()}}
 
-    return (train.trace(state, batch(config.train.batch_size, False)),
-            evaluate.trace(state, batch(config.train.eval_batch_size, True)), state)
+    train_size, eval_size = config.train.batch_size, config.train.eval_batch_size
+    return (train.trace(state, batch(train_size, position=((train_size, 2), jnp.int32))),
+            evaluate.trace(state, batch(eval_size, mask=((eval_size,), jnp.float32))), state)
 
 
 def describe_lowered(traced, platform: str) -> dict:

@@ -117,6 +117,16 @@ def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_
     return model, step.make_transforms(config, tx, variables["params"]), schedule, binary
 
 
+def device_views(config, image_shape, mean, std):
+    """(train view, eval view): the pipeline's uint8 batch to the network's input inside the
+    jitted steps (`augment.device_view`: the cifar augmentation when training, then the
+    normalisation with `mean` and `std`)."""
+    view = functools.partial(
+        augment.device_view, mean=mean, std=std, seed=config.seed,
+        augmentation=data.pipeline.augmentation_from_config(config.data, image_shape))
+    return functools.partial(view, train=True), view
+
+
 class Trainer:
     """Everything a run needs, built once from the config. Building it reads the data and
     traces nothing to disk; the checkpoint directory is opened on first use."""
@@ -138,13 +148,11 @@ class Trainer:
         check_image_size(self.model, self.info, config.model.name)
         self.state = step.initial_state(self.model, self.transforms, self.info.image_shape,
                                         config.seed, self.shardings.replicated)
-        view = functools.partial(
-            augment.device_view, mean=self.info.mean, std=self.info.std, seed=config.seed,
-            augmentation=data.pipeline.augmentation_from_config(config.data,
-                                                                self.info.image_shape))
+        train_view, eval_view = device_views(config, self.info.image_shape, self.info.mean,
+                                             self.info.std)
         self.train_step, self.eval_step = step.jit_steps(
             self.model, self.transforms, self.schedule, config, self.shardings, self.state,
-            binary_mask, train_view=functools.partial(view, train=True), eval_view=view)
+            binary_mask, train_view=train_view, eval_view=eval_view)
         self._create_checkpoints = create_checkpoints
         self._checkpoints = None
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
