@@ -44,7 +44,8 @@ def _one_process_data(data_config):
     copied = data_config.copy_and_resolve_references()
     if "worker_count" in copied:
         with copied.unlocked():
-            copied.worker_count = 0
+            # the field's own type: a text ('auto') now, a number in older config.json files
+            copied.worker_count = type(copied.worker_count)(0)
     return copied
 
 
