@@ -11,8 +11,8 @@ hours on real data, is lost), each as one-line ValueError naming the field:
   schedule, applied once to the abstract parameters (nothing is computed or changed);
 - every test example decoded once, of the training split's shape and classes (a damaged
   test image would otherwise stop the run at its first evaluation);
-- the first evaluation batch (viewed as evaluation sees it) run through the evaluation
-  step, which compiles it once for the run.
+- the first evaluation batch (viewed as evaluation sees it) and the evaluation step traced
+  on it.
 """
 
 from __future__ import annotations
@@ -67,6 +67,12 @@ def check_test_set(data_config, info) -> None:
                              "as the training split")
 
 
+def _abstract(batch: dict) -> dict:
+    """Shapes, dtypes and shardings of a placed batch: what tracing a step needs."""
+    return {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
+            for key, value in batch.items()}
+
+
 def check(trainer) -> None:
     """Runs every check above for `trainer` (a `loop.Trainer` built for a run)."""
     config = trainer.config
@@ -78,10 +84,8 @@ def check(trainer) -> None:
     batches = data.make_train_iterator(data_config, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=0, stats=stats)
     batch = step.global_batch(next(batches), trainer.shardings)
-    abstract = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
-                for key, value in batch.items()}
     try:
-        trainer.train_step.trace(trainer.state, abstract)
+        trainer.train_step.trace(trainer.state, _abstract(batch))
     except (TypeError, ValueError, ZeroDivisionError) as error:
         raise ValueError(f"the train step cannot be built for this config (optimizer "
                          f"{config.optimizer.name!r}, schedule {config.schedule.name!r}): "
@@ -92,5 +96,7 @@ def check(trainer) -> None:
                                          stats=stats)
     first = next(evaluation, None)
     if first is not None:
-        jax.block_until_ready(trainer.eval_step(
-            trainer.state, step.global_batch(first, trainer.eval_shardings)))
+        # traced, not run: running a program with collectives before the loop's first step
+        # hung two processes on XLA:CPU (gloo), and a trace finds what a bad batch breaks
+        trainer.eval_step.trace(trainer.state, _abstract(
+            step.global_batch(first, trainer.eval_shardings)))
