@@ -1,6 +1,7 @@
 # `make run` (the main job), `make test` (lint + the whole suite, what CI runs), `make
-# test-fast` (the edit loop: no test that starts a process) and `make test-oldest` (the fast
-# tests on the oldest supported stack). Each creates its virtualenv on first use and
+# test-fast` (the edit loop: no test that starts a process), `make test-oldest` (the fast
+# tests on the oldest supported stack) and `make test-without-cpu` (the fast tests in a copy
+# without cliquejax/cpu/). Each creates its virtualenv on first use and
 # re-installs only when a requirements file changes.
 PY := .venv/bin/python
 STAMP := .venv/.installed
@@ -21,7 +22,7 @@ OLD_PY := .venv-oldest/bin/python
 OLD_STAMP := .venv-oldest/.installed
 SAME_PYTHON := import sys; print(sys.version_info[:2])
 
-.PHONY: run test test-fast test-oldest lint bench clean
+.PHONY: run test test-fast test-oldest test-without-cpu lint bench clean
 
 $(STAMP): $(LOCK) requirements-dev.txt pyproject.toml
 	@if [ -x $(PY) ] && [ "$$($(PY) -c '$(SAME_PYTHON)')" != "$$($(BASE_PYTHON) -c '$(SAME_PYTHON)')" ]; \
@@ -40,7 +41,7 @@ lint: $(STAMP)
 
 # Two workers, a file to each at a time, the longest files first (tests/conftest.py).
 test: lint
-	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder --durations=15 -m "not fork" tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
@@ -55,6 +56,10 @@ $(OLD_STAMP): requirements-oldest.txt requirements-dev.txt
 # Not installed into the environment: the tests import cliquejax from this checkout.
 test-oldest: $(OLD_STAMP)
 	$(OLD_PY) -m pytest -q -n 2 -m "not slow" tests
+
+# A fork for accelerators deletes cliquejax/cpu/: its fast tests must still pass.
+test-without-cpu: $(STAMP)
+	$(PY) -m pytest -q -m fork tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --repeats 1  # times in benchmarks/README.md

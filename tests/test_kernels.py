@@ -76,6 +76,7 @@ def test_only_the_chooser_imports_the_cpu_package():
 
 
 @pytest.mark.slow
+@pytest.mark.fork  # the whole fast tier again: `make test-without-cpu`, not `make test`
 def test_a_copy_without_the_cpu_package_passes_the_fast_tests(tmp_path):
     """Deleting `cliquejax/cpu/` leaves a codebase whose fast tests pass: `auto` is the
     reference operations, tests/cpu/ skips, no XLA:CPU set-up is made
@@ -88,8 +89,8 @@ def test_a_copy_without_the_cpu_package_passes_the_fast_tests(tmp_path):
                                             if k not in ("XLA_FLAGS", "PYTHONPATH")})
     env["PYTHONPATH"] = os.pathsep.join([str(copy), env["PYTHONPATH"]])
     this = "tests/test_kernels.py::test_a_copy_without_the_cpu_package_passes_the_fast_tests"
-    done = subprocess.run([*python, "-m", "pytest", "-m", "not slow", "-x", "-q", "-p",
-                           "no:cacheprovider", "--deselect", this, "tests"],
+    done = subprocess.run([*python, "-m", "pytest", "-m", "not slow", "-x", "-q", "-n", "2",
+                           "-p", "no:cacheprovider", "--deselect", this, "tests"],
                           capture_output=True, text=True,
                           timeout=2400, env=env, cwd=copy)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
