@@ -52,6 +52,10 @@ def define_flags() -> None:
                         "Directory where compiled steps are kept for later runs ('' disables).")
     flags.mark_flags_as_required(["workdir"])
     FLAGS = flags.FLAGS
+    for name in ("config", "workdir", "mode", "overwrite", "accept_data_change",
+                 "coordinator_address", "num_processes", "process_id", "distributed",
+                 "compilation_cache"):  # --helpshort lists the main script's flags
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
 def start_distributed() -> None:
