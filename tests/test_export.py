@@ -138,8 +138,11 @@ def test_bad_runs_are_refused_before_anything_is_created(digits, tmp_path, capsy
             if os.sep + "d" == root[-2:]:  # the arrays' data files
                 path = os.path.join(root, name)
                 os.truncate(path, min(100, os.path.getsize(path)))
+    kept = [n for n in os.listdir(damaged / "checkpoints") if n.isdigit()]  # the best and
+    # the last ones: which, and so how many, depends on where the run's accuracy peaked
     err = _one_line_exit(capsys, export.main, [f"--workdir={damaged}",
-                                               f"--out={tmp_path / 'x.clqs'}"], warnings=2)
+                                               f"--out={tmp_path / 'x.clqs'}"],
+                         warnings=len(kept))
     assert "no good checkpoint" in err
     _one_line_exit(capsys, export.main, [f"--workdir={digits['workdir']}", "--out=x",
                                          "--format=onnx"])
