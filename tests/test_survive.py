@@ -514,3 +514,25 @@ def test_disk_full_during_a_save_stops_at_once(env, reference, tmp_path):
         "kept"), done.stderr[-3000:]
     assert committed_steps(workdir) == [STEPS_PER_EPOCH]
     assert not os.path.exists(workdir / "results.json")
+
+
+def test_a_signal_during_the_last_step_still_ends_with_its_exit_code(tmp_path, monkeypatch):
+    """SIGINT while the last step or its evaluation runs: the run completes (checkpoint,
+    results.json), then the command exits 130 rather than 0 as if nothing had come."""
+    from cliquejax.train import loop
+    from tests.conftest import tiny_digits_config
+
+    config = tiny_digits_config(epochs=1, max_steps=2)
+    stop_after = loop.SignalFlag.stop_after
+
+    def signalled_at_the_end(self, done):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by the flag's handler
+        return stop_after(self, done)
+
+    monkeypatch.setattr(loop.SignalFlag, "stop_after", signalled_at_the_end)
+    with pytest.raises(loop.Preempted) as stopped:
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert stopped.value.exit_code == 130 and "the run is complete" in str(stopped.value)
+    with open(tmp_path / "run" / "results.json") as f:
+        assert json.load(f)["steps"] == 2

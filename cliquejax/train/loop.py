@@ -483,4 +483,8 @@ def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict,
     if trainer.is_main:
         run_dir.finish(workdir, results)
     trainer.checkpoints.close()
+    if flag.received is not None:  # during the last step or its evaluation: nothing left to do
+        raise Preempted(f"interrupted at the last step ({trainer.total_steps}): the run is "
+                        f"complete, {os.path.join(workdir, 'results.json')} written",
+                        SIGNAL_EXIT_CODES.get(flag.received, 143))
     return results
