@@ -435,8 +435,14 @@ def state_checksum(tree) -> str:
     hash (`params_fingerprint` is the digest of a finished run)."""
     leaves = [(path, leaf if hasattr(leaf, "dtype") else np.asarray(leaf))
               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    # A replicated leaf's copy on this process: the lanes are then a program of this process
+    # alone, not one more multi-process program beside the training steps (on XLA:CPU, gloo,
+    # two such programs in flight can wait on each other's communication forever).
+    local = [leaf.addressable_data(0) if isinstance(leaf, jax.Array) and
+             not leaf.is_fully_addressable and leaf.is_fully_replicated else leaf
+             for _, leaf in leaves]
     lanes = jax.device_get([lane if lane.is_fully_addressable else lane.addressable_data(0)
-                            for lane in _device_lanes([leaf for _, leaf in leaves])])
+                            for lane in _device_lanes(local)])
     digest = hashlib.sha256()
     for (path, leaf), lane in zip(leaves, lanes, strict=True):
         header = f"{jax.tree_util.keystr(path)}|{np.dtype(leaf.dtype)}|{tuple(leaf.shape)}|"
