@@ -197,10 +197,7 @@ class Trainer:
                                           global_batch_size=self.config.train.eval_batch_size,
                                           stats=(self.info.mean, self.info.std))
         shardings = self.eval_shardings
-        # XLA:CPU may interleave the all-reduces of independent programs differently on
-        # each process (gloo), so there each batch is read before the next starts; an
-        # accelerator runs its programs in order, and the sums are read once at the end.
-        serial = jax.process_count() > 1 and jax.default_backend() == "cpu"
+        serial = on_cpu_processes()
         sums = []
         for local in batches:
             sums.append(self.eval_step(self.state, step.global_batch(local, shardings)))
@@ -291,6 +288,14 @@ def _record_empty(next_fun, args, kwargs, context):
     return out
 
 
+def on_cpu_processes() -> bool:
+    """Several processes on XLA:CPU (gloo): there the loops finish each program before the
+    host goes on. With a step in flight beside other work, two processes can take their
+    all-reduces in different orders and wait on each other forever (seen in two-process
+    runs); an accelerator runs a process's programs in order, and the host runs ahead."""
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
 class RunningMeans:
     """Sums of the step metrics over the current log window (row 0) and epoch (row 1), kept
     on the device by one jitted call per step: a mean is read with one transfer per metric
@@ -365,9 +370,12 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
                                        stats=(trainer.info.mean, trainer.info.std))
     means, pending, test, shown = RunningMeans(), None, {}, {}
     batch = step.global_batch(next(batches), trainer.shardings)
+    serial = on_cpu_processes()
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        if serial:
+            jax.block_until_ready(metrics)
         done, last = current + 1, current + 1 == trainer.total_steps
         if not last:
             batch = step.global_batch(next(batches), trainer.shardings)
