@@ -311,7 +311,8 @@ class RunningMeans:
         # this process alone. Over the global arrays each add would be one more multi-process
         # program in flight beside the step, and on XLA:CPU (gloo) two processes could run
         # their programs' communication in different orders and wait on each other forever.
-        metrics = {key: value.addressable_data(0) for key, value in metrics.items()}
+        if jax.process_count() > 1:
+            metrics = {key: value.addressable_data(0) for key, value in metrics.items()}
         if self.sums is None or all(self._fresh):
             self.sums = _start_sums(metrics)
         else:
