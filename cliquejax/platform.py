@@ -74,6 +74,24 @@ def default_compilation_cache() -> str:
     return os.path.join(cache_home, "cliquejax", "jax")
 
 
+def no_cache_across_cpu_processes() -> None:
+    """Turns JAX's persistent compilation cache off in a run of several processes on XLA:CPU.
+
+    JAX writes the cache from process 0 only and every process reads it, so a second run
+    loads process 0's executable into process 1 too. On XLA:CPU with gloo (jaxlib 0.12.1)
+    that executable's first all-reduce then waits forever in both processes: a run with a
+    warm cache hangs in its first step (tests/test_distributed.py runs one twice). Call
+    after `jax.distributed.initialize`, before anything is compiled; the cache is reset so
+    the decision is taken again."""
+    import jax
+
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
+
+
 def use_compilation_cache(directory: str) -> None:
     """Keeps every compiled program that took over a second (or
     $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) in `directory`, so that the next process

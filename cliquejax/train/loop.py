@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import bits, checkpoint, data, models, report
+from cliquejax import bits, checkpoint, data, models, platform, report
 from cliquejax.data import augment
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, preflight, run_dir, step
@@ -440,6 +440,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False,
     model, `preflight`, checkpoint fit) runs before anything in `workdir` changes;
     `overwrite` then moves an old run aside."""
     validate_train(config.train)
+    platform.no_cache_across_cpu_processes()
     created = not os.path.exists(workdir)
     run_dir.check_writable(workdir)
     lock = run_dir.WorkdirLock(workdir)
