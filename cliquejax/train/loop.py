@@ -289,10 +289,10 @@ def _record_empty(next_fun, args, kwargs, context):
 
 
 def on_cpu_processes() -> bool:
-    """Several processes on XLA:CPU (gloo): there the loops finish each program before the
-    host goes on. With a step in flight beside other work, two processes can take their
-    all-reduces in different orders and wait on each other forever (seen in two-process
-    runs); an accelerator runs a process's programs in order, and the host runs ahead."""
+    """Several processes on XLA:CPU (gloo): there evaluation finishes each batch before the
+    next. Its steps do not depend on each other, so several can be in flight at once, and
+    two processes could take their all-reduces in different orders; an accelerator runs a
+    process's programs in order. (Training steps depend on the one before.)"""
     return jax.process_count() > 1 and jax.default_backend() == "cpu"
 
 
@@ -371,12 +371,9 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
                                        stats=(trainer.info.mean, trainer.info.std))
     means, pending, test, shown = RunningMeans(), None, {}, {}
     batch = step.global_batch(next(batches), trainer.shardings)
-    serial = on_cpu_processes()
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
-        if serial:
-            jax.block_until_ready(metrics)
         done, last = current + 1, current + 1 == trainer.total_steps
         if not last:
             batch = step.global_batch(next(batches), trainer.shardings)

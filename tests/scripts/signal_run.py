@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -32,10 +31,7 @@ def main(port: str, process_id: str, workdir: str, signal_at: str) -> None:
             counted["steps"] += 1
             counted["agreements"] = self.agreements
             if jax.process_index() == 1 and done == int(signal_at):
-                # to the main thread, as the loop reads it: a process-directed signal may land
-                # on one of gloo's threads on XLA:CPU and break its poll (EINTR, never
-                # restarted), leaving the two processes' all-reduces waiting on each other
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # to the process, as a scheduler sends it
             stop = super().stop_after(done)
             counted["agreements"] = self.agreements
             return stop
