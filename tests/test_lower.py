@@ -69,6 +69,7 @@ def test_count_ops_reads_calls_and_custom_calls():
     assert lower.count_ops(lowered.compiler_ir("stablehlo"))["dots"] == 2
 
 
+@pytest.mark.slow
 def test_float32_steps_lower_for_cuda_and_tpu():
     for name, forward in FORWARD_CONVOLUTIONS.items():
         for platform, result in described(name, "float32").items():
@@ -78,6 +79,7 @@ def test_float32_steps_lower_for_cuda_and_tpu():
             assert_portable(result)
 
 
+@pytest.mark.slow
 def test_bfloat16_convolutions_stay_convolutions_on_cuda_and_tpu():
     for name, forward in FORWARD_CONVOLUTIONS.items():
         float32 = described(name, "float32")

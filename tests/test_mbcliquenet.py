@@ -161,6 +161,7 @@ def test_bad_config_is_a_one_line_error(field, value, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_alternating_update_uses_the_gradient_at_the_new_filters():
     config = small_config(update_order="alternating")
     config.optimizer.momentum, config.optimizer.weight_decay = 0.0, 0.0
@@ -186,6 +187,7 @@ def test_alternating_update_uses_the_gradient_at_the_new_filters():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_run_learns_learnable_data():
     """Labels are the brightest quadrant of random images: the loss must fall."""
     config = small_config()

@@ -79,10 +79,12 @@ def init_and_step(config, image_shape=(2, 16, 16, 3), num_classes=5):
 OPTIONS = [dict(variant=v, x=1) for v in ("II+II", "I+I", "I+II", "X")] + [
     dict(attention=True), dict(bottleneck=True, T=12), dict(compression=True),
     dict(attention=True, bottleneck=True, compression=True, T=12), dict(unroll=False)]
+FAST_OPTIONS = dict(attention=True, bottleneck=True, compression=True, T=12)  # make test-fast
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in
-                                                                     o.items()))
+@pytest.mark.parametrize("options", [
+    pytest.param(o, marks=() if o == FAST_OPTIONS else pytest.mark.slow,
+                 id=",".join(f"{k}={v}" for k, v in o.items())) for o in OPTIONS])
 def test_every_option_trains_under_jit(options):
     config = cifar_config(**{"k": 4, "T": 6, **options})
     _, variables, value, grads, state, logits = init_and_step(config)
@@ -109,6 +111,7 @@ def test_variant_x_limits(x, same_as):
                                model_x.apply(v_x, images, train=False), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_densenet_trains_under_jit():
     config = densenet_cifar10.get_config()
     config.model.k, config.model.T = 4, 6
@@ -128,6 +131,7 @@ def test_imagenet_settings_build(setting):
     assert [row["output"][1][-1] for row in blocks] == widths
 
 
+@pytest.mark.slow
 def test_imagenet_model_trains_small():
     config = cliquenet_imagenet.get_config("S0")
     config.model.channels, config.model.layers = (4, 4, 4, 4), (2, 2, 2, 2)

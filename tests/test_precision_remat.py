@@ -85,8 +85,11 @@ def assert_trees_close(actual, expected):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("remat", ["layer", "block", "layer_keep_1x1"])
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name,remat", [
+    ("cliquenet", "layer"),  # the fast tier's case; `make test` runs all six
+    *[pytest.param(name, remat, marks=pytest.mark.slow) for name in sorted(CONFIGS)
+      for remat in ("layer", "block", "layer_keep_1x1")
+      if (name, remat) != ("cliquenet", "layer")]])
 def test_remat_changes_no_value(name, remat):
     loss, grads, stats = one_step(name, "none")
     remat_loss, remat_grads, remat_stats = one_step(name, remat)
@@ -99,7 +102,8 @@ def test_remat_changes_no_value(name, remat):
 
 # The unrolled form with dropout is the CliqueNet case above; the loop form, with its
 # checkpointed loop body, is only here.
-@pytest.mark.parametrize("unroll,dropout", [(True, 0.0), (False, 0.2)], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("unroll,dropout", [
+    pytest.param(True, 0.0, marks=pytest.mark.slow), (False, 0.2)], ids=["unrolled", "loop"])
 def test_block_remat_in_both_forms(unroll, dropout):
     """The pure clique block (bottleneck): outputs, new statistics and gradients."""
     spec = clique.BlockSpec(in_channels=5, channels=4, num_layers=3, bottleneck=True,
@@ -163,6 +167,7 @@ def float32_template(config):
                                                           sharding=device), abstract)
 
 
+@pytest.mark.slow
 def test_bfloat16_learns_with_float32_state(tmp_path):
     """Chance is 0.10. Measured on CPU, final test accuracy float32 / bfloat16 after 8
     epochs: 0.908 / 0.914 (seed 0), 0.958 / 0.931 (seed 1), 0.892 / 0.939 (seed 2); after 4

@@ -66,6 +66,7 @@ def fresh_traces():
     clear()
 
 
+@pytest.mark.slow
 def test_backward_takes_one_reduction_less_per_bn_relu(fresh_traces):
     """In a real (tiny CliqueNet) training step on the CPU kernels, each BN-ReLU's backward
     pass reduces two products per channel where JAX's derivative of the plain expression

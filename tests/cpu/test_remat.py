@@ -38,6 +38,7 @@ def test_remat_recomputes_no_batch_moments(remat):
     assert reductions(remat) == reductions("none") > 0
 
 
+@pytest.mark.slow
 def test_remat_keep_1x1_recomputes_no_clique_convolution():
     """CliqueNet-S0's clique layers are bottleneck layers: with remat=layer the backward pass
     redoes each layer's 1x1 conv (a dot once XLA:CPU has compiled it; CPU kernels), with
