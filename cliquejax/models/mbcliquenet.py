@@ -137,6 +137,7 @@ class MBCliqueNet(Model):
 
     @staticmethod
     def is_conv_filter(path) -> bool:
+        """Whether the parameter at `path` is a conv filter (`summary`'s storage ratios)."""
         return names.is_kernel(names.leaf_name(path))
 
     @property
