@@ -337,7 +337,7 @@ def _read_config(path: str) -> tuple[dict, dict]:
     from cliquejax import models
 
     try:
-        models.model_fields(ml_collections.ConfigDict(tree["model"]))
+        models.check(ml_collections.ConfigDict(tree["model"]))
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise _unbuildable(path, error) from None
     return flat, tree["model"]

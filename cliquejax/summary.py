@@ -88,8 +88,8 @@ def jaxpr_macs(jaxpr, prefix: str = "", counts=None, times: int = 1) -> dict[str
 
 
 def _top_module(scope: str, names) -> str:
-    """The first component of a scope path that names a top-level module (method scopes such
-    as `CliqueNet._stem` are skipped)."""
+    """The first component of a scope path that names a top-level module (the scopes of
+    methods and functions such as `_stem` are skipped)."""
     return next((part for part in scope.split("/") if part in names), "(root)")
 
 
@@ -138,8 +138,8 @@ def summarize(config) -> dict:
               "params": _count(variables["params"]), "macs": total_macs, "flops": 2 * total_macs,
               "batch_stats": _count(variables.get("batch_stats", {})), "modules": rows}
     if bits.has_quantized_layers(variables):
-        result.update(storage_report(config, variables, rows))
-        result.update(u_model_ratio(config, image, num_classes, result["conv_packed_bytes"]))
+        result.update(storage_report(model, variables, rows))
+        result.update(u_model_ratio(model, image, result["conv_packed_bytes"]))
     return result
 
 
@@ -147,34 +147,29 @@ FP_BASELINE = "the full-precision CliqueNet of the same widths without modulatio
 U_BASELINE = "u-MBCliqueNet (the same network with binarisation off, modulation kept)"
 
 
-def u_model_ratio(config, image, num_classes: int, conv_packed_bytes: int) -> dict:
+def u_model_ratio(model, image, conv_packed_bytes: int) -> dict:
     """The conv filters' ratio against u-MBCliqueNet, the bracketed model of the MBCliqueNet
     paper's Table 1: that network built for real with `model.binarize=False`, its conv
     filters (latent filters of width / K, M-filters, 1x1 kernels) all float32."""
-    u_config = config.copy_and_resolve_references()
-    with u_config.unlocked():
-        u_config.model.binarize = False
-    u_model = models.build_model(u_config, num_classes)
+    u_model = model.clone(binarize=False)
     u_params = jax.eval_shape(lambda x: u_model.init(jax.random.PRNGKey(0), x), image)["params"]
-    module = models.get_module(config.model.name)
     u_bytes = sum(4 * int(np.prod(leaf.shape))
                   for path, leaf in jax.tree_util.tree_leaves_with_path(u_params)
-                  if module.is_conv_filter(path))
+                  if u_model.is_conv_filter(path))
     return {"conv_u_mbcliquenet_bytes": u_bytes,
             "conv_compression_vs_u_mbcliquenet": u_bytes / conv_packed_bytes,
             "storage_baselines": {"conv_compression_vs_full_precision": FP_BASELINE,
                                   "conv_compression_vs_u_mbcliquenet": U_BASELINE}}
 
 
-def storage_report(config, variables, rows) -> dict:
+def storage_report(model, variables, rows) -> dict:
     """Bits of the deployable model (larq-style): 1 bit per binary weight, 32 per float
     parameter and BN statistic; per module and in total, plus the conv filters' ratio against
     the full-precision network of the same widths without modulation (K full filters per
     modulated latent filter), the reading of the papers' "reduced by at least 32x"."""
-    module = models.get_module(config.model.name)
     params = variables["params"]
     binary = bits.binary_mask(variables)
-    equivalent = module.conv_filter_equivalent(config.model, params)
+    equivalent = model.conv_filter_equivalent(params)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     flat_binary, flat_equivalent = jax.tree.leaves(binary), jax.tree.leaves(equivalent)
     packed = collections.Counter()
@@ -186,7 +181,7 @@ def storage_report(config, variables, rows) -> dict:
         packed[str(path[0].key)] += nbytes
         binary_params += size if is_binary else 0
         conv_float32 += 4 * fp_filters
-        conv_packed += nbytes if module.is_conv_filter(path) else 0
+        conv_packed += nbytes if model.is_conv_filter(path) else 0
     stats = 4 * _count(variables.get("batch_stats", {}))
     for row in rows:
         row["bits"] = 8 * packed[row["module"]]

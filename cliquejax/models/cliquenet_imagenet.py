@@ -3,22 +3,18 @@
 Four blocks with their own k and layer counts, a 7x7/2 stem with BN-ReLU and 3x3/2 max
 pool, bottleneck layers always (1x1 clique kernels + shared 3x3), compression of every block
 feature before the global pool, attentional transitions (default on), no dropout, fan-out
-He init, variant II+II."""
+He init, variant II+II: the fixed choices are class constants, the body is CIFAR
+CliqueNet's (`cliquenet.network`)."""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Sequence
 
-from cliquejax import layers
-from cliquejax.models.cliquenet import CliqueNet
-from cliquejax.models.common import (
-    ModelConfig,
-    check_choice,
-    check_lengths,
-    compute_dtype,
-    kernel_ops,
-    remat_policy,
-)
+import flax.linen as nn
+
+from cliquejax.layers import he_fan_out
+from cliquejax.models.cliquenet import network
+from cliquejax.models.common import Model, check_choice, check_lengths
 
 SETTINGS = {  # name: (k per block, layers per block)
     "S0": ((36, 64, 100, 80), (5, 6, 6, 6)),
@@ -28,16 +24,19 @@ SETTINGS = {  # name: (k per block, layers per block)
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class CliqueNetImageNetConfig(ModelConfig):
-    """The fields of config.model for this model (see `configs/cliquenet_imagenet.py`):
-    `channels` and `layers` replace the setting's per-block values when not empty."""
+class CliqueNetImageNet(Model):
+    """The fields are `config.model`'s (`configs/cliquenet_imagenet.py`): `channels` and
+    `layers` replace the setting's per-block values when not empty."""
 
     setting: str = "S3"
-    channels: tuple[int, ...] = ()
-    layers: tuple[int, ...] = ()
+    channels: Sequence[int] = ()
+    layers: Sequence[int] = ()
     attention: bool = True
     unroll: bool = True
+
+    variant, x, bottleneck, compression, dropout_rate = "II+II", 0, True, True, 0.0
+    stem = "imagenet"
+    kernel_init = staticmethod(he_fan_out)
 
     @property
     def blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -46,21 +45,11 @@ class CliqueNetImageNetConfig(ModelConfig):
         return tuple(self.channels) or channels, tuple(self.layers) or num_layers
 
     def __post_init__(self):
-        super().__post_init__()
         check_choice("model.setting", self.setting, sorted(SETTINGS))
         channels, num_layers = self.blocks
         check_lengths({"model.channels": channels, "model.layers": num_layers})
+        super().__post_init__()
 
-
-FIELDS = CliqueNetImageNetConfig
-
-
-def build(config, num_classes: int) -> CliqueNet:
-    m = CliqueNetImageNetConfig.from_config(config.model)
-    channels, num_layers = m.blocks
-    return CliqueNet(
-        num_classes=num_classes, channels=channels, num_layers=num_layers, variant="II+II",
-        attention=m.attention, bottleneck=True, compression=True, dropout_rate=0.0,
-        stem="imagenet", kernel_init=layers.he_fan_out, unroll=m.unroll,
-        dtype=compute_dtype(config), bn=m.bn, remat=remat_policy(config),
-        ops=kernel_ops(config))
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        return network(self, images, train)

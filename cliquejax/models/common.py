@@ -1,16 +1,20 @@
-"""What the model builders share: the base of the dataclasses holding `config.model`'s fields,
-and config checks giving one-line errors naming field, value and what is allowed."""
+"""What the models share: the base module holding the fields every model has (its BatchNorm,
+and the four set by the run rather than `config.model`), and config checks giving one-line
+errors naming field, value and what is allowed."""
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import kernels, ops
 from cliquejax.clique import REMAT_POLICIES
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+BN_RUNNING_VARS = ("biased", "unbiased")
+RUN_FIELDS = ("num_classes", "dtype", "remat", "ops")  # set by the run, not config.model
 
 
 def check_choice(field: str, value, allowed) -> None:
@@ -22,49 +26,6 @@ def check_range(field: str, value, low=None, high=None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"{low} <= {field}" + (f" <= {high}" if high is not None else "")
         raise ValueError(f"{field}={value!r} is out of range; allowed: {bounds}")
-
-
-BN_RUNNING_VARS = ("biased", "unbiased")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The fields of `config.model` every model has: its BatchNorm. A model's own dataclass
-    adds its fields; each checks its values when constructed. The BatchNorm defaults are the
-    CIFAR CliqueNet's TensorFlow values (`ops.TF_BN`), which runs made before these fields
-    existed used, so their config.json still builds the same network."""
-
-    bn_momentum: float = ops.TF_BN.momentum
-    bn_epsilon: float = ops.TF_BN.epsilon
-    bn_running_var: str = "unbiased" if ops.TF_BN.unbiased_running_var else "biased"
-
-    def __post_init__(self):
-        check_range("model.bn_momentum", self.bn_momentum, 0.0, 1.0)
-        if not self.bn_epsilon > 0:
-            raise ValueError(f"model.bn_epsilon={self.bn_epsilon!r} is out of range; "
-                             "allowed: > 0")
-        check_choice("model.bn_running_var", self.bn_running_var, BN_RUNNING_VARS)
-
-    @property
-    def bn(self) -> ops.BNSpec:
-        """The BatchNorm every layer of the model uses."""
-        return ops.BNSpec(float(self.bn_momentum), float(self.bn_epsilon),
-                          self.bn_running_var == "unbiased")
-
-    @classmethod
-    def from_config(cls, model_config):
-        """This dataclass from `config.model` (a ConfigDict or a run's config.json dict):
-        `name` dropped, lists made tuples (JSON has no tuples), and a key this model does not
-        have refused rather than ignored."""
-        given = dict(model_config.items())
-        name = given.pop("name", None)
-        allowed = sorted(field.name for field in dataclasses.fields(cls))
-        for key in sorted(given):
-            if key not in allowed:
-                raise ValueError(f"model.{key} is not a field of model {name}; "
-                                 f"allowed: {', '.join(allowed)}")
-        return cls(**{key: tuple(value) if isinstance(value, list) else value
-                      for key, value in given.items()})
 
 
 def check_lengths(fields: dict) -> None:
@@ -79,16 +40,41 @@ def check_lengths(fields: dict) -> None:
         raise ValueError(f"per-block lists differ in length: {listed}; allowed: equal lengths")
 
 
+class Model(nn.Module):
+    """The base of every model. A model's other fields are its `config.model` fields, same
+    names and defaults (`Model(**config.model, num_classes=..., dtype=..., remat=...,
+    ops=...)`, `models.build_model`), each checked in its `__post_init__`. The BatchNorm
+    defaults are the CIFAR CliqueNet's TensorFlow values (`ops.TF_BN`), which runs made before
+    these fields existed used, so their config.json still builds the same network."""
+
+    num_classes: int
+    bn_momentum: float = ops.TF_BN.momentum
+    bn_epsilon: float = ops.TF_BN.epsilon
+    bn_running_var: str = "unbiased" if ops.TF_BN.unbiased_running_var else "biased"
+    dtype: Any = None  # activations and convs (`config.train.compute_dtype`); params float32
+    remat: str = "none"  # clique.REMAT_POLICIES (`config.train.remat`)
+    ops: ops.Ops = ops.REFERENCE  # the operations (`config.train.kernels`, `cliquejax.kernels`)
+
+    def __post_init__(self):
+        check_range("model.bn_momentum", self.bn_momentum, 0.0, 1.0)
+        if not self.bn_epsilon > 0:
+            raise ValueError(f"model.bn_epsilon={self.bn_epsilon!r} is out of range; "
+                             "allowed: > 0")
+        check_choice("model.bn_running_var", self.bn_running_var, BN_RUNNING_VARS)
+        super().__post_init__()
+
+    @property
+    def bn(self) -> ops.BNSpec:
+        """The BatchNorm every layer of the model uses."""
+        return ops.BNSpec(float(self.bn_momentum), float(self.bn_epsilon),
+                          self.bn_running_var == "unbiased")
+
+
 def compute_dtype(config):
     """The activation/conv dtype from `config.train.compute_dtype` (params stay float32)."""
     name = config.train.get("compute_dtype", "float32") if "train" in config else "float32"
     check_choice("train.compute_dtype", name, COMPUTE_DTYPES)
     return COMPUTE_DTYPES[name]
-
-
-def kernel_ops(config) -> ops.Ops:
-    """The operations the model runs, from `config.train.kernels` (`cliquejax.kernels`)."""
-    return kernels.for_config(config)
 
 
 def remat_policy(config) -> str:

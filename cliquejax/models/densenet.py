@@ -5,32 +5,29 @@ head BN-ReLU-global average pool of the last block and a dense layer."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import layers, ops
-from cliquejax.models.common import (
-    ModelConfig,
-    check_range,
-    compute_dtype,
-    kernel_ops,
-    remat_policy,
-)
+from cliquejax.models.common import Model, check_range
 
 
-class DenseNet(nn.Module):
-    num_classes: int
-    growth_rate: int
-    layers_per_block: int
+class DenseNet(Model):
+    """The fields are `config.model`'s (`configs/densenet_cifar10.py`). `remat`: none | layer
+    (each conv unit) | block (each dense block; transitions)."""
+
+    k: int = 12  # growth rate
+    T: int = 36  # layers, T // 3 per block
     dropout_rate: float = 0.2
-    dtype: Any = None
-    remat: str = "none"  # none | layer (each conv unit) | block (each dense block; transitions)
-    bn: ops.BNSpec = ops.TF_BN
-    ops: ops.Ops = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+
+    def __post_init__(self):
+        check_range("model.k", self.k, 1)
+        if self.T // 3 < 1:
+            raise ValueError(f"model.T={self.T} gives 0 layers per block; allowed: T >= 3")
+        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -54,33 +51,8 @@ def _dense_block(model: DenseNet, x, train: bool, *, index: int):
     """Dense block `index`: each layer's output is concatenated to its input."""
     per_layer = "layer" if model.remat.startswith("layer") else "none"
     unit = layers.checkpointed(layers.BNReLUConv, per_layer)
-    for i in range(model.layers_per_block):
-        new = unit(model.growth_rate, 3, model.dropout_rate, dtype=model.dtype, bn=model.bn,
+    for i in range(model.T // 3):
+        new = unit(model.k, 3, model.dropout_rate, dtype=model.dtype, bn=model.bn,
                    ops=model.ops, name=f"block{index}_layer{i + 1}")(x, train)
         x = jnp.concatenate([x, new], axis=-1)
     return x
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseNetConfig(ModelConfig):
-    """The fields of config.model for this model (see `configs/densenet_cifar10.py`)."""
-
-    k: int = 12  # growth rate
-    T: int = 36  # layers, T // 3 per block
-    dropout_rate: float = 0.2
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("model.k", self.k, 1)
-        if self.T // 3 < 1:
-            raise ValueError(f"model.T={self.T} gives 0 layers per block; allowed: T >= 3")
-        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
-
-
-FIELDS = DenseNetConfig
-
-
-def build(config, num_classes: int) -> DenseNet:
-    m = DenseNetConfig.from_config(config.model)
-    return DenseNet(num_classes, m.k, m.T // 3, m.dropout_rate, compute_dtype(config),
-                    remat_policy(config), m.bn, kernel_ops(config))

@@ -5,9 +5,10 @@ inputs -> width) then BN-ReLU-modulated binary 3x3 conv (width -> width, shared 
 stages, like CliqueNet's bottleneck). Each block owns one M-filter (K, 3, 3) shared by all its
 modulated convs. Head: multi-scale pooled block features -> 1x1 conv -> BN on the logits.
 
-Open points of the source, as config fields (defaults in `configs/mbclique_cifar10.py`;
-docs/papers.md section 3 says why, and counts every reading against the published
-parameter counts, none of which reproduces all four):
+Open points of the source, as fields of `MBCliqueNet`, which are the `config.model` fields
+(the settings in `configs/mbclique_cifar10.py`; docs/papers.md section 3 says why, and
+counts every reading against the published parameter counts, none of which reproduces all
+four):
 - `binarize`: false gives u-MBCliqueNet (latent filters used as they are, modulation kept).
 - `binarize_1x1` / `binarize_transition` / `binarize_head` / `binarize_stem`: which of the
   other convs are 1-bit (not modulated; the M-filter is 3x3). Default: all but the stem,
@@ -33,25 +34,15 @@ parameter counts, none of which reproduces all four):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cliquejax import binary, clique, layers, names, ops
-from cliquejax.models.common import (
-    ModelConfig,
-    check_choice,
-    check_lengths,
-    check_range,
-    compute_dtype,
-    kernel_ops,
-    remat_policy,
-)
+from cliquejax.models.common import Model, check_choice, check_lengths, check_range
 
 UPDATES = ("simultaneous", "alternating")
 CLIQUE_CONVS = ("bottleneck", "per_connection")
@@ -87,16 +78,20 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
         return out
 
 
-class MBCliqueNet(nn.Module):
-    num_classes: int
-    widths: Sequence[int]
-    num_layers: Sequence[int]
-    num_planes: int = 4  # K
-    quantize: Callable | None = binary.ste_sign  # None: u-MBCliqueNet
+class MBCliqueNet(Model):
+    """The fields are `config.model`'s (the module docstring, `configs/mbclique_cifar10.py`):
+    per block a width and a layer count, K planes of the M-filter."""
+
+    widths: Sequence[int] = (64, 128, 256)
+    layers: Sequence[int] = (4, 4, 4)
+    K: int = 4
+    binarize: bool = True  # False: u-MBCliqueNet
     binarize_stem: bool = False
     binarize_1x1: bool = True
     binarize_transition: bool = True
     binarize_head: bool = True
+    sign_fn: str = "ste_sign"  # binary.SIGN_FUNCTIONS
+    update_order: str = "simultaneous"  # UPDATES; read by the training step, not the network
     clique_conv: str = "bottleneck"  # CLIQUE_CONVS
     stage_two_kernels: str = "shared"  # clique.STAGE_TWO_KERNELS
     transition_kernel: int = 1
@@ -105,10 +100,50 @@ class MBCliqueNet(nn.Module):
     head_input: str = "x0_and_stage2"  # HEAD_INPUTS
     dropout_rate: float = 0.0
     unroll: bool = True
-    dtype: Any = None
-    bn: ops.BNSpec = ops.TORCH_BN
-    remat: str = "none"  # clique.REMAT_POLICIES: the blocks' own, and the units around them
-    ops: ops.Ops = ops.REFERENCE  # the operations (`cliquejax.kernels`)
+
+    def __post_init__(self):
+        check_lengths({"model.widths": self.widths, "model.layers": self.layers})
+        check_range("model.K", self.K, 1)
+        for width in self.widths:
+            if width % self.K:
+                raise ValueError(f"model.K={self.K} does not divide model.widths entry "
+                                 f"{width}; allowed: K dividing every width in "
+                                 f"{tuple(self.widths)}")
+        for n in self.layers:
+            check_range("model.layers entry", n, 2)  # Stage II needs two layers
+        binary.get_sign_function(self.sign_fn, field="model.sign_fn")
+        check_choice("model.update_order", self.update_order, UPDATES)
+        check_choice("model.clique_conv", self.clique_conv, CLIQUE_CONVS)
+        check_choice("model.stage_two_kernels", self.stage_two_kernels,
+                     clique.STAGE_TWO_KERNELS)
+        check_choice("model.transition_kernel", self.transition_kernel, (1, 3))
+        check_choice("model.transition_width", self.transition_width, TRANSITION_WIDTHS)
+        check_choice("model.head_input", self.head_input, HEAD_INPUTS)
+        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
+        super().__post_init__()
+
+    def conv_filter_equivalent(self, params):
+        """Pytree of ints: per leaf of `params`, the filter weights of the full-precision
+        network with the same widths and no modulation (K times the latent filters of a
+        modulated conv; 0 for M-filters and any non-conv parameter)."""
+
+        def count(path, leaf):
+            name = names.leaf_name(path)
+            if is_modulated(name, self.clique_conv == "bottleneck"):
+                return leaf.size * self.K
+            return 0 if name == names.M_FILTER or not names.is_kernel(name) else leaf.size
+
+        return jax.tree_util.tree_map_with_path(count, params)
+
+    @staticmethod
+    def is_conv_filter(path) -> bool:
+        """Whether the parameter at `path` is a conv filter (`summary`'s storage ratios)."""
+        return names.is_kernel(names.leaf_name(path))
+
+    @property
+    def quantize(self) -> Callable | None:
+        """The sign function of the binary weights; None for u-MBCliqueNet."""
+        return binary.get_sign_function(self.sign_fn) if self.binarize else None
 
     def _quantize_if(self, flag: bool):
         return self.quantize if flag else None
@@ -119,7 +154,7 @@ class MBCliqueNet(nn.Module):
                               self.dtype, self.ops, name="stem")(
             images.astype(self.dtype or jnp.float32))
         pooled = []
-        for b, (width, n) in enumerate(zip(self.widths, self.num_layers, strict=True)):
+        for b, (width, n) in enumerate(zip(self.widths, self.layers, strict=True)):
             if self.clique_conv == "per_connection" and x.shape[-1] != width:
                 # every modulated 3x3 of the block takes `width` channels (section 2.2)
                 x = layers.BinaryConv(width, 1, self._quantize_if(self.binarize_1x1),
@@ -131,7 +166,7 @@ class MBCliqueNet(nn.Module):
                                     dtype=self.dtype, remat=self.remat, ops=self.ops,
                                     stage_two_kernels=self.stage_two_kernels)
             block, transit = ModulatedCliqueBlock(
-                spec, num_planes=self.num_planes, quantize=self.quantize,
+                spec, num_planes=self.K, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
             head_feature = block if self.head_input == "x0_and_stage2" else transit
             pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
@@ -160,73 +195,6 @@ def _transition(model: MBCliqueNet, x, train: bool, *, index: int):
     return ops.avg_pool(x, 2)
 
 
-@dataclasses.dataclass(frozen=True)
-class MBCliqueNetConfig(ModelConfig):
-    """The fields of config.model for this model (see the module docstring and
-    `configs/mbclique_cifar10.py`)."""
-
-    widths: tuple[int, ...] = (64, 128, 256)
-    layers: tuple[int, ...] = (4, 4, 4)
-    K: int = 4
-    binarize: bool = True
-    binarize_stem: bool = False
-    binarize_1x1: bool = True
-    binarize_transition: bool = True
-    binarize_head: bool = True
-    sign_fn: str = "ste_sign"
-    update_order: str = "simultaneous"
-    clique_conv: str = "bottleneck"
-    stage_two_kernels: str = "shared"
-    transition_kernel: int = 1
-    transition_width: str = "next"
-    attention: bool = False
-    head_input: str = "x0_and_stage2"
-    dropout_rate: float = 0.0
-    unroll: bool = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_lengths({"model.widths": self.widths, "model.layers": self.layers})
-        check_range("model.K", self.K, 1)
-        for width in self.widths:
-            if width % self.K:
-                raise ValueError(f"model.K={self.K} does not divide model.widths entry "
-                                 f"{width}; allowed: K dividing every width in "
-                                 f"{tuple(self.widths)}")
-        for n in self.layers:
-            check_range("model.layers entry", n, 2)  # Stage II needs two layers
-        binary.get_sign_function(self.sign_fn, field="model.sign_fn")
-        check_choice("model.update_order", self.update_order, UPDATES)
-        check_choice("model.clique_conv", self.clique_conv, CLIQUE_CONVS)
-        check_choice("model.stage_two_kernels", self.stage_two_kernels,
-                     clique.STAGE_TWO_KERNELS)
-        check_choice("model.transition_kernel", self.transition_kernel, (1, 3))
-        check_choice("model.transition_width", self.transition_width, TRANSITION_WIDTHS)
-        check_choice("model.head_input", self.head_input, HEAD_INPUTS)
-        check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
-
-    @property
-    def quantize(self) -> Callable | None:
-        """The sign function of the binary weights; None for u-MBCliqueNet."""
-        return binary.get_sign_function(self.sign_fn) if self.binarize else None
-
-
-FIELDS = MBCliqueNetConfig
-
-
-def build(config, num_classes: int) -> MBCliqueNet:
-    m = MBCliqueNetConfig.from_config(config.model)
-    return MBCliqueNet(
-        num_classes=num_classes, widths=m.widths, num_layers=m.layers, num_planes=m.K,
-        quantize=m.quantize, binarize_stem=m.binarize_stem, binarize_1x1=m.binarize_1x1,
-        binarize_transition=m.binarize_transition, binarize_head=m.binarize_head,
-        clique_conv=m.clique_conv, stage_two_kernels=m.stage_two_kernels,
-        transition_kernel=m.transition_kernel, transition_width=m.transition_width,
-        attention=m.attention, head_input=m.head_input, dropout_rate=m.dropout_rate,
-        unroll=m.unroll, dtype=compute_dtype(config),
-        bn=m.bn, remat=remat_policy(config), ops=kernel_ops(config))
-
-
 # ----------------------------------------------------------------------------- storage
 
 
@@ -236,22 +204,3 @@ def is_modulated(name: str, bottleneck: bool) -> bool:
     if name.startswith(names.BOTTLENECK_KERNEL_PREFIX):
         return True
     return not bottleneck and name.startswith(names.CLIQUE_KERNEL_PREFIX)
-
-
-def conv_filter_equivalent(model_config, params):
-    """Pytree of ints: per leaf, the filter weights of the full-precision network with the same
-    widths and no modulation (K times the latent filters of a modulated conv; 0 for M-filters
-    and any non-conv parameter)."""
-    m = MBCliqueNetConfig.from_config(model_config)
-
-    def count(path, leaf):
-        name = names.leaf_name(path)
-        if is_modulated(name, m.clique_conv == "bottleneck"):
-            return leaf.size * m.K
-        return 0 if name == names.M_FILTER or not names.is_kernel(name) else leaf.size
-
-    return jax.tree_util.tree_map_with_path(count, params)
-
-
-def is_conv_filter(path) -> bool:
-    return names.is_kernel(names.leaf_name(path))
