@@ -3,8 +3,10 @@ Stage II, and the variants of the authors' README).
 
 A block's wiring is defined once per variant (`Wiring`, `VARIANTS`): which features each
 layer reads in Stage I, which layers Stage II updates (in order) from which features, and
-what the block passes to the head and to the next block. The parameter layout, the unrolled
-and the loop forms all read it; a new variant is one function registered in `VARIANTS`.
+what the block passes to the head and to the next block (the paper's section 3, Fig. 2 and
+eqs. 1-2 for the stages; the authors' README, Tab. 1 and 2, for the variants). The parameter
+layout, the unrolled and the loop forms all read it; a new variant is one function
+registered in `VARIANTS`.
 
 Parameters of a block are a flat dict whose keys name the pieces of the paper:
 
@@ -112,7 +114,7 @@ class Wiring:
 
 
 def _clique(n: int, stage_two_layers, block_stage: int, transit_stage: int) -> Wiring:
-    """CliqueNet's block (section 3.1, Fig. 2): Stage I, eq. 1, layer i reads X0 and every
+    """CliqueNet's block (section 3, Fig. 2): Stage I, eq. 1, layer i reads X0 and every
     layer before it; Stage II, eq. 2, updates `stage_two_layers` in order, each from every
     layer but itself and not X0. The head gets X0 and the layers after `block_stage`, the next
     block the layers after `transit_stage` (the CliqueNet README's Tab. 1 and 2)."""
