@@ -132,6 +132,16 @@ def chain_and_evens(num_layers: int, x: int) -> clique.Wiring:
         transit=tuple((1, j) for j in layers))
 
 
+@pytest.mark.parametrize("stage_one,stage_two", [
+    (((0,), (0, 2)), ()),  # Stage I reads a layer not computed yet
+    (((0,), (0, 1)), ((1, (2, 0)),)),  # inputs out of order: the loop form pads in order
+    (((0,), (0, 1)), ((1, (1, 2)),)),  # a layer reads itself
+    (((0,), (0, 1)), ((2, (1,)), (2, (0, 1))))])  # a layer updated twice in Stage II
+def test_a_wiring_that_cannot_run_is_refused(stage_one, stage_two):
+    with pytest.raises(ValueError, match="reads or passes on a feature it cannot"):
+        clique.Wiring(stage_one, stage_two, block=((1, 0),), transit=((1, 1),))
+
+
 @pytest.fixture
 def chain(monkeypatch):
     monkeypatch.setitem(clique.VARIANTS, "chain", chain_and_evens)
