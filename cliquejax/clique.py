@@ -315,34 +315,22 @@ def stage_unrolled(params, stats, features, stage, seed, train, spec: BlockSpec)
 # ----------------------------------------------------------------------------- lax loop
 
 
-def _runs(widths: list[int], reads: list[bool]) -> list[tuple[bool, int, int]]:
-    """The buffer's channels as runs of consecutive features that an update reads or does not:
-    (reads, first channel, channels)."""
-    runs, at = [], 0
-    for flag, group in itertools.groupby(zip(reads, widths, strict=True), key=lambda p: p[0]):
-        size = sum(width for _, width in group)
-        runs.append((flag, at, size))
-        at += size
-    return runs
+def _spread(pieces: dict, sources, spec: BlockSpec, fill: float, axis: int = 0):
+    """The `pieces` {feature j: array over its channels} along `axis` over the channels of the
+    whole buffer `sources`, `fill` where a feature has no piece."""
+    like = next(iter(pieces.values()))
+
+    def filled(j):
+        shape = list(like.shape)
+        shape[axis] = spec.piece_channels(j)
+        return jnp.full(shape, fill, like.dtype)
+    return jnp.concatenate([pieces[j] if j in pieces else filled(j) for j in sources], axis)
 
 
-def _spread(a, runs, fill: float, axis: int = 0):
-    """`a`, over the channels an update reads, spread over the whole buffer: `fill` between."""
-    pieces, taken = [], 0
-    for reads, _, size in runs:
-        if reads:
-            pieces.append(jax.lax.slice_in_dim(a, taken, taken + size, axis=axis))
-            taken += size
-        else:
-            shape = list(a.shape)
-            shape[axis] = size
-            pieces.append(jnp.full(shape, fill, a.dtype))
-    return jnp.concatenate(pieces, axis=axis)
-
-
-def _gather(a, runs):
-    """The inverse of `_spread` (axis 0)."""
-    return jnp.concatenate([a[at : at + size] for reads, at, size in runs if reads])
+def _split(a, inputs, spec: BlockSpec) -> dict:
+    """A vector over the concatenation of `inputs` as {feature j: its channels}."""
+    cuts = list(itertools.accumulate(spec.piece_channels(j) for j in inputs))[:-1]
+    return dict(zip(inputs, jnp.split(a, cuts), strict=True))
 
 
 def _stack(trees):
@@ -369,20 +357,19 @@ def stage_loop(params, stats, features, stage, seed, train, spec: BlockSpec):
     zeros = jnp.zeros(features[0].shape[:3] + (k,), features[0].dtype)
     buffer = jnp.concatenate([zeros if f is None else f for f in features[first:]], axis=-1)
     sources = range(first, n + 1)
-    widths = [spec.piece_channels(j) for j in sources]
-    starts = dict(zip(sources, itertools.accumulate(widths, initial=0), strict=False))
+    widths = itertools.accumulate((spec.piece_channels(j) for j in sources), initial=0)
+    starts = dict(zip(range(first, n + 2), widths, strict=True))  # and the buffer's end
     layers = [i for i, _ in updates]
-    runs = [_runs(widths, [j in inputs for j in sources]) for _, inputs in updates]
     weights = jnp.stack([
-        _spread(jnp.concatenate([params[spec.clique_name(stage, j, i)] for j in inputs], 2),
-                r, 0, 2)
-        for (i, inputs), r in zip(updates, runs, strict=True)
+        _spread({j: params[spec.clique_name(stage, j, i)] for j in inputs}, sources, spec, 0, 2)
+        for i, inputs in updates
     ])
     fills = {SCALE: 0.0, BIAS: 0.0, MEAN: 0.0, VAR: 1.0}
-    pad = lambda tree, r: {key: _spread(v, r, fills[key]) for key, v in tree.items()}
+    pad = lambda tree, inputs: {key: _spread(_split(v, inputs, spec), sources, spec, fills[key])
+                                for key, v in tree.items()}
     names = [bn_name(stage, i) for i in layers]
-    bn_p = _stack([pad(params[m], r) for m, r in zip(names, runs, strict=True)])
-    bn_s = _stack([pad(stats[m], r) for m, r in zip(names, runs, strict=True)])
+    bn_p = _stack([pad(params[m], inputs) for m, (_, inputs) in zip(names, updates, strict=True)])
+    bn_s = _stack([pad(stats[m], inputs) for m, (_, inputs) in zip(names, updates, strict=True)])
     b_names = [bn_name(stage, i, True) for i in layers] if spec.bottleneck else []
     b_p = _stack([params[m] for m in b_names] or [{}])
     b_s = _stack([stats[m] for m in b_names] or [{}])
@@ -404,8 +391,9 @@ def stage_loop(params, stats, features, stage, seed, train, spec: BlockSpec):
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     buffer, bn_s, b_s = jax.lax.fori_loop(0, len(layers), body, (buffer, bn_s, b_s))
     stats = dict(stats)
-    for idx, (name, r) in enumerate(zip(names, runs, strict=True)):
-        stats[name] = {key: _gather(v[idx], r) for key, v in bn_s.items()}
+    for idx, (name, (_, inputs)) in enumerate(zip(names, updates, strict=True)):
+        stats[name] = {key: jnp.concatenate([v[idx, starts[j] : starts[j + 1]] for j in inputs])
+                       for key, v in bn_s.items()}
     for idx, name in enumerate(b_names):
         stats[name] = _take(b_s, idx)
     at = buffer.shape[-1] - n * k
