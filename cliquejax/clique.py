@@ -1,6 +1,13 @@
 """One clique block as pure functions (CliqueNet, Yang et al., CVPR 2018: Stage I,
 Stage II, and the variants of the authors' README).
 
+A block's wiring is defined once per variant (`Wiring`, `VARIANTS`): which features each
+layer reads in Stage I, which layers Stage II updates (in order) from which features, and
+what the block passes to the head and to the next block (the paper's section 3, Fig. 2 and
+eqs. 1-2 for the stages; the authors' README, Tab. 1 and 2, for the variants). The parameter
+layout, the unrolled and the loop forms all read it; a new variant is one function
+registered in `VARIANTS`.
+
 Parameters of a block are a flat dict whose keys name the pieces of the paper:
 
   W_{j}to{i}             3x3 (1x1 with bottleneck) kernel from layer j to layer i; j = 0 is
@@ -18,14 +25,15 @@ Batch statistics use the same BN names with {"mean", "var"}.
 
 Two formulations give the same outputs and gradients:
 - unrolled: a Python loop over layers; each update concatenates exactly its inputs.
-- loop: `jax.lax.fori_loop` over layers. The features live in one fixed-size channel buffer
-  (Stage I: [X0, X1..Xn], zeros where a layer is not computed yet; Stage II: [X1..Xn]).
-  Layer i's kernel pieces are concatenated once, before the loop, into a kernel over the
-  whole buffer with zero rows for the channels it must not see (Stage I: layers >= i;
-  Stage II: layer i itself); its BN parameters are padded with zero scale and bias there,
-  so those channels contribute exactly nothing. The loop body is then shape-invariant:
-  BN-ReLU-conv over the buffer, then a dynamic slice update writes X_i in place. It
-  compiles one body per stage instead of n, at the price of convolving over the padding.
+- loop: `jax.lax.fori_loop` over the updates of a stage. The features live in one fixed-size
+  channel buffer (Stage I: [X0, X1..Xn], zeros where a layer is not computed yet; Stage II:
+  [X1..Xn], or [X0, X1..Xn] where a Stage-II update reads X0). Each update's kernel pieces
+  are concatenated once, before the loop, into a kernel over the whole buffer with zero
+  rows for the channels the update does not read; its BN parameters are padded with zero
+  scale and bias there, so those channels contribute exactly nothing. The loop body is then
+  shape-invariant: BN-ReLU-conv over the buffer, then a dynamic slice update writes X_i in
+  place. It compiles one body per stage instead of n, at the price of convolving over the
+  padding.
 
 Rematerialisation (`BlockSpec.remat`, `config.train.remat`): "layer" wraps each layer update
 in `jax.checkpoint` (unrolled: the concatenation of its inputs too, so only the features
@@ -43,6 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +68,95 @@ from cliquejax.names import (
     stage_two_kernel,
 )
 
-VARIANTS = ("II+II", "I+I", "I+II", "X")
 # Which kernels Stage II has of its own: none (CliqueNet), the clique kernels, or all.
 STAGE_TWO_KERNELS = ("shared", "own_clique", "own")
 # What `jax.checkpoint` wraps (module docstring).
 REMAT_POLICIES = ("none", "layer", "layer_keep_1x1", "block")
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """Which features every update of a block of n layers reads, and what the block passes
+    on. Feature j = 0 is the block input X0, j = 1..n layer j. A layer concatenates its
+    inputs in ascending j; the kernel from j to i is W_{j}to{i}.
+
+    stage_one[i - 1]   the features layer i reads in Stage I (only X0 and layers < i exist).
+    stage_two          (i, the features it reads) for each layer Stage II updates, in update
+                       order, in place: it reads the latest value of each feature.
+    block, transit     what the block passes to the head / to the next block, concatenated:
+                       (stage, j) is feature j after Stage I (1) or after Stage II (2).
+    every_kernel       every W_{j}to{i} of the clique exists, read or not (the authors' code:
+                       in I+I and X the unread ones are counted and decayed); False: those
+                       the stages read.
+    """
+
+    stage_one: tuple[tuple[int, ...], ...]
+    stage_two: tuple[tuple[int, tuple[int, ...]], ...]
+    block: tuple[tuple[int, int], ...]
+    transit: tuple[tuple[int, int], ...]
+    every_kernel: bool = False
+
+    def __post_init__(self):
+        n, updated = len(self.stage_one), [i for i, _ in self.stage_two]
+        allowed = [(inputs, range(i)) for i, inputs in enumerate(self.stage_one, 1)]
+        allowed += [(inputs, [j for j in range(n + 1) if j != i]) for i, inputs in self.stage_two]
+        ok = (all(list(inputs) == sorted(set(inputs)) and set(inputs) <= set(within)
+                  for inputs, within in allowed)
+              and all(inputs for inputs in self.stage_one)
+              and len(set(updated)) == len(updated) and set(updated) <= set(range(1, n + 1))
+              and all(s in (1, 2) and 0 <= j <= n for s, j in self.block + self.transit))
+        if not ok:
+            raise ValueError(f"a wiring of {n} layers reads or passes on a feature it cannot: "
+                             f"{self}; allowed: the rules of the Wiring docstring")
+
+
+def _clique(n: int, stage_two_layers, block_stage: int, transit_stage: int) -> Wiring:
+    """CliqueNet's block (section 3, Fig. 2): Stage I, eq. 1, layer i reads X0 and every
+    layer before it; Stage II, eq. 2, updates `stage_two_layers` in order, each from every
+    layer but itself and not X0. The head gets X0 and the layers after `block_stage`, the next
+    block the layers after `transit_stage` (the CliqueNet README's Tab. 1 and 2)."""
+    layers = range(1, n + 1)
+    return Wiring(
+        stage_one=tuple(tuple(range(i)) for i in layers),
+        stage_two=tuple((i, tuple(j for j in layers if j != i)) for i in stage_two_layers),
+        block=((1, 0), *((block_stage, j) for j in layers)),
+        transit=tuple((transit_stage, j) for j in layers), every_kernel=True)
+
+
+def _variant_x(n: int, x: int) -> Wiring:
+    """Variant X (the CliqueNet README's Tab. 2): only layers 1..x get a Stage-II update; X = 0
+    is I+I, X = n is II+II."""
+    if not 0 <= x <= n:
+        raise ValueError(f"x={x!r} is out of range; allowed: 0 <= x <= {n} (the block's layers)")
+    return _clique(n, range(1, x + 1), 2, 2)
+
+
+# A variant: (num_layers, x) -> Wiring; it raises ValueError naming x where x does not fit.
+VARIANTS: dict[str, Callable[[int, int], Wiring]] = {
+    "II+II": lambda n, x: _clique(n, range(1, n + 1), 2, 2),
+    "I+I": lambda n, x: _clique(n, (), 1, 1),
+    "I+II": lambda n, x: _clique(n, range(1, n + 1), 1, 2),
+    "X": _variant_x,
+}
+
+
+def check_wiring(variant: str, x: int, num_layers: int, origin: str | None = None) -> None:
+    """One-line ValueError naming `model.variant` / `model.x` / the setting `origin` that gave
+    `num_layers` (e.g. "model.T=6"), where the variant cannot wire such a block."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant={variant!r} is not one of: {', '.join(VARIANTS)}")
+    try:
+        wiring = VARIANTS[variant](num_layers, x)
+    except ValueError as error:  # the variant's own bound on x
+        raise ValueError(f"model.{error}") from None
+    if not all(inputs for _, inputs in wiring.stage_two):
+        layers = f"{num_layers} layer{'s' * (num_layers != 1)}"
+        raise ValueError(f"{origin or 'num_layers'} gives {layers} per block, which has no "
+                         f"Stage-II inputs in variant {variant}; allowed: more layers per "
+                         f"block, or variant I+I")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +166,8 @@ class BlockSpec:
     in_channels: int  # c0
     channels: int  # k
     num_layers: int  # n
-    variant: str = "II+II"
-    x: int = 0  # variant X: layers 1..x get a Stage-II update
+    variant: str = "II+II"  # a key of VARIANTS
+    x: int = 0  # the variant's argument (variant X: layers 1..x get a Stage-II update)
     bottleneck: bool = False
     dropout_rate: float = 0.2
     bn: ops.BNSpec = ops.TF_BN
@@ -87,21 +181,16 @@ class BlockSpec:
     def kernel_size(self) -> int:
         return 1 if self.bottleneck else 3
 
-    @property
-    def stage_two_layers(self) -> int:
-        """How many layers get a Stage-II update (and own Stage-II BNs)."""
-        return {"II+II": self.num_layers, "I+II": self.num_layers, "I+I": 0, "X": self.x}[
-            self.variant
-        ]
-
-    def stage_one_inputs(self, i: int) -> list[int]:
-        return list(range(i))  # X0, X1 .. X_{i-1}
-
-    def stage_two_inputs(self, i: int) -> list[int]:
-        return [j for j in range(1, self.num_layers + 1) if j != i]
+    @functools.cached_property
+    def wiring(self) -> Wiring:
+        return VARIANTS[self.variant](self.num_layers, self.x)
 
     def piece_channels(self, j: int) -> int:
         return self.in_channels if j == 0 else self.channels
+
+    def width(self, inputs) -> int:
+        """The channels of the concatenation of features `inputs`."""
+        return sum(self.piece_channels(j) for j in inputs)
 
     def clique_name(self, stage: int, j: int, i: int) -> str:
         """The kernel from layer j to layer i that `stage` convolves with."""
@@ -122,25 +211,31 @@ def bn_name(stage: int, i: int, bottleneck: bool = False) -> str:
 
 
 def param_layout(spec: BlockSpec) -> dict[str, tuple]:
-    """Every parameter of the block: name -> ("kernel", shape, fan_in) or ("bn", channels)."""
-    n, k, ks = spec.num_layers, spec.channels, spec.kernel_size
+    """Every parameter of the block: name -> ("kernel", shape) or ("bn", channels). The clique
+    kernels are those the stages read (or all, `Wiring.every_kernel`); a BN spans its layer's
+    inputs."""
+    n, k, ks, wiring = spec.num_layers, spec.channels, spec.kernel_size, spec.wiring
+    kernel = lambda j: ("kernel", (ks, ks, spec.piece_channels(j), k))
+    reads = [set(inputs) for inputs in wiring.stage_one]
+    if spec.stage_two_kernels == "shared":  # eqs. 1-2: both stages convolve with W_{j}to{i}
+        for i, inputs in wiring.stage_two:
+            reads[i - 1] |= set(inputs)
     layout: dict[str, tuple] = {}
     for i in range(1, n + 1):
-        for j in range(n + 1):
+        for j in range(n + 1) if wiring.every_kernel else sorted(reads[i - 1]):
             if j != i:
-                cin = spec.piece_channels(j)
-                layout[kernel_name(j, i)] = ("kernel", (ks, ks, cin, k))
-    for i in range(1, n + 1):
-        layout[bn_name(1, i)] = ("bn", spec.in_channels + (i - 1) * k)
+                layout[kernel_name(j, i)] = kernel(j)
+    for i, inputs in enumerate(wiring.stage_one, 1):
+        layout[bn_name(1, i)] = ("bn", spec.width(inputs))
         if spec.bottleneck:
             layout[bottleneck_kernel(i)] = ("kernel", (3, 3, k, k))
             layout[bn_name(1, i, True)] = ("bn", k)
-    for i in range(1, spec.stage_two_layers + 1):
-        layout[bn_name(2, i)] = ("bn", (n - 1) * k)
+    for i, inputs in wiring.stage_two:
+        layout[bn_name(2, i)] = ("bn", spec.width(inputs))
         if spec.bottleneck:
             layout[bn_name(2, i, True)] = ("bn", k)
-        for j in spec.stage_two_inputs(i):
-            layout.setdefault(spec.clique_name(2, j, i), ("kernel", (ks, ks, k, k)))
+        for j in inputs:
+            layout.setdefault(spec.clique_name(2, j, i), kernel(j))
         if spec.bottleneck:
             layout.setdefault(spec.bottleneck_name(2, i), ("kernel", (3, 3, k, k)))
     return layout
@@ -187,14 +282,14 @@ def _concat_layer(features, pieces, bn, bottleneck, seed, train, spec):
     return _layer(x, kernel, bn, bottleneck, seed, train, spec)
 
 
-def _update_unrolled(params, stats, stage, i, pieces, seed, train, spec):
-    """Layer i of `stage` from `pieces` [(source j, X_j)]; writes new BN stats into `stats`."""
+def _update_unrolled(params, stats, stage, i, inputs, features, seed, train, spec):
+    """Layer i of `stage` from `features[j]`, j in `inputs`; writes new BN stats into `stats`."""
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
     bott = ((params[b_name], stats[b_name], params[spec.bottleneck_name(stage, i)])
             if spec.bottleneck else None)
     layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
-    y, stats[name], new_b = layer([f for _, f in pieces],
-                                  [params[spec.clique_name(stage, j, i)] for j, _ in pieces],
+    y, stats[name], new_b = layer([features[j] for j in inputs],
+                                  [params[spec.clique_name(stage, j, i)] for j in inputs],
                                   (params[name], stats[name]), bott,
                                   spec.ops.fold_in(seed, stage, i))
     if spec.bottleneck:
@@ -202,40 +297,40 @@ def _update_unrolled(params, stats, stage, i, pieces, seed, train, spec):
     return y
 
 
-def stage_one_unrolled(params, stats, x0, seed, train, spec: BlockSpec):
-    """Stage I: X_i = layer(concat(X0, X_1 .. X_{i-1})). Returns ([X_1..X_n], stats)."""
-    stats = dict(stats)
-    features = [x0]
-    for i in range(1, spec.num_layers + 1):
-        pieces = list(zip(spec.stage_one_inputs(i), features, strict=True))
-        features.append(_update_unrolled(params, stats, 1, i, pieces, seed, train, spec))
-    return features[1:], stats
+def _updates(spec: BlockSpec, stage: int):
+    """[(layer i, the features it reads)] of `stage`, in order."""
+    return list(enumerate(spec.wiring.stage_one, 1)) if stage == 1 else spec.wiring.stage_two
 
 
-def stage_two_unrolled(params, stats, features, seed, train, spec: BlockSpec):
-    """Stage II for layers 1..spec.stage_two_layers, in place, in order (CliqueNet's
-    alternate update)."""
+def stage_unrolled(params, stats, features, stage, seed, train, spec: BlockSpec):
+    """Stage I (eq. 1) or II (eq. 2, CliqueNet's alternate update) on [X0, X1..Xn] (None: not
+    computed yet): the wiring's updates, in order, in place. Returns (features, stats)."""
     stats, features = dict(stats), list(features)
-    for i in range(1, spec.stage_two_layers + 1):
-        pieces = [(j, features[j - 1]) for j in spec.stage_two_inputs(i)]
-        features[i - 1] = _update_unrolled(params, stats, 2, i, pieces, seed, train, spec)
+    for i, inputs in _updates(spec, stage):
+        features[i] = _update_unrolled(params, stats, stage, i, inputs, features, seed, train,
+                                       spec)
     return features, stats
 
 
 # ----------------------------------------------------------------------------- lax loop
 
 
-def _insert(a, at: int, size: int, fill: float, axis: int = 0):
-    shape = list(a.shape)
-    shape[axis] = size
-    block = jnp.full(shape, fill, a.dtype)
-    before = jax.lax.slice_in_dim(a, 0, at, axis=axis)
-    after = jax.lax.slice_in_dim(a, at, a.shape[axis], axis=axis)
-    return jnp.concatenate([before, block, after], axis=axis)
+def _spread(pieces: dict, sources, spec: BlockSpec, fill: float, axis: int = 0):
+    """The `pieces` {feature j: array over its channels} along `axis` over the channels of the
+    whole buffer `sources`, `fill` where a feature has no piece."""
+    like = next(iter(pieces.values()))
+
+    def filled(j):
+        shape = list(like.shape)
+        shape[axis] = spec.piece_channels(j)
+        return jnp.full(shape, fill, like.dtype)
+    return jnp.concatenate([pieces[j] if j in pieces else filled(j) for j in sources], axis)
 
 
-def _remove(a, at: int, size: int):
-    return jnp.concatenate([a[:at], a[at + size :]])
+def _split(a, inputs, spec: BlockSpec) -> dict:
+    """A vector over the concatenation of `inputs` as {feature j: its channels}."""
+    cuts = list(itertools.accumulate(spec.piece_channels(j) for j in inputs))[:-1]
+    return dict(zip(inputs, jnp.split(a, cuts), strict=True))
 
 
 def _stack(trees):
@@ -250,37 +345,44 @@ def _put(tree, idx, values):
     return jax.tree.map(lambda a, v: a.at[idx].set(v), tree, values)
 
 
-def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spec: BlockSpec):
-    """Updates layers 1..L of `stage` in a fixed-size buffer (module docstring).
-
-    Layer i writes channels [at, at + k) with at = offset + (i - 1) * k, and must not see
-    channels [at, at + gap_size(i)): Stage I hides X_i.. X_n, Stage II only X_i itself."""
-    k = spec.channels
-    layers = range(1, spec.num_layers + 1) if stage == 1 else range(1, spec.stage_two_layers + 1)
-    inputs = spec.stage_one_inputs if stage == 1 else spec.stage_two_inputs
-    gaps = [(offset + (i - 1) * k, gap_size(i)) for i in layers]
+def stage_loop(params, stats, features, stage, seed, train, spec: BlockSpec):
+    """`stage_unrolled` as a `fori_loop` over a buffer [X1..Xn], or [X0, X1..Xn] where an
+    update reads X0, zeros for the features not computed yet (module docstring): zero kernel
+    rows and zero BN scale and bias on the channels an update does not read; layer i writes
+    its own channels."""
+    updates, n, k = _updates(spec, stage), spec.num_layers, spec.channels
+    if not updates:
+        return list(features), dict(stats)
+    first = 0 if any(0 in inputs for _, inputs in updates) else 1
+    zeros = jnp.zeros(features[0].shape[:3] + (k,), features[0].dtype)
+    buffer = jnp.concatenate([zeros if f is None else f for f in features[first:]], axis=-1)
+    sources = range(first, n + 1)
+    widths = itertools.accumulate((spec.piece_channels(j) for j in sources), initial=0)
+    starts = dict(zip(range(first, n + 2), widths, strict=True))  # and the buffer's end
+    layers = [i for i, _ in updates]
     weights = jnp.stack([
-        _insert(jnp.concatenate([params[spec.clique_name(stage, j, i)] for j in inputs(i)], 2),
-                at, n, 0, 2)
-        for i, (at, n) in zip(layers, gaps, strict=True)
+        _spread({j: params[spec.clique_name(stage, j, i)] for j in inputs}, sources, spec, 0, 2)
+        for i, inputs in updates
     ])
     fills = {SCALE: 0.0, BIAS: 0.0, MEAN: 0.0, VAR: 1.0}
-    pad = lambda tree, at, n: {key: _insert(v, at, n, fills[key]) for key, v in tree.items()}
+    pad = lambda tree, inputs: {key: _spread(_split(v, inputs, spec), sources, spec, fills[key])
+                                for key, v in tree.items()}
     names = [bn_name(stage, i) for i in layers]
-    bn_p = _stack([pad(params[m], *g) for m, g in zip(names, gaps, strict=True)])
-    bn_s = _stack([pad(stats[m], *g) for m, g in zip(names, gaps, strict=True)])
+    bn_p = _stack([pad(params[m], inputs) for m, (_, inputs) in zip(names, updates, strict=True)])
+    bn_s = _stack([pad(stats[m], inputs) for m, (_, inputs) in zip(names, updates, strict=True)])
     b_names = [bn_name(stage, i, True) for i in layers] if spec.bottleneck else []
     b_p = _stack([params[m] for m in b_names] or [{}])
     b_s = _stack([stats[m] for m in b_names] or [{}])
     b_k = (jnp.stack([params[spec.bottleneck_name(stage, i)] for i in layers])
            if spec.bottleneck else None)
+    layer_at, write_at = jnp.asarray(layers), jnp.asarray([starts[i] for i in layers])
 
     def body(idx, carry):
         buffer, bn_s, b_s = carry
         bott = (_take(b_p, idx), _take(b_s, idx), b_k[idx]) if spec.bottleneck else None
         y, new_bn, new_b = _layer(buffer, weights[idx], (_take(bn_p, idx), _take(bn_s, idx)),
-                                  bott, spec.ops.fold_in(seed, stage, idx + 1), train, spec)
-        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, y, offset + idx * k, axis=3)
+                                  bott, spec.ops.fold_in(seed, stage, layer_at[idx]), train, spec)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, y, write_at[idx], axis=3)
         b_s = _put(b_s, idx, new_b) if spec.bottleneck else b_s
         return buffer, _put(bn_s, idx, new_bn), b_s
 
@@ -289,54 +391,30 @@ def _stage_loop(params, stats, buffer, stage, offset, gap_size, seed, train, spe
         body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     buffer, bn_s, b_s = jax.lax.fori_loop(0, len(layers), body, (buffer, bn_s, b_s))
     stats = dict(stats)
-    for idx, (name, (at, n)) in enumerate(zip(names, gaps, strict=True)):
-        stats[name] = {key: _remove(v[idx], at, n) for key, v in bn_s.items()}
+    for idx, (name, (_, inputs)) in enumerate(zip(names, updates, strict=True)):
+        stats[name] = {key: jnp.concatenate([v[idx, starts[j] : starts[j + 1]] for j in inputs])
+                       for key, v in bn_s.items()}
     for idx, name in enumerate(b_names):
         stats[name] = _take(b_s, idx)
-    return buffer, stats
-
-
-def _split_channels(x, count: int, size: int, offset: int = 0):
-    return [x[..., offset + i * size : offset + (i + 1) * size] for i in range(count)]
-
-
-def stage_one_loop(params, stats, x0, seed, train, spec: BlockSpec):
-    """Stage I as a `fori_loop` over a [X0, X1..Xn] buffer. Same contract as the unrolled."""
-    n, k, c0 = spec.num_layers, spec.channels, spec.in_channels
-    buffer = jnp.concatenate([x0, jnp.zeros(x0.shape[:3] + (n * k,), x0.dtype)], axis=-1)
-    hidden = lambda i: (n - i + 1) * k  # X_i .. X_n are not inputs of layer i
-    buffer, stats = _stage_loop(params, stats, buffer, 1, c0, hidden, seed, train, spec)
-    return _split_channels(buffer, n, k, c0), stats
-
-
-def stage_two_loop(params, stats, features, seed, train, spec: BlockSpec):
-    """Stage II as a `fori_loop` over a [X1..Xn] buffer. Same contract as the unrolled."""
-    if spec.stage_two_layers == 0:
-        return list(features), dict(stats)
-    buffer = jnp.concatenate(features, axis=-1)
-    k = spec.channels
-    buffer, stats = _stage_loop(params, stats, buffer, 2, 0, lambda i: k, seed, train, spec)
-    return _split_channels(buffer, spec.num_layers, k), stats
+    at = buffer.shape[-1] - n * k
+    return [features[0], *(buffer[..., at + m * k : at + (m + 1) * k] for m in range(n))], stats
 
 
 # ----------------------------------------------------------------------------- the block
 
 
 def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
-    """Runs one block. Returns (block_feature, transit_feature, new_stats) per the variant
-    (CliqueNet README: I+I, I+II, II+II, X; block feature -> head, transit feature -> next
-    block)."""
+    """Runs one block. Returns (block_feature, transit_feature, new_stats) per the variant's
+    wiring (block feature -> head, transit feature -> next block)."""
     block_policy = ops.REMAT_SAVED if spec.remat == "block" else None
     block = _remat_if(block_policy, _block, train=train, spec=spec)
     return block(params, stats, x0, spec.ops.fold_in(rng))
 
 
 def _block(params, stats, x0, seed, train: bool, spec: BlockSpec):
-    stage_one = stage_one_unrolled if spec.unroll else stage_one_loop
-    stage_two = stage_two_unrolled if spec.unroll else stage_two_loop
-    first, stats = stage_one(params, stats, x0, seed, train, spec)
-    if spec.variant == "I+I":
-        return jnp.concatenate([x0, *first], -1), jnp.concatenate(first, -1), stats
-    second, stats = stage_two(params, stats, first, seed, train, spec)
-    block_input = first if spec.variant == "I+II" else second
-    return jnp.concatenate([x0, *block_input], -1), jnp.concatenate(second, -1), stats
+    stage = stage_unrolled if spec.unroll else stage_loop
+    first, stats = stage(params, stats, [x0] + [None] * spec.num_layers, 1, seed, train, spec)
+    second, stats = stage(params, stats, first, 2, seed, train, spec)
+    after = {1: first, 2: second}
+    join = lambda refs: jnp.concatenate([after[s][j] for s, j in refs], -1)
+    return join(spec.wiring.block), join(spec.wiring.transit), stats

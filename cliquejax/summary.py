@@ -62,6 +62,8 @@ def _sub_jaxprs(eqn):
 
 
 def _eqn_macs(eqn) -> int:
+    if not eqn.outvars:  # e.g. a jit left with no outputs by partial evaluation (lax loops)
+        return 0
     out = eqn.outvars[0].aval
     if eqn.primitive.name == "conv_general_dilated":
         kernel = eqn.invars[1].aval

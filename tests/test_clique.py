@@ -114,3 +114,96 @@ def test_equal_shaped_layers_are_traced_once(monkeypatch, remat):
     params, stats = random_block(spec)
     run_block(spec, params, stats, jnp.ones((2, 5, 5, 5)), train=True)
     assert len(traced) == (spec.num_layers + 1 if remat == "layer" else 2 * spec.num_layers)
+
+
+# --- a new variant, defined in one place ------------------------------------------------
+
+
+def chain_and_evens(num_layers: int, x: int) -> clique.Wiring:
+    """Stage I: each layer reads X0 and the layer before it (not every earlier layer). Stage
+    II: the even layers, last first, each from X0 and every other layer. The head gets X0 and
+    the features after Stage II, the next block the Stage-I features."""
+    layers = range(1, num_layers + 1)
+    return clique.Wiring(
+        stage_one=tuple(tuple(sorted({0, i - 1})) for i in layers),
+        stage_two=tuple((i, tuple(j for j in range(num_layers + 1) if j != i))
+                        for i in reversed(layers) if i % 2 == 0),
+        block=((1, 0), *((2, j) for j in layers)),
+        transit=tuple((1, j) for j in layers))
+
+
+@pytest.mark.parametrize("stage_one,stage_two", [
+    (((0,), (0, 2)), ()),  # Stage I reads a layer not computed yet
+    (((0,), (0, 1)), ((1, (2, 0)),)),  # inputs out of order: the loop form pads in order
+    (((0,), (0, 1)), ((1, (1, 2)),)),  # a layer reads itself
+    (((0,), (0, 1)), ((2, (1,)), (2, (0, 1))))])  # a layer updated twice in Stage II
+def test_a_wiring_that_cannot_run_is_refused(stage_one, stage_two):
+    with pytest.raises(ValueError, match="reads or passes on a feature it cannot"):
+        clique.Wiring(stage_one, stage_two, block=((1, 0),), transit=((1, 1),))
+
+
+@pytest.fixture
+def chain(monkeypatch):
+    monkeypatch.setitem(clique.VARIANTS, "chain", chain_and_evens)
+    return "chain"
+
+
+def test_a_new_variant_has_the_parameters_it_reads(chain):
+    spec = clique.BlockSpec(in_channels=5, channels=3, num_layers=4, variant=chain)
+    layout = clique.param_layout(spec)
+    kernels = {name for name, (kind, _) in layout.items() if kind == "kernel"}
+    expected = ({f"W_0to{i}" for i in range(1, 5)} | {"W_1to2", "W_2to3", "W_3to4"}
+                | {f"W_{j}to{i}" for i in (2, 4) for j in range(5) if j != i})
+    assert kernels == expected
+    assert layout["W_0to4"] == ("kernel", (3, 3, 5, 3))
+    assert [layout[f"BN_I_{i}"][1] for i in range(1, 5)] == [5, 8, 8, 8]
+    assert layout["BN_II_2"] == layout["BN_II_4"] == ("bn", 5 + 3 * 3)
+    assert "BN_II_1" not in layout and "BN_II_3" not in layout
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_a_new_variant_loop_equals_unrolled(chain, bottleneck):
+    spec = clique.BlockSpec(in_channels=5, channels=3, num_layers=4, variant=chain,
+                            bottleneck=bottleneck, dropout_rate=0.2)
+    params, stats = random_block(spec)
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 5))
+    unrolled = run_block(spec, params, stats, x0, True)
+    looped = run_block(dataclasses.replace(spec, unroll=False), params, stats, x0, True)
+    assert jax.tree.structure(unrolled) == jax.tree.structure(looped)
+    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(looped), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    (block, transit, _), _ = unrolled
+    assert block.shape[-1] == 5 + 4 * 3 and transit.shape[-1] == 4 * 3
+
+
+def test_a_new_variant_trains_in_the_model(chain):
+    """The registered variant is a `model.variant` of CliqueNet: it builds, and a few SGD steps
+    on one small batch lower the loss."""
+    from cliquejax.models import build_model
+    from configs import cliquenet_cifar10
+
+    config = cliquenet_cifar10.get_config()
+    config.model.update(dict(k=4, T=12, variant=chain, dropout_rate=0.0))
+    model = build_model(config, 5)
+    images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
+    labels = jnp.arange(8) % 5
+    variables = model.init(jax.random.PRNGKey(1), images)
+    assert "W_1to3" not in variables["params"]["block1"]  # Stage I reads X0 and X2 only
+
+    @jax.jit
+    def step(params, batch_stats):
+        def loss(p):
+            logits, state = model.apply({"params": p, "batch_stats": batch_stats}, images,
+                                        train=True, mutable=["batch_stats"])
+            onehot = jax.nn.one_hot(labels, 5)
+            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), state
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+        return params, state["batch_stats"], value
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    losses = []
+    for _ in range(5):
+        params, batch_stats, value = step(params, batch_stats)
+        losses.append(float(value))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

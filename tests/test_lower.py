@@ -90,6 +90,18 @@ def test_bfloat16_convolutions_stay_convolutions_on_cuda_and_tpu():
             assert_portable(result)
 
 
+def test_the_loop_form_lowers_one_body_per_stage():
+    """model.unroll=False: each stage of a block is one `fori_loop` body, whose convolution the
+    program holds once; the FLOP counter reads the step's jaxpr through the loops."""
+    config = cliquenet_cifar10.get_config()
+    config.model.update(k=4, T=12, unroll=False)
+    config.train.batch_size = config.train.eval_batch_size = 8
+    result = lower.describe(lower.for_platform(config, "cuda"), "cuda")
+    assert result["eval"]["convolutions"] == 1 + 3 * 2 + 2  # stem, 3 x (I, II), transitions
+    assert result["flops"] > 2 * 8 * result["flops_per_image"] > 0
+    assert_portable(result)
+
+
 def test_flops_per_image_is_the_summary_figure():
     from cliquejax import summary
 

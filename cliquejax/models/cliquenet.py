@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cliquejax import clique, layers
-from cliquejax.models.common import Model, check_choice, check_range
+from cliquejax.models.common import Model, check_range
 
 
 class CliqueNet(Model):
@@ -45,13 +45,7 @@ class CliqueNet(Model):
             raise ValueError(f"model.T={self.T} gives {n} layers per block; allowed: "
                              f"T >= {need} (three blocks of T // 3 layers"
                              f"{', halved by the bottleneck' if self.bottleneck else ''})")
-        check_choice("model.variant", self.variant, clique.VARIANTS)
-        if self.variant == "X":
-            check_range("model.x", self.x, 0, n)
-        stage_two = self.variant != "I+I" and (self.variant != "X" or self.x)
-        if n < 2 and stage_two:
-            raise ValueError(f"model.T={self.T} gives 1 layer per block, which has no "
-                             f"Stage-II inputs; allowed: T giving >= 2 layers, or variant I+I")
+        clique.check_wiring(self.variant, self.x, n, origin=f"model.T={self.T}")
         check_range("model.dropout_rate", self.dropout_rate, 0.0, 0.99)
         super().__post_init__()
 
