@@ -28,6 +28,8 @@ def get_config(arg=None):
     m.transition_width = "next"  # next block's width | keep (CliqueNet's C -> C)
     m.attention = False  # CliqueNet's attentional transition (fully-connected layers)
     m.head_input = "x0_and_stage2"  # {X0, Stage II} (CliqueNet II+II) | stage2 (section 2)
+    m.variant = "II+II"  # CliqueNet's variants (clique.VARIANTS): II+II is eqs. 1-2
+    m.x = 0  # variant X: the layers of a block that get the Stage-II update
     m.dropout_rate = 0.0
     # "We implement our models in the Pytorch platform": nn.BatchNorm2d defaults (momentum
     # 0.1, i.e. 0.9 kept; eps 1e-5; the unbiased batch variance in the running estimate)

@@ -208,3 +208,26 @@ def test_short_run_learns_learnable_data():
         state, metrics = train(state, {"image": images[idx], "label": labels[idx]})
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), losses
+
+
+@pytest.mark.parametrize("variant,x,stage_two", [("I+I", 0, []), ("X", 1, [1]),
+                                                 ("II+II", 0, [1, 2])])
+def test_the_clique_variants_wire_mbcliquenets_blocks(variant, x, stage_two):
+    """`model.variant` is CliqueNet's wiring: the Stage-II BNs of each block are those of the
+    layers the variant updates twice, and the network trains (finite, non-zero gradients)."""
+    model = build_model(small_config(variant=variant, x=x), 10)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), images)
+    for block in ("block1", "block2", "block3"):
+        names = variables["params"][block]
+        assert sorted(int(n.rsplit("_", 1)[1]) for n in names
+                      if n.startswith("BN_II_") and "bottleneck" not in n) == stage_two
+
+    def loss(params):
+        logits, _ = model.apply(dict(variables, params=params), images, train=True,
+                                mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1, 2])).mean()
+
+    grads = jax.grad(loss)(variables["params"])
+    norms = [float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0

@@ -59,7 +59,10 @@ def test_an_unknown_field_is_refused_with_the_fields_allowed():
 @pytest.mark.parametrize("cls,fields,message", [
     (MBCliqueNet, dict(widths=(64, 96, 128), K=5),
      "model.K=5 does not divide model.widths entry 64"),
-    (MBCliqueNet, dict(layers=(4, 1, 4)), "model.layers entry=1"),
+    (MBCliqueNet, dict(layers=(4, 1, 4)),
+     "model.layers entry 1 gives 1 layer per block, which has no Stage-II inputs in variant "
+     "II+II; allowed: more layers per block, or variant I+I"),
+    (MBCliqueNet, dict(variant="X", x=5), "model.x=5 is out of range"),
     (MBCliqueNet, dict(transition_kernel=2), "model.transition_kernel=2 is not one of: 1, 3"),
     (MBCliqueNet, dict(stage_two_kernels="own_3x3"),
      "model.stage_two_kernels='own_3x3' is not one of: shared, own_clique, own"),

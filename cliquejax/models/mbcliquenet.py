@@ -28,8 +28,11 @@ four):
   block's width, as section 3.3's stem takes the first block's) | keep (CliqueNet's C -> C);
   `attention`: CliqueNet's attentional transition (squeeze-excitation, fully-connected
   layers; section 3.2 names "fully-connected layers"), default off.
-- `head_input`: x0_and_stage2 (default: CliqueNet II+II's block feature {X0, Stage II}) |
-  stage2 (section 2: "the output feature maps of each block are Stage-II feature").
+- `head_input`: x0_and_stage2 (default: the block feature, CliqueNet II+II's {X0, Stage II}) |
+  stage2 (section 2: "the output feature maps of each block are Stage-II feature"; the
+  feature the block passes on).
+- `variant`, `x`: the clique variant (`clique.VARIANTS`; CliqueNet's README: II+II, the
+  source's alternate update, by default), the same wiring CliqueNet's blocks take.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class MBCliqueNet(Model):
     head_input: str = "x0_and_stage2"  # HEAD_INPUTS
     dropout_rate: float = 0.0
     unroll: bool = True
+    variant: str = "II+II"  # clique.VARIANTS
+    x: int = 0  # the variant's argument (variant X: layers that get the Stage-II update)
 
     def __post_init__(self):
         check_lengths({"model.widths": self.widths, "model.layers": self.layers})
@@ -110,7 +115,7 @@ class MBCliqueNet(Model):
                                  f"{width}; allowed: K dividing every width in "
                                  f"{tuple(self.widths)}")
         for n in self.layers:
-            check_range("model.layers entry", n, 2)  # Stage II needs two layers
+            clique.check_wiring(self.variant, self.x, n, origin=f"model.layers entry {n}")
         binary.get_sign_function(self.sign_fn, field="model.sign_fn")
         check_choice("model.update_order", self.update_order, UPDATES)
         check_choice("model.clique_conv", self.clique_conv, CLIQUE_CONVS)
@@ -160,6 +165,7 @@ class MBCliqueNet(Model):
                 x = layers.BinaryConv(width, 1, self._quantize_if(self.binarize_1x1),
                                       self.dtype, self.ops, name=f"block{b + 1}_input")(x)
             spec = clique.BlockSpec(in_channels=x.shape[-1], channels=width, num_layers=n,
+                                    variant=self.variant, x=self.x,
                                     bottleneck=self.clique_conv == "bottleneck",
                                     dropout_rate=self.dropout_rate,
                                     bn=self.bn, unroll=self.unroll,
