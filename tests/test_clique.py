@@ -46,13 +46,20 @@ CASES = [("II+II", 0, False), ("I+I", 0, False), ("I+II", 0, False), ("X", 2, Fa
 def test_loop_equals_unrolled(variant, x, bottleneck, train):
     spec = clique.BlockSpec(in_channels=5, channels=4, num_layers=3, variant=variant, x=x,
                             bottleneck=bottleneck, dropout_rate=0.2, unroll=True)
+    assert_loop_equals_unrolled(spec, train)
+
+
+def assert_loop_equals_unrolled(spec, train):
+    """The block's outputs, statistics and gradients are the same in both forms; returns the
+    unrolled ones."""
     params, stats = random_block(spec)
-    x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 5))
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, spec.in_channels))
     unrolled = run_block(spec, params, stats, x0, train)
     looped = run_block(dataclasses.replace(spec, unroll=False), params, stats, x0, train)
     assert jax.tree.structure(unrolled) == jax.tree.structure(looped)
     for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(looped), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    return unrolled
 
 
 def test_dropout_is_active_in_training_only():
@@ -165,14 +172,7 @@ def test_a_new_variant_has_the_parameters_it_reads(chain):
 def test_a_new_variant_loop_equals_unrolled(chain, bottleneck):
     spec = clique.BlockSpec(in_channels=5, channels=3, num_layers=4, variant=chain,
                             bottleneck=bottleneck, dropout_rate=0.2)
-    params, stats = random_block(spec)
-    x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 5))
-    unrolled = run_block(spec, params, stats, x0, True)
-    looped = run_block(dataclasses.replace(spec, unroll=False), params, stats, x0, True)
-    assert jax.tree.structure(unrolled) == jax.tree.structure(looped)
-    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(looped), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    (block, transit, _), _ = unrolled
+    (block, transit, _), _ = assert_loop_equals_unrolled(spec, True)
     assert block.shape[-1] == 5 + 4 * 3 and transit.shape[-1] == 4 * 3
 
 
