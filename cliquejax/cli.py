@@ -28,6 +28,16 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def first_line(error: BaseException, limit: int = 300, typed: bool = False) -> str:
+    """The first line (at most `limit` characters) of the error at the root of `error`'s
+    causes, after `Type: ` where `typed`; the type alone for an error without a message."""
+    root = _root_cause(error)
+    lines = str(root).strip().splitlines()
+    if not typed:
+        return lines[0][:limit] if lines else type(root).__name__
+    return f"{type(root).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def config_file_error(path: str, error: BaseException) -> str:
     file_name = path.split(":", 1)[0]
     reason = "no such file" if not os.path.isfile(file_name) else one_line(_root_cause(error))

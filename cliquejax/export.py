@@ -159,7 +159,8 @@ def load(path: str):
         mean, std = header["mean"], header["std"]
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ExportFileError(f"{path!r}: its header does not describe a network this code "
-                              f"builds ({first_line(error, 200)}); export the run again") from None
+                              f"builds ({cli.first_line(error, 200, typed=True)}); export the "
+                              "run again") from None
     leaves, tree = jax.tree.flatten(abstract)
     if (header.get("tree") != _tree_hash(abstract) or len(rows) != len(leaves)
             or any(tuple(row[0]) != leaf.shape for row, leaf in zip(rows, leaves, strict=False))):
@@ -168,8 +169,8 @@ def load(path: str):
     try:
         variables = jax.device_put(tree.unflatten([_tensor(*row, payload) for row in rows]))
     except (ValueError, TypeError) as error:  # a row pointing past the payload
-        raise ExportFileError(f"{path!r} is corrupt ({first_line(error, 200)}); export the "
-                              "run again") from None
+        raise ExportFileError(f"{path!r} is corrupt ({cli.first_line(error, 200, typed=True)}); "
+                              "export the run again") from None
     apply = jax.jit(lambda v, images: model.apply(v, normalize(images, mean, std), train=False))
 
     def predict(images):
@@ -303,14 +304,6 @@ def restore(workdir: str, what: str = "export"):
 
     trainer = restore_trainer(None, os.path.expanduser(workdir), what, read_data=False)
     return trainer.config, trainer
-
-
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """`Type: first line` of the error at the root of `error`'s chain of causes."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
 def class_names(trainer):

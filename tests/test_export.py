@@ -238,3 +238,5 @@ def test_headers_that_describe_no_network_are_refused(digits, tmp_path):
             with pytest.raises(error_type) as error:  # the program's shape is 8 x 8
                 load(str(path))(np.zeros((2, 9, 9, 1), np.uint8))
             assert "\n" not in str(error.value) and str(path) in str(error.value), (fmt, name)
+            if (fmt, name) == ("clqx", "no-shape"):  # the root error's type and first line
+                assert "(KeyError: 'image_shape')" in str(error.value)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax
 
-from cliquejax import data
+from cliquejax import cli, data
 from cliquejax.train import step
 
 MAX_SEED = 2**63 - 1  # numpy's generators take any non-negative int; JAX's keys an int64
@@ -47,10 +47,6 @@ def _one_process_data(data_config):
             # the field's own type: a text ('auto') now, a number in older config.json files
             copied.worker_count = type(copied.worker_count)(0)
     return copied
-
-
-def _first_error_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def check_test_set(data_config, info) -> None:
@@ -89,14 +85,14 @@ def check(trainer) -> None:
     except (TypeError, ValueError, ZeroDivisionError) as error:
         raise ValueError(f"the train step cannot be built for this config (optimizer "
                          f"{config.optimizer.name!r}, schedule {config.schedule.name!r}): "
-                         f"{_first_error_line(error)}") from None
+                         f"{cli.first_line(error)}") from None
     check_test_set(data_config, trainer.info)
     evaluation = data.make_eval_iterator(data_config,
                                          global_batch_size=config.train.eval_batch_size,
                                          stats=stats)
     first = next(evaluation, None)
     if first is not None:
-        # traced, not run: running a program with collectives before the loop's first step
-        # hung two processes on XLA:CPU (gloo), and a trace finds what a bad batch breaks
+        # traced, not run: a trace finds what a bad batch breaks, at no compile and without
+        # a program (and its collectives) before the loop's first step
         trainer.eval_step.trace(trainer.state, _abstract(
             step.global_batch(first, trainer.eval_shardings)))
