@@ -191,7 +191,7 @@ class Checkpointer:
         # Orbax keeps a failed save's error on its finalize thread: once no save is in
         # progress, waiting returns at once, raising that error if there was one. A save
         # already waited for has nothing left to report: the step's loop pays nothing.
-        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+        if self._pending_step is not None and not self.saving():
             self.wait()
 
     def _save_error(self, error) -> CheckpointSaveError:
@@ -435,9 +435,8 @@ def state_checksum(tree) -> str:
     hash (`params_fingerprint` is the digest of a finished run)."""
     leaves = [(path, leaf if hasattr(leaf, "dtype") else np.asarray(leaf))
               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    # A replicated leaf's copy on this process: the lanes are then a program of this process
-    # alone, not one more multi-process program beside the training steps (on XLA:CPU, gloo,
-    # two such programs in flight can wait on each other's communication forever).
+    # A replicated leaf's copy on this process: the lanes are a program of this process
+    # alone, and every process hashes the same bytes.
     local = [leaf.addressable_data(0) if isinstance(leaf, jax.Array) and
              not leaf.is_fully_addressable and leaf.is_fully_replicated else leaf
              for _, leaf in leaves]

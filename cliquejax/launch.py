@@ -130,7 +130,6 @@ def main(argv):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_distributed()
-        platform.no_cache_across_cpu_processes()
         results = train_or_evaluate(config, workdir)
     except KeyboardInterrupt:
         cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "

@@ -74,6 +74,13 @@ def default_compilation_cache() -> str:
     return os.path.join(cache_home, "cliquejax", "jax")
 
 
+def cpu_processes() -> bool:
+    """Several processes on XLA:CPU (their collectives go through gloo)."""
+    import jax
+
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
 def no_cache_across_cpu_processes() -> None:
     """Turns JAX's persistent compilation cache off in a run of several processes on XLA:CPU.
 
@@ -81,11 +88,11 @@ def no_cache_across_cpu_processes() -> None:
     loads process 0's executable into process 1 too. On XLA:CPU with gloo (jaxlib 0.12.1)
     that executable's first all-reduce then waits forever in both processes: a run with a
     warm cache hangs in its first step (tests/test_distributed.py runs one twice). Call
-    after `jax.distributed.initialize`, before anything is compiled; the cache is reset so
-    the decision is taken again."""
+    after `jax.distributed.initialize`, before the run compiles (`Trainer` does); the
+    cache is reset so the decision is taken again."""
     import jax
 
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    if cpu_processes():
         from jax.experimental.compilation_cache import compilation_cache
 
         jax.config.update("jax_enable_compilation_cache", False)

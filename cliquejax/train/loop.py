@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import bits, checkpoint, data, models, platform, report
+from cliquejax import bits, checkpoint, cli, data, models, platform, report
 from cliquejax.data import augment
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, preflight, run_dir, step
@@ -87,7 +87,7 @@ class SignalFlag:
 
         client = multihost.get_jax_distributed_client()
         stop = False
-        if self._posted is not None and self._posted == done - 1:
+        if self._posted == done - 1:
             stop = any(client.blocking_key_value_get(self._key(self._posted, p), _KEY_WAIT_MS)
                        == "1" for p in range(jax.process_count()))
         if done % self.every == 0:
@@ -133,6 +133,7 @@ class Trainer:
 
     def __init__(self, config, workdir: str, create_checkpoints: bool = True, info=None):
         validate_train(config.train)
+        platform.no_cache_across_cpu_processes()  # before the run's first compile
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         # `info`: the run's recorded data description (`run_dir.dataset_for_run`)
@@ -197,7 +198,10 @@ class Trainer:
                                           global_batch_size=self.config.train.eval_batch_size,
                                           stats=(self.info.mean, self.info.std))
         shardings = self.eval_shardings
-        serial = on_cpu_processes()
+        # several CPU processes: each batch finishes before the next starts; evaluation
+        # steps are independent, so several could be in flight, and two processes could
+        # take their all-reduces in different orders (an accelerator runs them in order)
+        serial = platform.cpu_processes()
         sums = []
         for local in batches:
             sums.append(self.eval_step(self.state, step.global_batch(local, shardings)))
@@ -215,10 +219,10 @@ class Trainer:
         return step.make_shardings(self.config.train.eval_batch_size)
 
     def save(self, epoch: int, accuracy: float) -> None:
-        meta = dict(self.meta, epoch=epoch, step=int(self.state["step"]), accuracy=accuracy,
-                    **self.seconds())
+        step_now = int(self.state["step"])
+        meta = dict(self.meta, epoch=epoch, step=step_now, accuracy=accuracy, **self.seconds())
         try:
-            self.checkpoints.save(int(self.state["step"]), self.state, meta, force=True)
+            self.checkpoints.save(step_now, self.state, meta, force=True)
         except checkpoint.CheckpointSaveError as error:
             raise save_failed(self, error) from None
 
@@ -267,7 +271,7 @@ def check_image_size(model, info, name: str) -> None:
         outputs = jax.eval_shape(forward, variables, image)
     except (ValueError, TypeError, ZeroDivisionError) as error:
         raise ValueError(f"images of {info.image_shape[0]}x{info.image_shape[1]} do not fit "
-                         f"model {name} ({str(error).splitlines()[0][:200]}); allowed: images "
+                         f"model {name} ({cli.first_line(error, 200)}); allowed: images "
                          "as large as the network's downsampling needs") from None
     empty = list(_EMPTY) + [tuple(o.shape) for o in jax.tree.leaves(outputs) if 0 in o.shape]
     if empty:
@@ -288,14 +292,6 @@ def _record_empty(next_fun, args, kwargs, context):
     return out
 
 
-def on_cpu_processes() -> bool:
-    """Several processes on XLA:CPU (gloo): there evaluation finishes each batch before the
-    next. Its steps do not depend on each other, so several can be in flight at once, and
-    two processes could take their all-reduces in different orders; an accelerator runs a
-    process's programs in order. (Training steps depend on the one before.)"""
-    return jax.process_count() > 1 and jax.default_backend() == "cpu"
-
-
 class RunningMeans:
     """Sums of the step metrics over the current log window (row 0) and epoch (row 1), kept
     on the device by one jitted call per step: a mean is read with one transfer per metric
@@ -304,26 +300,16 @@ class RunningMeans:
     WINDOW, EPOCH = 0, 1
 
     def __init__(self):
-        self.sums, self.counts, self._fresh = None, [0, 0], [True, True]
+        self.sums, self.counts = None, [0, 0]
 
     def add(self, metrics: dict) -> None:
-        # This process's copy of the step's replicated metrics: the sums are then a program of
-        # this process alone. Over the global arrays each add would be one more multi-process
-        # program in flight beside the step, and on XLA:CPU (gloo) two processes could run
-        # their programs' communication in different orders and wait on each other forever.
-        if jax.process_count() > 1:
-            metrics = {key: value.addressable_data(0) for key, value in metrics.items()}
-        if self.sums is None or all(self._fresh):
-            self.sums = _start_sums(metrics)
-        else:
-            self.sums = _add_sums(self.sums, metrics, tuple(not f for f in self._fresh))
-        self.counts = [1 if fresh else count + 1
-                       for fresh, count in zip(self._fresh, self.counts, strict=True)]
-        self._fresh = [False, False]
+        keep = tuple(count > 0 for count in self.counts)  # a row with no step starts anew
+        self.sums = _add_sums(self.sums, metrics, keep) if any(keep) else _start_sums(metrics)
+        self.counts = [count + 1 for count in self.counts]
 
     def mean(self, row: int) -> dict | None:
         """Means over `row`'s steps (None before any), then a new `row` starts."""
-        count, self.counts[row], self._fresh[row] = self.counts[row], 0, True
+        count, self.counts[row] = self.counts[row], 0
         if count == 0:
             return None
         return {key: float(value[row]) / count for key, value in
@@ -437,7 +423,6 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False,
     model, `preflight`, checkpoint fit) runs before anything in `workdir` changes;
     `overwrite` then moves an old run aside."""
     validate_train(config.train)
-    platform.no_cache_across_cpu_processes()
     created = not os.path.exists(workdir)
     run_dir.check_writable(workdir)
     lock = run_dir.WorkdirLock(workdir)

@@ -147,14 +147,11 @@ def eval_step(state, batch, *, model):
 
 
 def jit_steps(model, transforms, schedule, config, shardings: Shardings, state,
-              binary_mask=None, train_view=None, eval_view=None):
+              binary_mask, train_view, eval_view):
     """(train_step, eval_step) jitted with explicit shardings; the state is donated.
-    `binary_mask` (`bits.binary_mask`: the 1-bit parameters) adds the flip ratio.
-    `train_view` / `eval_view` (`augment.device_view` bound to a data set) turn the
-    pipeline's uint8 batch into the network's input inside the same program; None: the
-    batch is the network's input already."""
-    train_view = train_view or (lambda batch: batch)
-    eval_view = eval_view or (lambda batch: batch)
+    `binary_mask` (`bits.binary_mask`: the 1-bit parameters; None: none) adds the flip
+    ratio. `train_view` / `eval_view` (`loop.device_views`) turn the pipeline's uint8 batch
+    into the network's input inside the same program."""
     state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
     train = jax.jit(
         lambda s, b: train_step(s, train_view(b), model=model, transforms=transforms,
