@@ -398,7 +398,7 @@ def main(argv=None) -> None:
         out = os.path.abspath(os.path.expanduser(args.out)) if args.out else args.out
         sizes = export_checkpoint(args.workdir, out, args.format)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {cli.first_line(error)}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out} ({args.format}, step {sizes['step']}): {describe_sizes(sizes)}")
 

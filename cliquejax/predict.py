@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         if args.logits:
             standalone.save_logits(args.logits, logits)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {cli.first_line(error)}", file=sys.stderr)
         sys.exit(2)
     top = min(args.top, logits.shape[-1])
     print("\n".join(standalone.top_lines(logits, labels, export.class_names(trainer), top)))

@@ -152,8 +152,9 @@ class Augmentation:
         squashed to size x size first)."""
         return self.name == "imagenet"
 
-    def host_train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The host's part of the training augmentation: all of "imagenet", nothing else."""
+    def host_train(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """The host's part of the training augmentation: all of "imagenet" (with `rng`),
+        nothing else."""
         if self.name == "imagenet":
             return augment_imagenet(image, rng, size=self.size, flip=self.flip)
         return image

@@ -14,6 +14,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from cliquejax import cli
+
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SYNTHETIC_DATA_SEED = 1_234  # fixed: the synthetic data set does not change with config.seed
@@ -164,7 +166,7 @@ def _file_sha256(path: str, size: int, modified_ns: int) -> str:
 
 
 def _unreadable_npz(path: str, error: BaseException) -> ValueError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = cli.first_line(error)
     return ValueError(f"npz file {path} cannot be read ({reason}); allowed: a complete file "
                       f"written by numpy.savez with keys {', '.join(NPZ_KEYS)}")
 
@@ -328,7 +330,7 @@ def decode_image(path: str, channels: int = 3) -> np.ndarray:
 
 
 def _unreadable_image(path: str, error: BaseException) -> str:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = cli.first_line(error)
     return (f"image file {path} cannot be read ({reason}); allowed: png or jpeg images "
             "(remove or replace the file)")
 

@@ -149,8 +149,9 @@ class _TrainExampleReader:
         epoch, first = self.order.first_position(step)
         position = first + slot
         example = self.source[int(self.order.permutation(epoch)[position])]
-        rng = np.random.default_rng(
-            [self.order.seed, augment.AUGMENTATION_STREAM, epoch, position])
+        rng = (np.random.default_rng([self.order.seed, augment.AUGMENTATION_STREAM, epoch,
+                                      position])
+               if self.augmentation.name == "imagenet" else None)  # the host's only random part
         return {"image": self.augmentation.host_train(example["image"], rng),
                 "label": np.int32(example["label"]),
                 "position": np.array([epoch, position], np.int32)}

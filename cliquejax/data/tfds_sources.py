@@ -7,6 +7,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cliquejax import cli
 from cliquejax.data import digits_builder
 
 # The data sets the configs use; `data.name` may name any other TFDS image-classification
@@ -54,7 +55,7 @@ class TfdsExampleSource:
 
     def _damaged(self, error: BaseException) -> ValueError:
         directory = str(self._data_source.dataset_info.data_dir)
-        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        reason = cli.first_line(error, 200)
         again = ("it is rebuilt from scikit-learn on the next run" if self.name == "digits"
                  else prepare_command(self.name, os.path.dirname(os.path.dirname(directory))))
         return ValueError(f"data set {self.name!r} ({self.split}) cannot be read from "

@@ -28,7 +28,7 @@ import time
 import jax
 import ml_collections
 
-from cliquejax import kernels, report
+from cliquejax import cli, kernels, report
 from cliquejax.train import optim
 
 # Fields that may differ between a run and the config resuming or evaluating it: how often
@@ -342,12 +342,8 @@ def read_data_record(workdir: str) -> dict | None:
         record["fingerprint"]  # noqa: B018 - present, or the file is not ours
         return record
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataChangedError(f"{path} cannot be read ({cli_reason(error)}); allowed: the "
-                               "data.json that launch.py wrote") from None
-
-
-def cli_reason(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise DataChangedError(f"{path} cannot be read ({cli.first_line(error, 200)}); "
+                               "allowed: the data.json that launch.py wrote") from None
 
 
 def normalization(workdir: str):
