@@ -216,13 +216,9 @@ def param_layout(spec: BlockSpec) -> dict[str, tuple]:
     inputs."""
     n, k, ks, wiring = spec.num_layers, spec.channels, spec.kernel_size, spec.wiring
     kernel = lambda j: ("kernel", (ks, ks, spec.piece_channels(j), k))
-    reads = [set(inputs) for inputs in wiring.stage_one]
-    if spec.stage_two_kernels == "shared":  # eqs. 1-2: both stages convolve with W_{j}to{i}
-        for i, inputs in wiring.stage_two:
-            reads[i - 1] |= set(inputs)
     layout: dict[str, tuple] = {}
-    for i in range(1, n + 1):
-        for j in range(n + 1) if wiring.every_kernel else sorted(reads[i - 1]):
+    for i, inputs in enumerate(wiring.stage_one, 1):  # Stage II's are added with its BNs
+        for j in range(n + 1) if wiring.every_kernel else inputs:
             if j != i:
                 layout[kernel_name(j, i)] = kernel(j)
     for i, inputs in enumerate(wiring.stage_one, 1):

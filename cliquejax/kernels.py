@@ -35,6 +35,10 @@ def cpu_kernels_present() -> bool:
     return importlib.util.find_spec(CPU_PACKAGE) is not None
 
 
+def _cpu_ops():
+    return importlib.import_module(f"{CPU_PACKAGE}.ops")
+
+
 def resolve_name(choice: str, backend: str | None = None) -> str:
     """`reference` or `cpu` for a `train.kernels` value; `backend` (default: JAX's default
     backend, read only for `auto`) is the platform the program is built for."""
@@ -67,7 +71,7 @@ def namespace(name: str):
         if not cpu_kernels_present():
             raise ValueError("train.kernels='cpu' needs the cliquejax/cpu/ package, which is "
                              "not installed; allowed: auto, reference")
-        return importlib.import_module(f"{CPU_PACKAGE}.ops").OPS
+        return _cpu_ops().OPS
     raise ValueError(f"kernels {name!r} is not one of: reference, cpu")
 
 
@@ -82,7 +86,7 @@ def grad_norm(model):
     gradients as it did before Optax's norm was offered, so CPU runs keep their parameters
     to the bit), else `optax.tree.norm`."""
     if getattr(getattr(model, "ops", None), "name", None) == "cpu":
-        return importlib.import_module(f"{CPU_PACKAGE}.ops").global_norm
+        return _cpu_ops().global_norm
     import optax
 
     return optax.tree.norm
@@ -90,13 +94,8 @@ def grad_norm(model):
 
 def remat(choice: str, backend: str | None = None) -> str:
     """The remat policy for a `train.remat` value: `auto` resolved for `backend` (default:
-    JAX's default backend), any other value as it is."""
+    JAX's default backend) as `train.kernels=auto` is: the CPU kernels' policy where they
+    are chosen, else none; any other value as it is."""
     if choice != "auto":
         return choice
-    if backend is None:
-        import jax
-
-        backend = jax.default_backend()
-    if backend == "cpu" and cpu_kernels_present():
-        return importlib.import_module(f"{CPU_PACKAGE}.ops").REMAT
-    return "none"
+    return _cpu_ops().REMAT if resolve_name("auto", backend) == "cpu" else "none"

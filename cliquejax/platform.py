@@ -30,7 +30,9 @@ def running_on_cpu_only() -> bool:
 
 def cpu_platform():
     """`cliquejax.cpu.platform` on a CPU-only host where that package exists, else None."""
-    if not running_on_cpu_only() or importlib.util.find_spec("cliquejax.cpu") is None:
+    from cliquejax import kernels
+
+    if not running_on_cpu_only() or not kernels.cpu_kernels_present():
         return None
     return importlib.import_module(_CPU_PLATFORM)
 
