@@ -65,3 +65,8 @@ def is_kernel(name: str) -> bool:
     `optimizer.weight_decay_on="kernels"` decays (not BN parameters or biases)."""
     return name in (KERNEL, M_FILTER) or name.startswith(CLIQUE_KERNEL_PREFIX)
 
+
+def is_kernel_path(path) -> bool:
+    """`is_kernel` of the leaf at a pytree `path` (the conv filters `summary` counts)."""
+    return is_kernel(leaf_name(path))
+

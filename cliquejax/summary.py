@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import bits, models
+from cliquejax import bits, models, names
 
 STATIC_INPUTS = {  # data set -> (image shape, classes); others come from config.data
     "cifar10": ((32, 32, 3), 10),
@@ -157,7 +157,7 @@ def u_model_ratio(model, image, conv_packed_bytes: int) -> dict:
     u_params = jax.eval_shape(lambda x: u_model.init(jax.random.PRNGKey(0), x), image)["params"]
     u_bytes = sum(4 * int(np.prod(leaf.shape))
                   for path, leaf in jax.tree_util.tree_leaves_with_path(u_params)
-                  if u_model.is_conv_filter(path))
+                  if names.is_kernel_path(path))
     return {"conv_u_mbcliquenet_bytes": u_bytes,
             "conv_compression_vs_u_mbcliquenet": u_bytes / conv_packed_bytes,
             "storage_baselines": {"conv_compression_vs_full_precision": FP_BASELINE,
@@ -183,7 +183,7 @@ def storage_report(model, variables, rows) -> dict:
         packed[str(path[0].key)] += nbytes
         binary_params += size if is_binary else 0
         conv_float32 += 4 * fp_filters
-        conv_packed += nbytes if model.is_conv_filter(path) else 0
+        conv_packed += nbytes if names.is_kernel_path(path) else 0
     stats = 4 * _count(variables.get("batch_stats", {}))
     for row in rows:
         row["bits"] = 8 * packed[row["module"]]

@@ -18,17 +18,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cliquejax import reproduce, summary  # noqa: E402
+from cliquejax import clique, reproduce, summary  # noqa: E402
+from cliquejax.models import mbcliquenet  # noqa: E402
 
 # Each field's values; the first is the default of the MBCliqueNet configs.
 READINGS = {
-    "clique_conv": ("bottleneck", "per_connection"),
-    "stage_two_kernels": ("shared", "own_clique", "own"),
+    "clique_conv": mbcliquenet.CLIQUE_CONVS,
+    "stage_two_kernels": clique.STAGE_TWO_KERNELS,
     "transition_kernel": (1, 3),
-    "transition_width": ("next", "keep"),
+    "transition_width": mbcliquenet.TRANSITION_WIDTHS,
     "attention": (False, True),
-    "head_input": ("x0_and_stage2", "stage2"),
+    "head_input": mbcliquenet.HEAD_INPUTS,
 }
+DEFAULT = {field: values[0] for field, values in READINGS.items()}
 
 
 def settings() -> list[tuple[str, reproduce.Recipe, float]]:
@@ -49,8 +51,7 @@ def readings(everything: bool) -> list[dict]:
     if everything:
         return [dict(zip(READINGS, values, strict=True))
                 for values in itertools.product(*READINGS.values())]
-    default = {field: values[0] for field, values in READINGS.items()}
-    return [default] + [{**default, field: value} for field, values in READINGS.items()
+    return [DEFAULT] + [{**DEFAULT, field: value} for field, values in READINGS.items()
                         for value in values[1:]]
 
 
@@ -59,13 +60,12 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="every combination, closest first")
     args = parser.parse_args(argv)
     columns = settings()
-    default = {field: values[0] for field, values in READINGS.items()}
     rows = []
     for fields in readings(args.all):
         counts = [count(recipe, fields) / 1e6 for _, recipe, _ in columns]
         worst = max(abs(c - published) for c, (_, _, published) in zip(counts, columns,
                                                                         strict=True))
-        changed = ", ".join(f"{k}={v}" for k, v in fields.items() if v != default[k])
+        changed = ", ".join(f"{k}={v}" for k, v in fields.items() if v != DEFAULT[k])
         rows.append((worst, changed or "default", counts))
     if args.all:
         rows.sort(key=lambda row: row[0])

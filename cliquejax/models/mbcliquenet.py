@@ -50,7 +50,7 @@ from cliquejax.models.common import Model, check_choice, check_lengths, check_ra
 UPDATES = ("simultaneous", "alternating")
 CLIQUE_CONVS = ("bottleneck", "per_connection")
 TRANSITION_WIDTHS = ("next", "keep")
-HEAD_INPUTS = ("x0_and_stage2", "stage2")
+HEAD_INPUTS = ("x0_and_stage2", "stage2")  # the variant's block feature | its transit feature
 U_LATENT_STD = 1.0  # u-MBCliqueNet: E[C^2] = 1 = E[sign(C)^2], so Q keeps the He scale
 
 
@@ -139,11 +139,6 @@ class MBCliqueNet(Model):
             return 0 if name == names.M_FILTER or not names.is_kernel(name) else leaf.size
 
         return jax.tree_util.tree_map_with_path(count, params)
-
-    @staticmethod
-    def is_conv_filter(path) -> bool:
-        """Whether the parameter at `path` is a conv filter (`summary`'s storage ratios)."""
-        return names.is_kernel(names.leaf_name(path))
 
     @property
     def quantize(self) -> Callable | None:

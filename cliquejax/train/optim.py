@@ -139,7 +139,7 @@ def weight_decay_mask(params, on: str):
         return jax.tree.map(lambda _: True, params)
     if on == "kernels":
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: names.is_kernel(names.leaf_name(path)), params)
+            lambda path, _: names.is_kernel_path(path), params)
     raise _not_one_of("optimizer.weight_decay_on", on, WEIGHT_DECAY_TARGETS)
 
 
