@@ -52,10 +52,8 @@ def define_flags() -> None:
                         "Directory where compiled steps are kept for later runs ('' disables).")
     flags.mark_flags_as_required(["workdir"])
     FLAGS = flags.FLAGS
-    for name in ("config", "workdir", "mode", "overwrite", "accept_data_change",
-                 "coordinator_address", "num_processes", "process_id", "distributed",
-                 "compilation_cache"):  # --helpshort lists the main script's flags
-        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    for flag in FLAGS.get_key_flags_for_module(__name__):  # --helpshort: the main script's
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def start_distributed() -> None:

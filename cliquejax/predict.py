@@ -6,7 +6,7 @@
 Images are uint8 pixels of the data set's size: an .npz with `images` (N x H x W [x C]) or
 PNG/JPEG files (decoded as the image folders are, `data.local_sources.decode_image`, to grey
 or RGB to match the data set; not resized). They are normalised with the statistics the run
-recorded (data.json) as the training pipeline does and run through the trained network, so
+recorded (data.json), as the training step does, and run through the trained network, so
 this is the reference the exported files are compared with; the data set is not read. One
 line per image: its name (index or path), then its `top` classes.
 """
