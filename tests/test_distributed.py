@@ -115,7 +115,6 @@ def run_signal_pair(workdir, env) -> list[dict]:
     return reports
 
 
-@pytest.mark.slow
 def test_sigterm_on_one_process_saves_and_stops_both_without_a_collective_per_step(tmp_path):
     from cliquejax.train.loop import SIGNAL_SYNC_STEPS
 
