@@ -11,11 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, ROOT
 
 pytestmark = pytest.mark.slow  # every test here starts processes (8 devices, two processes)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "sharded_steps.py")
 
 

@@ -20,9 +20,8 @@ from PIL import Image
 from cliquejax import report
 from cliquejax.data import local_sources
 from cliquejax.train import loop, run_dir
-from tests.conftest import DATA_DIR, tiny_digits_config
+from tests.conftest import DATA_DIR, ROOT, tiny_digits_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
          "--config.model.layers=2,2,2", "--config.train.epochs=1",
          "--config.train.batch_size=16", "--config.train.max_steps=2"]
