@@ -1,4 +1,4 @@
-# `make run` (the main job), `make test` (lint + the whole suite, what CI runs), `make
+# `make run` (the main job), `make test` (lint + the suite but the `fork` test; CI), `make
 # test-fast` (the edit loop: no test that starts a process), `make test-oldest` (the fast
 # tests on the oldest supported stack) and `make test-without-cpu` (the fast tests in a copy
 # without cliquejax/cpu/). Each creates its virtualenv on first use and
