@@ -257,6 +257,7 @@ def test_two_processes_together_see_the_one_process_batches(npz_config):
             np.testing.assert_array_equal(joined, expected[key])
 
 
+@pytest.mark.slow  # grain's workers are processes
 def test_worker_processes_yield_the_in_process_batches(tmp_path):
     for split, count in (("train", 12), ("test", 4)):
         for index in range(count):
