@@ -1,4 +1,4 @@
-# `make run` (the main job), `make test` (lint + the whole suite, what CI runs), `make
+# `make run` (the main job), `make test` (lint + the suite but the `fork` test; CI), `make
 # test-fast` (the edit loop: no test that starts a process), `make test-oldest` (the fast
 # tests on the oldest supported stack) and `make test-without-cpu` (the fast tests in a copy
 # without cliquejax/cpu/). Each creates its virtualenv on first use and
@@ -7,17 +7,18 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 # Python 3.12 (jax >= 0.11 needs it) with requirements.txt, the tested lock of the newest
-# releases; without a Python 3.12, python3 with the oldest supported stack.
+# releases; without a Python 3.12, the oldest supported stack on Python 3.11 (its lock's
+# Python), or on python3 where no 3.11 is found either.
+PYTHON311 := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3.11),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 PYTHON312 := $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 ifeq ($(PYTHON312),)
-BASE_PYTHON := python3
+BASE_PYTHON := $(or $(PYTHON311),python3)
 LOCK := requirements-oldest.txt
-$(info no Python 3.12 found: .venv uses python3 with the oldest supported stack (requirements-oldest.txt))
+$(info no Python 3.12 found: .venv uses $(BASE_PYTHON) with the oldest supported stack (requirements-oldest.txt))
 else
 BASE_PYTHON := $(PYTHON312)
 LOCK := requirements.txt
 endif
-PYTHON311 := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3.11),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 OLD_PY := .venv-oldest/bin/python
 OLD_STAMP := .venv-oldest/.installed
 SAME_PYTHON := import sys; print(sys.version_info[:2])

@@ -61,10 +61,7 @@ def main(argv=None) -> dict:
     print(f"training-step compile time, median of {args.repeats} round(s)")
     print(harness.table(["model", "init s cold", "init s cached", "step compile s cold",
                          "step compile s cached", "first step s"], rows))
-    harness.write_json(args.out, {"benchmark": "compile time, cold vs cached",
-                                  "settings": vars(args), "summary": summary, "runs": runs,
-                                  "host": harness.environment()})
-    print(f"wrote {args.out}")
+    harness.record(args.out, "compile time, cold vs cached", args, summary, runs)
     return summary
 
 

@@ -1,7 +1,9 @@
-"""Shared pieces of the training-step benchmarks (bench_step.py, compare.py): the benchmarked
-models, timing and peak memory inside a worker process, and running workers in their own
-processes alternately (A B A B ...) with the median over rounds. Imports neither JAX nor
-torch, so each worker process loads only the framework it measures."""
+"""Shared pieces of the benchmarks (the drivers bench_step.py, compare.py, bench_compile.py,
+bench_stacks.py and bench_optimizer.py; the workers jax_step.py and torch_step.py): the
+benchmarked models, timing and peak memory inside a worker process, running workers in
+their own processes alternately (A B A B ...) with the median over rounds, and the JSON and
+tables the drivers write. Imports neither JAX nor torch, so each worker process loads only
+the framework it measures."""
 
 from __future__ import annotations
 

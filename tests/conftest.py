@@ -34,10 +34,13 @@ DATA_DIR = os.path.join(ROOT, "data", "tfds")
 
 
 # The longest files first (make test runs them on two workers, a file to one worker): a long
-# file started last would leave the other worker idle at the end.
-LONGEST_FIRST = ("test_survive.py", "test_train.py", "test_precision_remat.py",
-                 "test_models.py", "test_distributed.py", "test_mbcliquenet.py",
-                 "test_export.py", "test_lower.py", "test_readme.py", "test_kernels.py")
+# file started last would leave the other worker idle at the end. Paths from tests/, since
+# some names are in tests/ and tests/cpu/ both; most expensive first, from a full run's times.
+LONGEST_FIRST = ("test_survive.py", "test_distributed.py", "test_train.py", "test_install.py",
+                 "test_faults.py", "test_readme.py", "cpu/test_remat.py",
+                 "test_precision_remat.py", "test_models.py", "cpu/test_kernels.py",
+                 "test_export.py", "test_lower.py", "test_mbcliquenet.py",
+                 "test_compatibility.py")
 
 
 def pytest_unconfigure(config):
@@ -50,7 +53,9 @@ def pytest_collection_modifyitems(items):
         if "trained_digits_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+    tests = os.path.dirname(os.path.abspath(__file__))
+    items.sort(key=lambda item: rank.get(  # stable: the order within a file is kept
+        os.path.relpath(item.path, tests).replace(os.sep, "/"), len(rank)))
 
 
 def python_without_cliquejax(env=None) -> tuple[list[str], dict]:

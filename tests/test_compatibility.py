@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cliquejax import export, predict, standalone
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD = os.path.join(ROOT, "tests", "data", "jax_0_10_2")
 # The same weights through another XLA release: the convolutions may sum in another order,
 # so float32 rounding differs, relative to the logits' size (up to ~80 here).

@@ -207,7 +207,7 @@ def test_synthetic_has_configured_shape_and_is_deterministic():
 
 
 def test_train_batches_are_normalised_and_each_epoch_visits_every_example_once(npz_config):
-    arrays = write_npz(npz_config.path)
+    arrays = dict(np.load(npz_config.path))  # what the fixture wrote
     iterator = data.make_train_iterator(npz_config, global_batch_size=32, seed=1)
     epochs = [take(iterator, 3) for _ in range(2)]
     batch = epochs[0][0]
@@ -257,6 +257,7 @@ def test_two_processes_together_see_the_one_process_batches(npz_config):
             np.testing.assert_array_equal(joined, expected[key])
 
 
+@pytest.mark.slow  # grain's workers are processes
 def test_worker_processes_yield_the_in_process_batches(tmp_path):
     for split, count in (("train", 12), ("test", 4)):
         for index in range(count):

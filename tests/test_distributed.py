@@ -6,15 +6,15 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, ROOT
 
 pytestmark = pytest.mark.slow  # every test here starts processes (8 devices, two processes)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "sharded_steps.py")
 
 
@@ -55,6 +55,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_pair(argvs, env, timeout) -> list[tuple[str, str]]:
+    """Two processes (`python *argv` each, at once, from the repository root) that must both
+    succeed; their (stdout, stderr). A pair still running after `timeout` seconds is killed
+    and fails the test (hung in a collective?) instead of hanging CI."""
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    deadline = time.monotonic() + timeout  # for the pair, not for each process
+    try:
+        outputs = [p.communicate(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        pytest.fail(f"the two processes did not finish in {timeout} s (hung in a collective?)")
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    return outputs
+
+
 TINY = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
         "--config.model.layers=2,2,2", f"--config.data.data_dir={DATA_DIR}",
         "--config.train.epochs=1", "--config.train.batch_size=32",
@@ -72,14 +92,9 @@ def test_two_processes_equal_one(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     port, workdir = free_port(), tmp_path / "two"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen(
-        [sys.executable, "launch.py", *TINY, f"--workdir={workdir}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+    outputs = run_pair([["launch.py", *TINY, f"--workdir={workdir}",
+                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}"] for i in range(2)], env, timeout=600)
     one = json.loads(single.stdout.strip().splitlines()[-1])
     two = json.loads(outputs[0][0].strip().splitlines()[-1])
     # Only process 0 reports (gloo may print its own connection lines on either process).
@@ -97,25 +112,13 @@ SIGNAL_SCRIPT = os.path.join(ROOT, "tests", "scripts", "signal_run.py")
 
 def run_signal_pair(workdir, env) -> list[dict]:
     """Both processes of tests/scripts/signal_run.py; their reports. A pair still running
-    after 3 minutes (30x a run here) is killed and fails the test instead of hanging CI."""
+    after 3 minutes (30x a run here) fails the test instead of hanging CI."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, SIGNAL_SCRIPT, str(port), str(i), str(workdir),
-                               "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=180) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the two processes did not finish in 3 minutes (hung in a collective?)")
-    reports = []
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-        reports.append(json.loads(out.strip().splitlines()[-1]))
-    return reports
+    outputs = run_pair([[SIGNAL_SCRIPT, str(port), str(i), str(workdir), "3"]
+                        for i in range(2)], env, timeout=180)
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
-@pytest.mark.slow
 def test_sigterm_on_one_process_saves_and_stops_both_without_a_collective_per_step(tmp_path):
     from cliquejax.train.loop import SIGNAL_SYNC_STEPS
 

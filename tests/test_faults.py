@@ -20,11 +20,8 @@ from PIL import Image
 from cliquejax import report
 from cliquejax.data import local_sources
 from cliquejax.train import loop, run_dir
-from tests.conftest import DATA_DIR, tiny_digits_config
+from tests.conftest import DATA_DIR, ROOT, tiny_digits_config
 
-pytestmark = pytest.mark.slow  # every test here runs a command as users do, in its own process
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
          "--config.model.layers=2,2,2", "--config.train.epochs=1",
          "--config.train.batch_size=16", "--config.train.max_steps=2"]
@@ -52,6 +49,7 @@ def labelled_npz(path, train_labels, test_labels, size=8):
     return path
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("case", ["missing", "syntax", "import"])
 def test_config_file_that_cannot_be_loaded_is_one_line(case, tmp_path):
     path = tmp_path / "mine.py"
@@ -70,6 +68,7 @@ def test_config_file_that_cannot_be_loaded_is_one_line(case, tmp_path):
             assert one_line(run(f"--config={path}", module=module)) == expected, module
 
 
+@pytest.mark.slow  # starts a process
 def test_a_config_given_by_path_loads_from_any_directory(tmp_path):
     """Config files import their siblings (`from configs import ...`): given by path, they
     load with the working directory elsewhere; and summary prints no library logging."""
@@ -80,6 +79,7 @@ def test_a_config_given_by_path_loads_from_any_directory(tmp_path):
     assert json.loads(done.stdout)["classes"] == 10
 
 
+@pytest.mark.slow  # starts a process
 def test_bad_data_files_are_named_in_one_line(tmp_path):
     """A label out of range, a truncated npz, a non-image in an image folder, a damaged TFDS
     file: each refused at load, before the workdir is created."""
@@ -122,6 +122,7 @@ def test_bad_data_files_are_named_in_one_line(tmp_path):
                             "again (it is rebuilt from scikit-learn on the next run)")
 
 
+@pytest.mark.slow  # starts a process
 def test_train_without_config_needs_a_run_to_resume(tmp_path):
     expected = (f"error: --config is required to start a run in {tmp_path} (it holds no "
                 "config.json to resume); allowed: --config=configs/<name>.py")
@@ -181,6 +182,7 @@ def test_resume_compares_optimizer_kwargs_by_the_arguments_they_give(stored, tmp
         run_dir.check_resume(config, str(tmp_path), overwrite=False)
 
 
+@pytest.mark.slow  # starts a process
 def test_workdir_lock_refuses_a_live_holder_and_replaces_a_stale_one(tmp_path):
     lock = run_dir.WorkdirLock(str(tmp_path))
     host = os.uname().nodename

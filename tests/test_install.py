@@ -12,8 +12,8 @@ import pytest
 
 from cliquejax import predict
 from cliquejax.data import sources
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a wheel is built from: the package and its metadata (a copy, so that the build's
 # leftovers do not land in the checkout).
 PACKAGE_FILES = ("cliquejax", "pyproject.toml", "README.md")

@@ -76,10 +76,10 @@ def init_and_step(config, image_shape=(2, 16, 16, 3), num_classes=5):
     return model, variables, value, grads, state, logits
 
 
+FAST_OPTIONS = dict(attention=True, bottleneck=True, compression=True, T=12)  # make test-fast
 OPTIONS = [dict(variant=v, x=1) for v in ("II+II", "I+I", "I+II", "X")] + [
     dict(attention=True), dict(bottleneck=True, T=12), dict(compression=True),
-    dict(attention=True, bottleneck=True, compression=True, T=12), dict(unroll=False)]
-FAST_OPTIONS = dict(attention=True, bottleneck=True, compression=True, T=12)  # make test-fast
+    FAST_OPTIONS, dict(unroll=False)]
 
 
 @pytest.mark.parametrize("options", [

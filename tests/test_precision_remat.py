@@ -14,7 +14,6 @@ import optax
 import pytest
 
 from cliquejax import checkpoint, clique, data
-from cliquejax.data import augment
 from cliquejax.models import build_model
 from cliquejax.train import loop, optim, step
 from configs import cliquenet_cifar10
@@ -43,9 +42,8 @@ def digits_batch(size: int = 32):
     config = tiny_digits_config()
     batch = next(data.make_train_iterator(config.data, global_batch_size=size, seed=0))
     info = data.dataset_info(config.data)
-    choice = data.pipeline.augmentation_from_config(config.data, info.image_shape)
-    return augment.device_view(batch, augmentation=choice, mean=info.mean, std=info.std,
-                               train=True)  # the network's input, as the jitted step makes it
+    train_view, _ = loop.device_views(config, info.image_shape, info.mean, info.std)
+    return train_view(batch)  # the network's input, as the jitted step makes it
 
 
 TRANSFORMS = (optax.sgd(1.0),)  # plain SGD with learning rate 1: the update is -gradient

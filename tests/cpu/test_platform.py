@@ -3,16 +3,15 @@ only, and a flag the user set keeps the user's value; restart_with_huge_pages re
 with malloc's huge pages on, on a CPU host only."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from cliquejax import platform
+from tests.conftest import ROOT
 
 cpu_platform = pytest.importorskip("cliquejax.cpu.platform")
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def flag_names(flags: str) -> set[str]:
@@ -89,6 +88,7 @@ RESTARTED_SCRIPT = """
 import ctypes, os, sys
 sys.path.insert(0, {root!r})
 from cliquejax import platform
+from tests.conftest import ROOT
 from cliquejax.cpu import platform as cpu_platform
 print("run", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
 platform.restart_with_huge_pages()

@@ -1,7 +1,8 @@
 """One of two localhost processes training a tiny digits run, where process 1 gets SIGTERM
 after step SIGNAL_AT: `python signal_run.py PORT PROCESS_ID WORKDIR SIGNAL_AT`. Prints one
-JSON line: the steps trained, the signal agreements started (the collectives the loop adds
-to the steps) and the exit code. test_distributed.py runs two of them."""
+JSON line: the steps trained, the signal agreements started (each an exchange of the
+processes' flags through JAX's coordination service, outside the steps) and the exit code.
+test_distributed.py runs two of them."""
 
 import json
 import os
