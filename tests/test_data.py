@@ -333,3 +333,23 @@ def test_bad_worker_count_is_a_one_line_error(value):
     with pytest.raises(ValueError) as error_info:
         data.pipeline.worker_count(ml_collections.ConfigDict({"worker_count": value}))
     assert_one_line_error(error_info, f"data.worker_count={value!r}", "'auto'")
+
+
+
+def test_preflight_reads_an_in_memory_test_split_once_for_the_pipeline(tmp_path):
+    """The test-split check of `preflight` reads an in-memory split as the evaluation
+    pipeline does (`sources.as_arrays`), so the pipeline finds it read and decodes nothing
+    again; the arrays are those of the split."""
+    from cliquejax.data import sources
+    from cliquejax.train import preflight
+
+    config = data_config(name="digits", data_dir=str(tmp_path))
+    info = data.dataset_info(config)
+    sources._arrays_cache.clear()
+    preflight.check_test_set(config, info)
+    (images, labels), = sources._arrays_cache.values()
+    assert images.shape == (info.num_test, *info.image_shape)
+    assert sources.as_arrays(data.load_source(config, "test"))[0] is images
+    test = data.load_source(config, "test")
+    np.testing.assert_array_equal(images[7], test[7]["image"])
+    assert labels[7] == test[7]["label"]

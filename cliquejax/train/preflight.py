@@ -18,8 +18,10 @@ hours on real data, is lost), each as one-line ValueError naming the field:
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from cliquejax import cli, data
+from cliquejax.data import sources
 from cliquejax.train import step
 
 MAX_SEED = 2**63 - 1  # numpy's generators take any non-negative int; JAX's keys an int64
@@ -53,14 +55,26 @@ def check_test_set(data_config, info) -> None:
     """Every test example decoded once (the headers were checked when the source opened;
     a file whose pixels are damaged fails only here), of the run's shape and classes."""
     test = data.load_source(data_config, "test")
+    arrays = sources.as_arrays(test)  # an in-memory split: read once, for the pipeline too
+    if arrays is not None:
+        images, labels = arrays
+        bad = np.flatnonzero((labels < 0) | (labels >= info.num_classes))
+        if images.shape[1:] != tuple(info.image_shape) or len(bad):
+            index = int(bad[0]) if len(bad) else 0
+            _refuse(f"test example {index}", images.shape[1:], int(labels[index]), info)
+        return
     for index in range(len(test)):
         example = test[index]
         shape, label = tuple(example["image"].shape), int(example["label"])
         if shape != tuple(info.image_shape) or not 0 <= label < info.num_classes:
             name = test.files[index] if hasattr(test, "files") else f"test example {index}"
-            raise ValueError(f"{name} has shape {shape} and label {label}; allowed: shape "
-                             f"{tuple(info.image_shape)} and labels 0..{info.num_classes - 1}, "
-                             "as the training split")
+            _refuse(name, shape, label, info)
+
+
+def _refuse(name: str, shape, label: int, info) -> None:
+    raise ValueError(f"{name} has shape {tuple(shape)} and label {label}; allowed: shape "
+                     f"{tuple(info.image_shape)} and labels 0..{info.num_classes - 1}, as the "
+                     "training split")
 
 
 def _abstract(batch: dict) -> dict:
