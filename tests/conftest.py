@@ -43,14 +43,18 @@ LONGEST_FIRST = ("test_survive.py", "test_distributed.py", "test_train.py", "tes
                  "test_compatibility.py")
 
 
+SLOW_FIXTURES = {"trained_digits_run", "mbcliquenet_report"}
+
+
 def pytest_unconfigure(config):
     if SESSION_CACHE:
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:  # the session's digits run is trained end to end: not `make test-fast`
-        if "trained_digits_run" in getattr(item, "fixturenames", ()):
+    for item in items:  # fixtures that train a run or build the reproduce table of every
+        # recipe: not `make test-fast`
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     tests = os.path.dirname(os.path.abspath(__file__))

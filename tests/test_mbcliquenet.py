@@ -210,8 +210,9 @@ def test_short_run_learns_learnable_data():
     assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), losses
 
 
-@pytest.mark.parametrize("variant,x,stage_two", [("I+I", 0, []), ("X", 1, [1]),
-                                                 ("II+II", 0, [1, 2])])
+@pytest.mark.parametrize("variant,x,stage_two", [
+    ("I+I", 0, []), pytest.param("X", 1, [1], marks=pytest.mark.slow),
+    pytest.param("II+II", 0, [1, 2], marks=pytest.mark.slow)])
 def test_the_clique_variants_wire_mbcliquenets_blocks(variant, x, stage_two):
     """`model.variant` is CliqueNet's wiring: the Stage-II BNs of each block are those of the
     layers the variant updates twice, and the network trains (finite, non-zero gradients)."""

@@ -163,7 +163,8 @@ def train_steps(name: str, choice: str):
     return losses, jax.device_get(state)
 
 
-@pytest.mark.parametrize("name", ["cliquenet", pytest.param("mbcliquenet", marks=pytest.mark.slow)])
+@pytest.mark.slow  # whole-model steps; the unit tests of each kernel are in the fast tier
+@pytest.mark.parametrize("name", ["cliquenet", "mbcliquenet"])
 def test_training_steps_equal_on_both_kernels(name):
     """SGD steps (momentum, weight decay; MBCliqueNet binary) in float32: the same losses,
     parameters, BN statistics and momentum."""
