@@ -176,6 +176,11 @@ def run_app(main) -> None:
     one-line errors."""
     from absl import app, flags
 
+    # absl's --help/--helpshort usage is the main module's docstring: an installed console
+    # script (cliquejax-train) is a generated module without one, so it gets main's module's
+    entry = sys.modules["__main__"]
+    if not getattr(entry, "__doc__", None):
+        entry.__doc__ = sys.modules[main.__module__].__doc__
     _find_config_package()
     overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
     if overrides and not any(a.startswith("--config=") for a in sys.argv[1:]):

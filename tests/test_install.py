@@ -3,9 +3,11 @@ dependencies come with it, and its commands run from another directory with conf
 path."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
@@ -60,3 +62,15 @@ def test_pip_install_in_an_empty_venv_runs_summary_and_predict(trained_digits_ru
     # the installed package, not this checkout
     located = run(python, "-c", "import cliquejax; print(cliquejax.__file__)")
     assert located.stdout.startswith(str(venv))
+
+
+def test_dependency_floors_are_the_oldest_tested_stack():
+    """pyproject.toml's `>=` floors are requirements-oldest.txt's pins (`make test-oldest`
+    runs the fast tests there): a floor below them would promise a stack no test runs."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
+        dependencies = tomllib.load(file)["project"]["dependencies"]
+    floors = dict(re.fullmatch(r"([\w.-]+)>=([\w.]+)", d).groups() for d in dependencies)
+    with open(os.path.join(ROOT, "requirements-oldest.txt")) as file:
+        pins = dict(line.strip().split("==") for line in file if "==" in line)
+    normal = lambda name: name.lower().replace("_", "-")
+    assert {normal(k): v for k, v in floors.items()} == {normal(k): v for k, v in pins.items()}
