@@ -38,11 +38,31 @@ def first_line(error: BaseException, limit: int = 300, typed: bool = False) -> s
     return f"{type(root).__name__}: {lines[0][:limit] if lines else ''}"
 
 
+# The configs that ship with the package, given by name (`--config=mbclique_cifar10`).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(name[:-3] for name in os.listdir(CONFIGS_DIR)
+                  if name.endswith(".py") and not name.startswith("_"))
+
+
+def config_file(value: str) -> str:
+    """`--config`'s value with a shipped config's name (`mbclique_cifar10`, with or without
+    `.py`, plus any `:argument`) made its file's path; a path that exists, or anything else,
+    unchanged (a file of the user's wins over a shipped name)."""
+    name, colon, argument = value.partition(":")
+    stem = name[:-3] if name.endswith(".py") else name
+    if os.path.exists(name) or os.sep in name or stem not in shipped_configs():
+        return value
+    return os.path.join(CONFIGS_DIR, f"{stem}.py") + colon + argument
+
+
 def config_file_error(path: str, error: BaseException) -> str:
     file_name = path.split(":", 1)[0]
     reason = "no such file" if not os.path.isfile(file_name) else one_line(_root_cause(error))
     return (f"error: --config={path} cannot be loaded ({reason}); allowed: a Python file "
-            "with get_config(), such as configs/mbclique_cifar10.py")
+            f"with get_config(), or a shipped config's name ({', '.join(shipped_configs())})")
 
 
 def _config_argument() -> str:
@@ -181,12 +201,14 @@ def run_app(main) -> None:
     entry = sys.modules["__main__"]
     if not getattr(entry, "__doc__", None):
         entry.__doc__ = sys.modules[main.__module__].__doc__
+    sys.argv[1:] = [f"--config={config_file(a.split('=', 1)[1])}" if a.startswith("--config=")
+                    else a for a in sys.argv[1:]]
     _find_config_package()
     overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
     if overrides and not any(a.startswith("--config=") for a in sys.argv[1:]):
         fail(f"error: {overrides[0]} needs --config=FILE (overrides change a config file's "
              "values; a run resumed with --workdir alone keeps its own config.json); "
-             "allowed: --config=configs/<name>.py with the overrides")
+             "allowed: --config=<name or file> with the overrides")
     try:
         # absl's own parser prints two lines (FATAL ..., Pass --helpshort ...) and exits 1
         app.run(main, flags_parser=lambda argv: flags.FLAGS(argv))

@@ -1,6 +1,7 @@
 """Train or evaluate a config (`python launch.py`, or `cliquejax-train` once installed):
 
     python launch.py --config=configs/mbclique_cifar10.py --workdir=runs/mbclique_cifar10
+    cliquejax-train --config=mbclique_cifar10 --workdir=DIR   # a shipped config, by name
     python launch.py --config=configs/cliquenet_cifar10.py --config.model.k=64 --workdir=DIR
     python launch.py --workdir=DIR               # resume DIR with its own config.json
     python launch.py --workdir=DIR --mode=eval   # evaluate DIR's latest good checkpoint
@@ -35,7 +36,8 @@ def define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+    config_flags.DEFINE_config_file("config", None, "A config file, or a shipped config's name "
+                                    "(mbclique_cifar10: cliquejax/configs/).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots, results.")
     flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming) or evaluate.")
@@ -75,7 +77,7 @@ def check_mode(config, workdir: str) -> None:
     if FLAGS.mode == "train" and config is None and (
             FLAGS.overwrite or not os.path.exists(os.path.join(workdir, "config.json"))):
         cli.fail(f"error: --config is required to start a run in {workdir} (it holds no "
-                 "config.json to resume); allowed: --config=configs/<name>.py")
+                 "config.json to resume); allowed: --config=<a config's name or file>")
 
 
 def train_or_evaluate(config, workdir: str) -> dict:

@@ -161,10 +161,8 @@ class Recipe:
 
 @functools.cache
 def _recipe_config(recipe: Recipe):
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)  # config files import `configs.default`
     name = os.path.splitext(os.path.basename(recipe.config))[0]
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"cliquejax.configs.{name}").get_config()
     for field, value in recipe.overrides:
         *parents, leaf = field.split(".")
         node = config

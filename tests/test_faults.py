@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cliquejax import report
+from cliquejax.cli import shipped_configs
 from cliquejax.data import local_sources
 from cliquejax.train import loop, run_dir
 from tests.conftest import DATA_DIR, ROOT, tiny_digits_config
@@ -60,7 +61,8 @@ def test_config_file_that_cannot_be_loaded_is_one_line(case, tmp_path):
     reason = {"missing": "no such file", "syntax": f"invalid syntax ({path}, line 1)",
               "import": "No module named 'no_such_module'"}[case]
     expected = (f"error: --config={path} cannot be loaded ({reason}); allowed: a Python file "
-                "with get_config(), such as configs/mbclique_cifar10.py")
+                "with get_config(), or a shipped config's name (" + ", ".join(shipped_configs())
+                + ")")
     assert one_line(run(f"--config={path}", f"--workdir={tmp_path / 'run'}")) == expected
     assert not os.path.exists(tmp_path / "run")
     if case != "syntax":
@@ -125,7 +127,7 @@ def test_bad_data_files_are_named_in_one_line(tmp_path):
 @pytest.mark.slow  # starts a process
 def test_train_without_config_needs_a_run_to_resume(tmp_path):
     expected = (f"error: --config is required to start a run in {tmp_path} (it holds no "
-                "config.json to resume); allowed: --config=configs/<name>.py")
+                "config.json to resume); allowed: --config=<a config's name or file>")
     assert one_line(run(f"--workdir={tmp_path}")) == expected
 
 

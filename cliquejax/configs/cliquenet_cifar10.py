@@ -2,7 +2,7 @@
 divided by 10 at 50% and 75% of 300 epochs, batch 64, L2 1e-4 on every trainable variable,
 dropout 0.2, no augmentation. Rows of Table 3: --config.model.k=64 --config.model.T=15 etc."""
 
-from configs import default
+from cliquejax.configs import default
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """CliqueNet on CIFAR-100: the CIFAR-10 recipe with 100 classes."""
 
-from configs import cliquenet_cifar10
+from cliquejax.configs import cliquenet_cifar10
 
 
 def get_config(arg=None):

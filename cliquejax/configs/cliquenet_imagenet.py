@@ -4,7 +4,7 @@ Recipe: SGD momentum 0.9 (not Nesterov), weight decay 1e-4, lr 0.1 x 0.1^(epoch 
 100 epochs, batch 160, random-resized-crop 224 + flip. Data: an image folder
 (`--config.data.path=/imagenet` with train/ and val/ class subfolders)."""
 
-from configs import default
+from cliquejax.configs import default
 
 
 def get_config(arg="S3"):

@@ -1,6 +1,6 @@
 """CliqueNet on SVHN: train + extra, 40 epochs, otherwise the CIFAR recipe (docs/papers.md §1)."""
 
-from configs import cliquenet_cifar10
+from cliquejax.configs import cliquenet_cifar10
 
 
 def get_config(arg=None):

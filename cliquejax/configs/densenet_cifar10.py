@@ -1,7 +1,7 @@
 """DenseNet baseline (no bottleneck, no compression) with the CliqueNet CIFAR recipe.
 Rows of Table 3: (k=12, T=36), (k=12, T=96), (k=24, T=96)."""
 
-from configs import cliquenet_cifar10
+from cliquejax.configs import cliquenet_cifar10
 
 
 def get_config(arg=None):

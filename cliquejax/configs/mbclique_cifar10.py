@@ -3,7 +3,7 @@ Recipe: SGD momentum 0.9, weight decay 5e-4, batch 128, flip + pad-4 random crop
 0.1 to 1e-5 (CIFAR) with cycles ending at epochs 2, 4, 8, ..., 256; 256 epochs.
 K ablation (widths 64-64-128): --config.model.widths=64,64,128 --config.model.K=8"""
 
-from configs import default
+from cliquejax.configs import default
 
 
 def get_config(arg=None):

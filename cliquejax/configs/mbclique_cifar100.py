@@ -1,6 +1,6 @@
 """MBCliqueNet on CIFAR-100: the CIFAR-10 setting with 100 classes (docs/papers.md §3)."""
 
-from configs import mbclique_cifar10
+from cliquejax.configs import mbclique_cifar10
 
 
 def get_config(arg=None):

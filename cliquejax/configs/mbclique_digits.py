@@ -3,7 +3,7 @@ offline, small enough for a laptop CPU. Same recipe as the paper (SGD 0.9, weigh
 5e-4, SGDR 0.1 -> 1e-4 with cycles ending at epochs 2, 4, 8, ..., 64); no flip (mirrored
 digits are other digits), pad-1 random crop."""
 
-from configs import mbclique_cifar10
+from cliquejax.configs import mbclique_cifar10
 
 
 def get_config(arg=None):

@@ -2,7 +2,7 @@
 The source flips every data set; a mirrored digit is another digit, so the flip is off here
 (--config.data.flip=True restores the source's recipe). Pad-4 crop at 28x28."""
 
-from configs import mbclique_cifar10
+from cliquejax.configs import mbclique_cifar10
 
 
 def get_config(arg=None):

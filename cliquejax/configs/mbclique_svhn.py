@@ -1,7 +1,7 @@
 """MBCliqueNet on SVHN (docs/papers.md §3): widths 64-64-128, K = 4, 32 epochs, SGDR 0.1 -> 1e-4.
 Flip off by default (digits; --config.data.flip=True is the source's recipe)."""
 
-from configs import mbclique_cifar10
+from cliquejax.configs import mbclique_cifar10
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@
 (--config.data.path=DIR with train/ and val/ class subfolders). Epochs are not given by the
 source; 256, as for CIFAR, ends at the end of an SGDR cycle (cycles end at 2, 4, ..., 256)."""
 
-from configs import mbclique_cifar10
+from cliquejax.configs import mbclique_cifar10
 
 
 def get_config(arg=None):
