@@ -21,6 +21,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 else:
     SESSION_CACHE = None
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Where `data.data_dir=""` puts data (the digits in $XDG_CACHE_HOME/cliquejax, TFDS data sets
+# in $TFDS_DATA_DIR): a directory of this session's, shared like the cache above, never the
+# real home's.
+if "CLIQUEJAX_TESTS_HOME" not in os.environ:
+    os.environ["CLIQUEJAX_TESTS_HOME"] = tempfile.mkdtemp(prefix="cliquejax-tests-home-")
+    SESSION_HOME = os.environ["CLIQUEJAX_TESTS_HOME"]  # this process removes it
+else:
+    SESSION_HOME = None
+os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["CLIQUEJAX_TESTS_HOME"], "cache")
+os.environ["TFDS_DATA_DIR"] = os.path.join(os.environ["CLIQUEJAX_TESTS_HOME"], "tfds")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from cliquejax import platform  # noqa: E402
@@ -47,8 +57,9 @@ SLOW_FIXTURES = {"trained_digits_run", "mbcliquenet_report"}
 
 
 def pytest_unconfigure(config):
-    if SESSION_CACHE:
-        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    for directory in (SESSION_CACHE, SESSION_HOME):
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

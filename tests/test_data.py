@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cliquejax import data
-from cliquejax.data import augment, digits_builder, pipeline
+from cliquejax.data import augment, digits_builder, pipeline, sources
 from configs.default import get_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -353,3 +353,19 @@ def test_preflight_reads_an_in_memory_test_split_once_for_the_pipeline(tmp_path)
     test = data.load_source(config, "test")
     np.testing.assert_array_equal(images[7], test[7]["image"])
     assert labels[7] == test[7]["label"]
+
+
+def test_default_data_directories_follow_the_environment(monkeypatch, tmp_path):
+    """data.data_dir="": the digits in the user's cache, a TFDS data set in $TFDS_DATA_DIR or
+    TFDS's default; never relative to the working directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    config = get_config().data
+    assert config.data_dir == "" and config.name == "digits"
+    assert sources.data_dir(config) == str(tmp_path / "cache" / "cliquejax" / "tfds")
+    config.name = "cifar10"
+    assert sources.data_dir(config) == str(tmp_path / "tfds")
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    assert sources.data_dir(config) == tfds.core.constants.DATA_DIR
+    config.data_dir = "~/elsewhere"
+    assert sources.data_dir(config) == os.path.expanduser("~/elsewhere")

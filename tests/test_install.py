@@ -1,6 +1,6 @@
-"""`pip install .` (not editable) in an empty virtualenv gives a working package: its
-dependencies come with it, and its commands run from another directory with configs given by
-path."""
+"""`pip install .` (not editable) in an empty virtualenv gives the whole tool: its
+dependencies and configs come with it, and every command runs in an empty directory, a
+config given by name or by path (a copy out of the tree included)."""
 
 import os
 import re
@@ -12,19 +12,18 @@ import tomllib
 import numpy as np
 import pytest
 
-from cliquejax import predict
 from cliquejax.data import sources
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_digits_config
 
 # What a wheel is built from: the package and its metadata (a copy, so that the build's
 # leftovers do not land in the checkout).
-PACKAGE_FILES = ("cliquejax", "pyproject.toml", "README.md")
+PACKAGE_FILES = ("cliquejax", "pyproject.toml", "setup.py", "README.md")
+TINY = ("--config.model.widths=16,16,32", "--config.model.layers=2,2,2",
+        "--config.train.epochs=1", "--config.train.batch_size=64")
 
 
 @pytest.mark.slow
-def test_pip_install_in_an_empty_venv_runs_summary_and_predict(trained_digits_run, tmp_path,
-                                                               capsys):
-    config, workdir, _ = trained_digits_run
+def test_pip_install_in_an_empty_venv_runs_every_command(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
     for name in PACKAGE_FILES:
@@ -33,35 +32,58 @@ def test_pip_install_in_an_empty_venv_runs_summary_and_predict(trained_digits_ru
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(os.path.join(ROOT, name), source / name)
+    # an earlier build's leftover (a module a fork deleted) is not installed
+    os.makedirs(source / "build" / "lib" / "cliquejax")
+    (source / "build" / "lib" / "cliquejax" / "deleted_module.py").write_text("x = 1\n")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
+    python, bin_dir = str(venv / "bin" / "python"), venv / "bin"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), TFDS_DATA_DIR=str(tmp_path / "tfds"))
     subprocess.run([python, "-m", "pip", "install", "--quiet", str(source)], check=True,
                    env=env, timeout=1200)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    run = lambda *argv: subprocess.run(argv, cwd=elsewhere, env=env, capture_output=True,
-                                       text=True, timeout=600)
 
-    train = run(str(venv / "bin" / "cliquejax-train"), "--helpshort")  # launch.py's command
-    assert "--workdir" in train.stdout + train.stderr and "Traceback" not in train.stderr
-    config_file = os.path.join(ROOT, "configs", "mbclique_cifar10.py")
-    for command in ([python, "-m", "cliquejax.summary"], [str(venv / "bin" / "cliquejax-summary")]):
-        done = run(*command, f"--config={config_file}")
-        assert done.returncode == 0 and done.stderr == "", done.stderr
-        assert "params" in done.stdout and "FLOPs" in done.stdout
+    def run(*argv):
+        done = subprocess.run([str(a) for a in argv], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
+        return done
 
-    test = sources.load_source(config.data, "test")
-    images = tmp_path / "images.npz"
-    np.savez(images, images=np.stack([test[i]["image"] for i in range(8)]))
-    predict.main([f"--workdir={workdir}", str(images), "--top=2"])  # this checkout, in process
-    done = run(python, "-m", "cliquejax.predict", f"--workdir={workdir}", str(images), "--top=2")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == capsys.readouterr().out
-    # the installed package, not this checkout
-    located = run(python, "-c", "import cliquejax; print(cliquejax.__file__)")
-    assert located.stdout.startswith(str(venv))
+    located = run(python, "-c", "import cliquejax, os; print(cliquejax.__file__); "
+                  "print(os.path.exists(os.path.join(os.path.dirname(cliquejax.__file__), "
+                  "'deleted_module.py')))")
+    assert located.stdout.split() == [str(venv / "lib" / f"python{sys.version_info[0]}."
+                                          f"{sys.version_info[1]}" / "site-packages" /
+                                          "cliquejax" / "__init__.py"), "False"]
+    # the console script's usage is launch.py's (the line naming the program aside)
+    installed = run(bin_dir / "cliquejax-train", "--helpshort").stdout.splitlines()
+    checkout = subprocess.run([sys.executable, "launch.py", "--helpshort"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.splitlines()
+    differ = [(a, b) for a, b in zip(installed, checkout, strict=True) if a != b]
+    assert differ == [(f"{bin_dir / 'cliquejax-train'}:", "launch.py:")]
+
+    done = run(bin_dir / "cliquejax-train", "--config=mbclique_digits", *TINY,
+               "--workdir=run")
+    assert '"final_test_accuracy"' in done.stdout
+    assert not os.path.exists(elsewhere / "data")  # the digits are built in the cache
+    assert os.listdir(tmp_path / "cache" / "cliquejax")
+    shutil.copy(os.path.join(ROOT, "configs", "mbclique_cifar10.py"), elsewhere / "mine.py")
+    for config in ("mbclique_cifar10", "mine.py"):
+        for command in ([python, "-m", "cliquejax.summary"], [bin_dir / "cliquejax-summary"]):
+            done = run(*command, f"--config={config}")
+            assert done.stderr == "" and "params 2.37M" in done.stdout
+    run(python, "-m", "cliquejax.lower", "--config=mbclique_digits")
+    table = run(python, "-m", "cliquejax.reproduce", "--paper=mbcliquenet").stdout
+    assert "MBCliqueNet, Table 1" in table
+    test = sources.load_source(tiny_digits_config().data, "test")
+    np.savez(elsewhere / "images.npz", images=np.stack([test[i]["image"] for i in range(8)]))
+    predicted = run(python, "-m", "cliquejax.predict", "--workdir=run", "images.npz", "--top=2")
+    assert len(predicted.stdout.splitlines()) >= 8
+    run(python, "-m", "cliquejax.export", "--workdir=run", "--out=digits.clqs",
+        "--format=standalone")
+    assert os.path.getsize(elsewhere / "digits.clqs") > 0
 
 
 def test_dependency_floors_are_the_oldest_tested_stack():

@@ -15,7 +15,9 @@ def get_config():
     config.data = ml_collections.ConfigDict()
     # digits | cifar10 | cifar100 | svhn_cropped | mnist | npz | image_folder | synthetic
     config.data.name = "digits"
-    config.data.data_dir = "data/tfds"  # where TFDS data sets live (and the digits builder writes)
+    # Where the TFDS data sets live; "": $TFDS_DATA_DIR or TFDS's default (~/tensorflow_datasets),
+    # and the bundled digits built once in $XDG_CACHE_HOME/cliquejax (~/.cache/cliquejax)
+    config.data.data_dir = ""
     config.data.path = ""  # npz file or image folder
     config.data.image_size = 0  # 0: the data set's own size; else resize (image_folder, synthetic)
     config.data.num_classes = 0  # 0: the data set's; else the count it must have (synthetic: makes)

@@ -93,8 +93,7 @@ def training_stats(data_config, train_source):
         return _stats_in_memory[memory_key]
     stats_path = None
     if isinstance(train_source, tfds_sources.TfdsExampleSource):
-        data_dir = sources.config_value(data_config, "data_dir", "data/tfds")
-        stats_path = _stats_file(data_dir, train_source.stats_cache_key)
+        stats_path = _stats_file(sources.data_dir(data_config), train_source.stats_cache_key)
         stats = _read_stats_file(stats_path)
     else:
         stats = None

@@ -27,6 +27,22 @@ def config_value(data_config, field: str, default=None):
     return getattr(data_config, field, default)
 
 
+def data_dir(data_config) -> str:
+    """Where the TFDS data set `data.name` lives: `data.data_dir` (`~` expanded) when set;
+    when empty, the bundled digits in this user's cache ($XDG_CACHE_HOME/cliquejax/tfds, by
+    default ~/.cache/cliquejax/tfds: built once per user, not per working directory) and
+    any other data set where TFDS keeps them ($TFDS_DATA_DIR, else TFDS's default,
+    ~/tensorflow_datasets). A config without the field (written before it existed) read
+    data/tfds."""
+    configured = config_value(data_config, "data_dir", "data/tfds")
+    if configured:
+        return os.path.expanduser(configured)
+    if config_value(data_config, "name") == "digits":
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache"))
+        return os.path.join(cache, "cliquejax", "tfds")
+    return os.environ.get("TFDS_DATA_DIR") or tfds_sources.default_data_dir()
+
+
 def data_path(data_config) -> str:
     """`data.path` with `~` expanded, as a shell would (the npz file or image folder)."""
     return os.path.expanduser(config_value(data_config, "path", "") or "")
@@ -81,7 +97,7 @@ def load_source(data_config, split: str):
         source = tfds_sources.open_tfds_source(
             name,
             split,
-            config_value(data_config, "data_dir", "data/tfds"),
+            data_dir(data_config),
             svhn_extra=bool(config_value(data_config, "svhn_extra", False)),
             image_size=image_size,
         )

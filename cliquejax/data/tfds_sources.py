@@ -88,6 +88,12 @@ class ResizedTfdsSource(TfdsExampleSource):
         return dict(example, image=image)
 
 
+def default_data_dir() -> str:
+    """TFDS's own default directory ($TFDS_DATA_DIR when TFDS was imported, else
+    ~/tensorflow_datasets)."""
+    return tfds.core.constants.DATA_DIR
+
+
 def prepare_command(name: str, data_dir: str) -> str:
     """How to produce `name` in array_record format under `data_dir` (one line)."""
     target = os.path.abspath(data_dir)
