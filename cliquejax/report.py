@@ -60,6 +60,11 @@ class MetricWriter:
             if _is_number(value):
                 self._summary_writer.add_scalar(f"{split}/{name}", value, int(step))
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text in TensorBoard's Text tab (the run's config), not in the JSONL."""
+        if self.enabled:
+            self._summary_writer.add_text(tag, text, int(step))
+
     def flush(self) -> None:
         if self.enabled:
             self._summary_writer.flush()
@@ -126,14 +131,17 @@ def _plot_panel(axes, records, keys, ylabel, x_key, splits) -> None:
 
 
 def plot_curves(metrics_jsonl_path: str, png_path: str, title: str | None = None) -> None:
-    """Loss and accuracy (train, test) vs epoch, and lr vs step when logged, into a PNG."""
+    """Loss and accuracy (train epochs, test) vs epoch, and lr vs step when logged, into a
+    PNG."""
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_jsonl_path)
     x_key = "epoch" if any(_is_number(r.get("epoch")) for r in records) else "step"
     panels = [(LOSS_KEYS, "loss", x_key, SPLITS), (ACCURACY_KEYS, "accuracy", x_key, SPLITS)]
-    if _series(records, None, LR_KEYS, None)[0]:
-        panels.append((LR_KEYS, "learning rate", "step", (None,)))
+    # the rate at each logged step (the loop's `train_step` rows), else whatever carries one
+    lr_split = "train_step" if _series(records, "train_step", LR_KEYS, None)[0] else None
+    if _series(records, lr_split, LR_KEYS, None)[0]:
+        panels.append((LR_KEYS, "learning rate", "step", (lr_split,)))
     figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for axes, (keys, ylabel, panel_x_key, splits) in zip(
         figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True

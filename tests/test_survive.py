@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from cliquejax.train.loop import StepLog
 from tests.conftest import DATA_DIR
 
 pytestmark = pytest.mark.slow  # every test here starts launch.py, then kills or signals it
@@ -134,8 +135,11 @@ def read_results(workdir) -> dict:
 
 
 def read_metrics(workdir) -> list[dict]:
+    """The rows of metrics.jsonl, without what the host timed (`loop.StepLog.TIMING`: step
+    time, images/s, memory), which differs from run to run."""
     with open(os.path.join(workdir, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [{k: v for k, v in row.items() if k not in StepLog.TIMING} for row in rows]
 
 
 def last_train_record(workdir) -> dict:

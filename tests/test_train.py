@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from cliquejax import report
 from cliquejax.train import loop
 from configs import cliquenet_cifar10
 from tests.conftest import DATA_DIR, tiny_digits_config
@@ -43,6 +44,61 @@ def test_digits_run_learns_and_writes_everything(trained_digits_run):
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     train = [r for r in records if r["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"] and "flip_ratio" in train[0]
+
+
+def read_events(workdir) -> dict:
+    """TensorBoard's scalars {tag: {step: value}} and texts {tag: text} of a run, read from
+    its event files (TFRecords of Event protos) without TensorBoard."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars, texts = {}, {}
+    for name in sorted(os.listdir(workdir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        with open(os.path.join(workdir, name), "rb") as handle:
+            data = handle.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("tensor") and value.tensor.string_val:
+                    texts[value.tag] = value.tensor.string_val[0].decode()
+                else:
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars, texts
+
+
+def test_tensorboard_gets_step_scalars_and_the_config(tmp_path):
+    """Every log_every_steps: loss, accuracy, the step's learning rate, step time, images/s
+    and MFU (a peak given: a CPU has none), as metrics.jsonl's `train_step` rows; the
+    config once as text; curves.png's learning rate from those rows."""
+    config = tiny_digits_config(epochs=1, log_every_steps=4, peak_flops=1e11)
+    config.schedule.name = "cosine"
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    rows = [r for r in report.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+            if r["split"] == "train_step"]
+    assert [r["step"] for r in rows] == list(range(4, STEPS_PER_EPOCH + 1, 4))
+    scalars, texts = read_events(workdir)
+    trainer = loop.Trainer(config, str(tmp_path / "unused"), create_checkpoints=False)
+    for row in rows:
+        # the step's rate computed inside the jitted step (float32) and here
+        assert row["lr"] == pytest.approx(float(trainer.schedule(row["step"] - 1)), rel=1e-5)
+        assert 0 < row["mfu"] < 1 and row["images_per_second"] > 0
+        assert row["images_per_second"] == pytest.approx(64 / row["step_seconds"], rel=1e-6)
+        for key in ("loss", "accuracy", "lr", "step_seconds", "images_per_second", "mfu"):
+            # float32 in the event file
+            assert scalars[f"train_step/{key}"][row["step"]] == pytest.approx(row[key],
+                                                                             rel=1e-6)
+    lrs = [row["lr"] for row in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # cosine: falls each step
+    assert scalars["test/accuracy"].keys() == {STEPS_PER_EPOCH}
+    assert json.loads(texts["config/text_summary"].split("```json\n")[1].split("\n```")[0]) == \
+        json.loads(config.to_json_best_effort())
 
 
 def test_eval_mode_reproduces_the_final_accuracy(trained_digits_run):

@@ -50,7 +50,10 @@ def get_config():
     # kernels of cliquejax/cpu/ when JAX runs on the CPU, else the stock JAX operations) |
     # reference (stock JAX operations on every backend) | cpu. Same values and gradients.
     config.train.kernels = "auto"
-    config.train.log_every_steps = 50
+    config.train.log_every_steps = 50  # the `train_step` rows (TensorBoard, metrics.jsonl)
+    # Peak FLOP/s of one device for the logged MFU; 0: the device kind's (cliquejax/targets),
+    # and no MFU where it is not known (a CPU)
+    config.train.peak_flops = 0.0
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_epochs = 1
     config.train.keep_checkpoints = 2

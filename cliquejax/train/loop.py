@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cliquejax import bits, checkpoint, cli, data, models, platform, report
+from cliquejax import bits, checkpoint, cli, data, models, platform, report, summary, targets
 from cliquejax.data import augment
 from cliquejax.models.common import check_range
 from cliquejax.train import optim, preflight, run_dir, step
@@ -104,6 +104,7 @@ def validate_train(train) -> None:
     for field in ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
                   "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
         check_range(f"train.{field}", train[field], 1)
+    check_range("train.peak_flops", train.get("peak_flops", 0.0), 0)
 
 
 def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_epoch: int):
@@ -156,6 +157,7 @@ class Trainer:
             binary_mask, train_view=train_view, eval_view=eval_view)
         self._create_checkpoints = create_checkpoints
         self._checkpoints = None
+        self.running = None  # the loop's RunningMeans, saved with each checkpoint
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
         # Seconds of this session; the meta carries those of earlier sessions.
         self.session_started, self.session_train_seconds = time.perf_counter(), 0.0
@@ -221,6 +223,8 @@ class Trainer:
     def save(self, epoch: int, accuracy: float) -> None:
         step_now = int(self.state["step"])
         meta = dict(self.meta, epoch=epoch, step=step_now, accuracy=accuracy, **self.seconds())
+        if self.running is not None:
+            meta["running"] = self.running.state()
         try:
             self.checkpoints.save(step_now, self.state, meta, force=True)
         except checkpoint.CheckpointSaveError as error:
@@ -315,6 +319,22 @@ class RunningMeans:
         return {key: float(value[row]) / count for key, value in
                 jax.device_get(self.sums).items()}
 
+    def state(self) -> dict:
+        """The sums and counts as JSON (a checkpoint's meta): a run resumed mid-window or
+        mid-epoch logs the means an uninterrupted run logs, bit for bit (float32 sums)."""
+        sums = {} if self.sums is None else {
+            key: [float(v) for v in value] for key, value in jax.device_get(self.sums).items()}
+        return {"counts": list(self.counts), "sums": sums}
+
+    @classmethod
+    def restored(cls, state: dict | None) -> RunningMeans:
+        means = cls()
+        if state and state.get("sums"):
+            means.counts = [int(count) for count in state["counts"]]
+            means.sums = {key: jnp.asarray(value, jnp.float32)
+                          for key, value in state["sums"].items()}
+        return means
+
 
 @jax.jit
 def _start_sums(metrics):
@@ -326,6 +346,67 @@ def _start_sums(metrics):
 def _add_sums(sums, metrics, keep):
     kept = jnp.asarray(keep, jnp.float32)
     return {key: sums[key] * kept + value.astype(jnp.float32) for key, value in metrics.items()}
+
+
+class StepLog:
+    """The `train_step` rows (metrics.jsonl, TensorBoard) written every `log_every_steps`:
+    the window's mean loss and accuracy (the flip ratio, gradient norm...), the learning
+    rate at the window's last step, and what the host timed over the window: step time,
+    images/s, MFU (the step's counted FLOPs, `summary.jaxpr_macs`, over the devices' peak:
+    `train.peak_flops` per device, else the device kind's in `cliquejax.targets`; no MFU
+    where neither is known, as on a CPU) and device memory where the backend reports it.
+    Reads on the host only what the window's mean already reads: no extra device sync."""
+
+    TIMING = ("step_seconds", "images_per_second", "mfu", "memory_bytes_in_use",
+              "memory_peak_bytes_in_use")
+
+    def __init__(self, trainer: Trainer, writer, batch):
+        self.trainer, self.writer = trainer, writer
+        self.mark_time, self.mark_step = None, None
+        config = trainer.config
+        device = jax.local_devices()[0]
+        peak = float(config.train.get("peak_flops", 0.0)) or targets.peak_flops(
+            device.device_kind, config.train.get("compute_dtype", "float32"))
+        self.peak = None if peak is None else peak * jax.device_count()
+        self.flops = None
+        if self.peak is not None:  # one trace of the step (no compilation), counted once
+            traced = trainer.train_step.trace(trainer.state, batch)
+            self.flops = 2 * int(sum(summary.jaxpr_macs(traced.jaxpr.jaxpr).values()))
+        self.device = device
+
+    def mark(self, step: int) -> None:
+        """Times from now, `step` steps done (after compiling, evaluating, saving)."""
+        self.mark_time, self.mark_step = time.perf_counter(), step
+
+    def write(self, done: int, window: dict | None, last: dict) -> None:
+        """The row of the window that ended with step `done` (nothing for an empty one);
+        `last`: that step's metrics, already read (its finite flag)."""
+        if window is None:
+            return
+        trainer = self.trainer
+        row = dict(window, lr=float(last["lr"]), epoch=done / trainer.steps_per_epoch)
+        if self.mark_step is not None and done > self.mark_step:
+            seconds = (time.perf_counter() - self.mark_time) / (done - self.mark_step)
+            row.update(step_seconds=seconds,
+                       images_per_second=trainer.global_batch / seconds)
+            if self.flops is not None:
+                row["mfu"] = self.flops / seconds / self.peak
+        memory = self.device.memory_stats() or {}
+        for key in ("bytes_in_use", "peak_bytes_in_use"):
+            if key in memory:
+                row[f"memory_{key}"] = int(memory[key])
+        self.writer.write(done, row, "train_step")
+        self.mark(done)
+
+
+def log_window(means: RunningMeans, log: StepLog, done: int, last: dict | None,
+               shown: dict) -> None:
+    """The window ending with step `done` (whose metrics are `last`): its row written, its
+    means shown in the bar."""
+    window = means.mean(RunningMeans.WINDOW)
+    show_mean(window, shown)
+    if last is not None:
+        log.write(done, window, last)
 
 
 def show_mean(mean: dict | None, shown: dict) -> None:
@@ -355,18 +436,23 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=start,
                                        stats=(trainer.info.mean, trainer.info.std))
-    means, pending, test, shown = RunningMeans(), None, {}, {}
+    # the sums of the window and epoch a checkpoint was saved in (mid-window, mid-epoch)
+    means = RunningMeans.restored(trainer.meta.get("running"))
+    trainer.running, pending, test, shown = means, None, {}, {}
     batch = step.global_batch(next(batches), trainer.shardings)
+    log = StepLog(trainer, writer, batch)
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        if current == start:
+            log.mark(start)  # compiled: the rows time the steps from here
         done, last = current + 1, current + 1 == trainer.total_steps
         if not last:
             batch = step.global_batch(next(batches), trainer.shardings)
         _check_finite(pending, current, trainer)  # the previous step's flag: no stall
         trainer.check_saves()
-        if current > start and current % log_every == 0:  # step `current` ended a window
-            show_mean(means.mean(RunningMeans.WINDOW), shown)
+        if current % log_every == 0:  # step `current` ended a window (if not logged yet)
+            log_window(means, log, current, pending, shown)
         pending = metrics
         means.add(metrics)
         bar.update(1, **shown)
@@ -374,14 +460,17 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
         if done % spe == 0 or last:
             _check_finite(pending, current + 1, trainer)
             if done % log_every == 0:  # its window, now: the epoch's end waits for it anyway
-                show_mean(means.mean(RunningMeans.WINDOW), shown)
+                log_window(means, log, done, pending, shown)
             test = end_epoch(trainer, means.mean(RunningMeans.EPOCH), done, writer, last,
                              bar) or test
+            log.mark(done)  # the evaluation and the save are not steps
             if test:
                 shown["test"] = f"{100 * test['accuracy']:.2f}%"
                 bar.show(test=shown["test"])
         if flag.stop_after(done) and not last:
             _check_finite(pending, current + 1, trainer)  # never save after a bad step
+            if done % log_every == 0:
+                log_window(means, log, done, pending, shown)
             trainer.save(done // spe, -1.0)
             trainer.checkpoints.wait()
             raise Preempted(f"stopped by signal at step {done}: checkpoint saved in "
@@ -458,6 +547,9 @@ def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict,
     if trainer.is_main:  # rows past the checkpoint resumed from are trained again
         report.drop_rows_after(os.path.join(workdir, report.METRICS_FILE), start)
     writer = report.MetricWriter(workdir, enabled=trainer.is_main)
+    # the config (with this session's allowed changes) beside the curves: TensorBoard's Text
+    writer.text("config", "```json\n" + config.to_json_best_effort(indent=2, sort_keys=True)
+                + "\n```", start)
     bar = report.ProgressBar(trainer.total_steps, initial=start, desc="train",
                              enabled=trainer.is_main, batch_size=trainer.global_batch)
     trainer.session_started = time.perf_counter()

@@ -38,7 +38,7 @@ from cliquejax.train import optim
 ALLOWED_CHANGES = ("train.log_every_steps", "train.eval_every_epochs",
                    "train.checkpoint_every_epochs", "train.keep_checkpoints",
                    "train.max_steps", "train.eval_batch_size", "data.worker_count",
-                   "data.data_dir")
+                   "data.data_dir", "train.peak_flops")
 # Groups whose every field shapes the result: a field present on one side only (a config
 # written before the field existed) counts as a difference there, and not elsewhere.
 RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
