@@ -424,3 +424,23 @@ def test_bad_optimizer_settings(field, value):
     config.optimizer[field] = value
     with pytest.raises(ValueError, match=re.escape(f"optimizer.{field}={value!r}")):
         make_optimizer(config, steps_per_epoch=10)
+
+
+def test_train_epochs_may_change_on_resume_only_where_the_schedule_ignores_them():
+    """Constant and SGDR rates do not depend on train.epochs (a resumed run with more epochs
+    trains its steps as before); step and cosine schedules spread over them: refused, saying
+    why."""
+    from cliquejax.train import run_dir
+
+    for name in ("constant", "sgdr", "cosine", "step"):
+        old = json.loads(get_config().to_json())
+        old["schedule"]["name"] = name
+        new = json.loads(json.dumps(old))
+        new["train"]["epochs"] = old["train"]["epochs"] + 2
+        refused, allowed = run_dir.config_differences(old, new)
+        if name in ("constant", "sgdr"):
+            assert refused == [] and allowed == {"train.epochs": [1, 3]}
+        else:
+            assert refused == [f"train.epochs: 1 -> 3 (schedule.name={name!r} spreads over "
+                               "train.epochs: the steps trained had other rates; constant "
+                               "and sgdr schedules may change it)"] and allowed == {}

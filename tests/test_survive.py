@@ -230,6 +230,37 @@ def test_sigkill_mid_epoch_resumes_from_the_last_complete_checkpoint(env, refere
     assert last_train_record(workdir) == last_train_record(reference[0])
 
 
+def test_step_checkpoints_resume_mid_epoch_bitwise(env, reference, tmp_path):
+    """train.checkpoint_every_steps=10: checkpoints inside the epoch; a run that lost
+    everything after step 30 (its later checkpoint removed, as a kill leaves it) resumes
+    there and ends with the uninterrupted run's parameters and metrics, the window and
+    epoch means included (their sums travel in the checkpoint)."""
+    workdir = tmp_path / "run"
+    every = "--config.train.checkpoint_every_steps=10"
+    code, _, err = launch(env, workdir, every, "--config.train.max_steps=35")
+    assert code == 0, err[-3000:]
+    assert committed_steps(workdir) == [30, 35]  # 10, 20 rotated out (keep_checkpoints=2)
+    shutil.rmtree(workdir / "checkpoints" / "35")
+    os.remove(workdir / "results.json")
+    code, _, err = launch(env, workdir, every)
+    assert code == 0, err[-3000:]
+    assert_finished_like(reference, workdir)
+    assert read_metrics(workdir) == read_metrics(reference[0])
+    assert any(row["split"] == "train_step" for row in read_metrics(workdir))
+
+
+def test_more_epochs_on_resume_continue_an_sgdr_run(env, reference, tmp_path):
+    """SGDR's cycles do not depend on train.epochs: a finished run given a third epoch
+    trains it, and records the change."""
+    workdir = copy_reference(reference, tmp_path / "run")
+    code, out, err = launch(env, workdir, "--config.train.epochs=3")
+    assert code == 0, err[-3000:]
+    results = json.loads(out.strip().splitlines()[-1])
+    assert results["steps"] == 3 * STEPS_PER_EPOCH and results["epochs"] == 3.0
+    with open(workdir / "changes.jsonl") as handle:
+        assert json.loads(handle.readline())["changes"] == {"train.epochs": [2, 3]}
+
+
 def test_checkpoint_write_cut_short_is_ignored(env, reference, tmp_path):
     workdir = copy_reference(reference, tmp_path / "run", upto=STEPS_PER_EPOCH)
     checkpoints = workdir / "checkpoints"
@@ -384,9 +415,8 @@ def test_resuming_with_another_recipe_is_refused_and_allowed_changes_recorded(en
                           "--config.optimizer.lr=0.05", "--config.seed=1")
     assert code == 2 and one_line_error(err, alone=True) == (
         f"error: {workdir} holds a run made with another config (optimizer.lr: 0.1 -> 0.05; "
-        "seed: 0 -> 1; train.batch_size: 32 -> 16; train.epochs: 2 -> 3); resuming would mix "
-        "two runs: use another --workdir, or --overwrite to move the old run aside and start "
-        "anew"), err
+        "seed: 0 -> 1; train.batch_size: 32 -> 16); resuming would mix two runs: use another "
+        "--workdir, or --overwrite to move the old run aside and start anew"), err
     assert snapshot(workdir) == before
     # A finished run run again, with a change that cannot alter it, and a stale lock left by
     # a process that has ended: nothing is trained, results.json keeps its measured time.

@@ -56,6 +56,9 @@ def get_config():
     config.train.peak_flops = 0.0
     config.train.eval_every_epochs = 1
     config.train.checkpoint_every_epochs = 1
+    # >0: also a checkpoint every this many steps (within long epochs); resuming from one
+    # continues as if uninterrupted
+    config.train.checkpoint_every_steps = 0
     config.train.keep_checkpoints = 2
     config.train.max_steps = -1  # >0: stop after this many steps (tests, debugging)
 

@@ -105,6 +105,7 @@ def validate_train(train) -> None:
                   "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
         check_range(f"train.{field}", train[field], 1)
     check_range("train.peak_flops", train.get("peak_flops", 0.0), 0)
+    check_range("train.checkpoint_every_steps", train.get("checkpoint_every_steps", 0), 0)
 
 
 def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_epoch: int):
@@ -432,6 +433,7 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     late, and the next batch is placed while the step runs."""
     config, spe = trainer.config, trainer.steps_per_epoch
     log_every = config.train.log_every_steps
+    every_steps = config.train.get("checkpoint_every_steps", 0)
     start = int(trainer.state["step"])
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=start,
@@ -467,6 +469,14 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
             if test:
                 shown["test"] = f"{100 * test['accuracy']:.2f}%"
                 bar.show(test=shown["test"])
+        epoch_saved = done % spe == 0 and (done // spe) % config.train.checkpoint_every_epochs == 0
+        if every_steps and done % every_steps == 0 and not last and not epoch_saved:
+            _check_finite(pending, current + 1, trainer)  # never save after a bad step
+            if done % log_every == 0:
+                log_window(means, log, done, pending, shown)
+            trainer.save(done // spe, -1.0)
+            writer.flush()
+            log.mark(done)
         if flag.stop_after(done) and not last:
             _check_finite(pending, current + 1, trainer)  # never save after a bad step
             if done % log_every == 0:

@@ -38,7 +38,11 @@ from cliquejax.train import optim
 ALLOWED_CHANGES = ("train.log_every_steps", "train.eval_every_epochs",
                    "train.checkpoint_every_epochs", "train.keep_checkpoints",
                    "train.max_steps", "train.eval_batch_size", "data.worker_count",
-                   "data.data_dir", "train.peak_flops")
+                   "data.data_dir", "train.peak_flops", "train.checkpoint_every_steps")
+# Schedules whose rate at a step does not depend on train.epochs (constant; SGDR's cycles are
+# set by schedule.first_period_epochs): a run resumed with more (or fewer) epochs trains
+# the steps it trained with the same rates, so changing train.epochs on resume is allowed.
+EPOCH_FREE_SCHEDULES = ("constant", "sgdr")
 # Groups whose every field shapes the result: a field present on one side only (a config
 # written before the field existed) counts as a difference there, and not elsewhere.
 RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
@@ -128,6 +132,14 @@ def config_differences(old: dict, new: dict) -> tuple[list[str], dict]:
         one_sided = key not in flat_old or key not in flat_new
         if _in(key, ALLOWED_CHANGES) or (one_sided and not _in(key, RESULT_GROUPS)):
             allowed[key] = [before, after]
+        elif key == "train.epochs" and not one_sided:
+            schedule = flat_new.get("schedule.name")
+            if schedule in EPOCH_FREE_SCHEDULES:
+                allowed[key] = [before, after]
+            else:
+                refused.append(f"{key}: {before!r} -> {after!r} (schedule.name={schedule!r} "
+                               "spreads over train.epochs: the steps trained had other rates; "
+                               f"{' and '.join(EPOCH_FREE_SCHEDULES)} schedules may change it)")
         else:
             refused.append(f"{key}: {before!r} -> {after!r}")
     return refused, allowed
