@@ -13,7 +13,9 @@ evaluating on data that changed is refused (--accept_data_change goes on, record
 Every check runs before anything is written (`cliquejax.train.preflight`).
 
 Multi-host: every process runs the same command plus --coordinator_address=HOST:PORT
---num_processes=N --process_id=I, or --distributed to let JAX detect the cluster (SLURM, TPU).
+--num_processes=N --process_id=I, or --distributed to let JAX detect the cluster (SLURM, TPU);
+where the environment shows several processes (srun, Open MPI, a TPU pod, the
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID variables) it does so by itself.
 """
 
 import os
@@ -49,7 +51,10 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
+    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection "
+                      "(by itself where the environment shows several processes: Slurm's "
+                      "srun, Open MPI, a TPU pod, JAX_COORDINATOR_ADDRESS; --nodistributed: "
+                      "one process).")
     flags.DEFINE_string("compilation_cache", platform.default_compilation_cache(),
                         "Directory where compiled steps are kept for later runs ('' disables).")
     flags.mark_flags_as_required(["workdir"])
@@ -58,16 +63,63 @@ def define_flags() -> None:
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
+# What shows a job of several processes: srun's task count, Open MPI's world size, a TPU
+# pod's workers, JAX's coordinator address (with JAX_NUM_PROCESSES and JAX_PROCESS_ID).
+CLUSTER_VARIABLES = (("SLURM_STEP_NUM_TASKS", lambda value: int(value) > 1),
+                     ("OMPI_COMM_WORLD_SIZE", lambda value: int(value) > 1),
+                     ("TPU_WORKER_HOSTNAMES", lambda value: len(value.split(",")) > 1),
+                     ("JAX_COORDINATOR_ADDRESS", bool))
+
+
+def cluster_in_environment() -> str | None:
+    """`NAME=value` of the first variable showing that this process is one of several
+    (CLUSTER_VARIABLES), None for a process alone."""
+    for name, several in CLUSTER_VARIABLES:
+        value = os.environ.get(name, "")
+        try:
+            if value and several(value):
+                return f"{name}={value}"
+        except ValueError:
+            continue
+    return None
+
+
 def start_distributed() -> None:
+    """jax.distributed with the flags' coordinator, with JAX's cluster detection
+    (--distributed), or, where the environment shows a job of several processes and no
+    flag says otherwise (--nodistributed), by itself: every task of `srun python launch.py`
+    then trains its share instead of stopping on the workdir's lock."""
     import jax
 
     explicit = FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1
-    if not (explicit or FLAGS.distributed):
+    shown = None if FLAGS["distributed"].present else cluster_in_environment()
+    if not (explicit or FLAGS.distributed or shown):
         return
+    arguments = dict(coordinator_address=FLAGS.coordinator_address,
+                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if shown and not explicit and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        arguments.update(num_processes=_environment_int("JAX_NUM_PROCESSES", shown),
+                         process_id=_environment_int("JAX_PROCESS_ID", shown))
     if platform.running_on_cpu_only():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    try:
+        jax.distributed.initialize(**arguments)
+    except (ValueError, RuntimeError) as error:
+        if explicit or FLAGS.distributed:
+            raise
+        cli.fail(f"error: the environment shows a job of several processes ({shown}) but "
+                 f"jax.distributed cannot start from it ({cli.first_line(error, 200)}); "
+                 "allowed: --distributed where JAX detects the cluster, --coordinator_address="
+                 "HOST:PORT --num_processes=N --process_id=I, or --nodistributed (one process)")
+
+
+def _environment_int(name: str, shown: str) -> int:
+    value = os.environ.get(name, "")
+    if not value.isdigit():
+        cli.fail(f"error: {shown} without {name} (it is {value!r}); allowed: {name} set to "
+                 "a number on every process, or the flags --coordinator_address, "
+                 "--num_processes and --process_id")
+    return int(value)
 
 
 def check_mode(config, workdir: str) -> None:
@@ -146,6 +198,15 @@ def main(argv):
         os._exit(1)
     except loop.NonFiniteError as error:
         cli.fail(f"error: {error}", 1)  # a failed run
+    except run_dir.WorkdirLockedError as error:
+        shown = cluster_in_environment()
+        import jax
+
+        if shown and jax.process_count() == 1:  # one task of several, each training alone
+            cli.fail(f"error: {error}; this process is one task of a job of several "
+                     f"({shown}) without jax.distributed: run the tasks as one job (drop "
+                     "--nodistributed, or --distributed), or give each its own --workdir")
+        cli.fail(f"error: {error}")
     except (ValueError, data.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
             run_dir.ConfigMismatchError, FileNotFoundError) as error:
         cli.fail(f"error: {error}")

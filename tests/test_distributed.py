@@ -138,3 +138,64 @@ def test_sigterm_on_one_process_saves_and_stops_both_without_a_collective_per_st
         assert reports[0] == reports[1] == {"steps": stopped, "agreements": 1,
                                             "exit_code": 143}
         assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped)]
+
+
+def slurm_port() -> int:
+    """A free port among those JAX's Slurm detection picks (61440 + SLURM_JOB_ID % 4096)."""
+    for port in range(61440 + os.getpid() % 4096, 61440 + 4096):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free port in 61440-65535")
+
+
+def test_an_srun_job_on_localhost_starts_jax_distributed_without_the_flag(tmp_path):
+    """The variables srun sets for two tasks on one node: without --distributed, both
+    processes join one run (not one training, the other stopped by the lock)."""
+    workdir = tmp_path / "run"
+    port = slurm_port()
+    procs = []
+    for task in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="localhost",
+                   SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID=str(task),
+                   SLURM_LOCALID=str(task))
+        procs.append(subprocess.Popen(
+            [sys.executable, "launch.py", *TINY, "--config.train.max_steps=2",
+             f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    results = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert (results["processes"], results["steps"]) == (2, 2)
+
+
+def test_a_job_jax_cannot_start_and_a_task_alone_on_a_locked_workdir_say_so(tmp_path):
+    env = dict(os.environ, OMPI_COMM_WORLD_SIZE="2")
+    workdir = tmp_path / "run"
+    run = lambda *argv, env=env: subprocess.run(
+        [sys.executable, "launch.py", *TINY, f"--workdir={workdir}", *argv], cwd=ROOT,
+        env=env, capture_output=True, text=True, timeout=300)
+    done = run()
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: the environment shows a job of several processes (OMPI_COMM_WORLD_SIZE=2) "
+        "but jax.distributed cannot start from it (coordinator_address should be defined.); "
+        "allowed: --distributed where JAX detects the cluster, --coordinator_address="
+        "HOST:PORT --num_processes=N --process_id=I, or --nodistributed (one process)"]
+    # --nodistributed: each task alone; the one that finds the workdir taken says why
+    workdir.mkdir()
+    (workdir / "run.lock").write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    done = run("--nodistributed")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "; this process is one task of a job of several (OMPI_COMM_WORLD_SIZE=2) without "
+        "jax.distributed: run the tasks as one job (drop --nodistributed, or "
+        "--distributed), or give each its own --workdir"), done.stderr
