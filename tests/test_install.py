@@ -2,6 +2,7 @@
 dependencies and configs come with it, and every command runs in an empty directory, a
 config given by name or by path (a copy out of the tree included)."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -107,3 +108,33 @@ def test_dependency_floors_are_the_oldest_tested_stack():
     normal = lambda name: name.lower().replace("_", "-")
     assert {normal(k): v for k, v in floors.items()} == {normal(k): v for k, v in pins.items()}
 
+
+def test_the_readme_install_lines_are_the_checked_ones():
+    """tools/install_lines.txt (tools/check_install_lines.sh, a dry run of each against the
+    package registry) holds every `pip install` line of the README, resolved; run the
+    script again after changing one."""
+    spec = importlib.util.spec_from_file_location(
+        "readme_install_lines", os.path.join(ROOT, "tools", "readme_install_lines.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, "tools", "install_lines.txt")) as file:
+        recorded = [line.split("  ->  ")[0].split(None, 1) for line in file
+                    if not line.startswith("#")]
+    assert [line for _, line in recorded] == module.readme_install_lines()
+    assert {status for status, _ in recorded} == {"ok"}
+
+
+def test_the_accelerator_locks_are_the_tested_lock_but_jax():
+    """requirements-cuda12.txt and -tpu.txt are requirements.txt at another jax (the newest
+    with that accelerator's packages on the registry) plus jax's extra: no other pin apart."""
+    def pins(name):
+        with open(os.path.join(ROOT, name)) as file:
+            return dict(line.strip().split("==") for line in file
+                        if "==" in line and not line.startswith("#"))
+
+    tested = pins("requirements.txt")
+    for name, extra in (("requirements-cuda12.txt", "jax[cuda12]"),
+                        ("requirements-tpu.txt", "jax[tpu]")):
+        lock = pins(name)
+        version = lock.pop(extra)
+        assert lock == dict(tested, jax=version, jaxlib=version), name
