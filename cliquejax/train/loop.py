@@ -332,7 +332,8 @@ class RunningMeans:
         means = cls()
         if state and state.get("sums"):
             means.counts = [int(count) for count in state["counts"]]
-            means.sums = {key: jnp.asarray(value, jnp.float32)
+            # host arrays: every process passes the same, as for any host value of a step
+            means.sums = {key: np.asarray(value, np.float32)
                           for key, value in state["sums"].items()}
         return means
 
@@ -434,6 +435,7 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     config, spe = trainer.config, trainer.steps_per_epoch
     log_every = config.train.log_every_steps
     every_steps = config.train.get("checkpoint_every_steps", 0)
+    every_epochs = config.train.checkpoint_every_epochs
     start = int(trainer.state["step"])
     batches = data.make_train_iterator(config.data, global_batch_size=trainer.global_batch,
                                        seed=config.seed, start_step=start,
@@ -469,8 +471,8 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
             if test:
                 shown["test"] = f"{100 * test['accuracy']:.2f}%"
                 bar.show(test=shown["test"])
-        epoch_saved = done % spe == 0 and (done // spe) % config.train.checkpoint_every_epochs == 0
-        if every_steps and done % every_steps == 0 and not last and not epoch_saved:
+        if every_steps and done % every_steps == 0 and not last and not (
+                done % spe == 0 and (done // spe) % every_epochs == 0):  # saved: the epoch's
             _check_finite(pending, current + 1, trainer)  # never save after a bad step
             if done % log_every == 0:
                 log_window(means, log, done, pending, shown)
