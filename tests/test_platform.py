@@ -28,3 +28,22 @@ def test_cpu_set_up_only_with_the_cpu_package(monkeypatch):
     present = importlib.util.find_spec("cliquejax.cpu") is not None
     assert (platform.configure_xla() != "") == present
     assert (platform.init_compiler_options() is not None) == present
+
+
+def test_the_environment_of_a_job_of_several_processes_is_recognised(monkeypatch):
+    """launch.py starts jax.distributed by itself where these show several processes
+    (tests/test_distributed.py runs the srun and Open MPI cases)."""
+    from cliquejax import launch
+
+    for name, _ in launch.CLUSTER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert launch.cluster_in_environment() is None
+    for name, alone, several in (("SLURM_STEP_NUM_TASKS", "1", "4"),
+                                 ("OMPI_COMM_WORLD_SIZE", "1", "2"),
+                                 ("TPU_WORKER_HOSTNAMES", "t1v-0", "t1v-0,t1v-1"),
+                                 ("JAX_COORDINATOR_ADDRESS", "", "10.0.0.1:1234")):
+        monkeypatch.setenv(name, alone)
+        assert launch.cluster_in_environment() is None, name
+        monkeypatch.setenv(name, several)
+        assert launch.cluster_in_environment() == f"{name}={several}"
+        monkeypatch.delenv(name)
