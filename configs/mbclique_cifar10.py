@@ -31,6 +31,7 @@ def get_config(arg=None):
     m.transition_width = "next"  # next block's width | keep (CliqueNet's C -> C)
     m.attention = False  # CliqueNet's attentional transition (fully-connected layers)
     m.head_input = "x0_and_stage2"  # {X0, Stage II} (CliqueNet II+II) | stage2 (section 2)
+    m.compression = False  # CliqueNet's 1x1 halving each head feature (its PyTorch code's)
     m.variant = "II+II"  # CliqueNet's variants (clique.VARIANTS): II+II is eqs. 1-2
     m.x = 0  # variant X: the layers of a block that get the Stage-II update
     m.dropout_rate = 0.0
