@@ -148,9 +148,6 @@ def _validate_optimizer(opt) -> None:
         raise ValueError(f"optimizer.lr={opt.lr!r} must be > 0")
     if opt.name == "sgd" and not 0 <= opt.momentum < 1:
         raise ValueError(f"optimizer.momentum={opt.momentum!r} must be in [0, 1)")
-    if not isinstance(opt.get("clip_latent", False), bool):
-        raise ValueError(f"optimizer.clip_latent={opt.clip_latent!r} is not a bool; "
-                         "allowed: True, False")
     if not opt.weight_decay >= 0:
         raise ValueError(f"optimizer.weight_decay={opt.weight_decay!r} must be >= 0")
     if opt.weight_decay_on not in WEIGHT_DECAY_TARGETS:
