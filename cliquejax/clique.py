@@ -90,7 +90,10 @@ class Wiring:
                        (stage, j) is feature j after Stage I (1) or after Stage II (2).
     every_kernel       every W_{j}to{i} of the clique exists, read or not (the authors' code:
                        in I+I and X the unread ones are counted and decayed); False: those
-                       the stages read.
+                       the stages read. Only where the stages share their kernels: a block
+                       whose Stage II has its own (`BlockSpec.stage_two_kernels`) builds
+                       just the Stage-I kernels Stage I reads (the others would be read by
+                       nothing, never learn, and count in no paper's figures).
     """
 
     stage_one: tuple[tuple[int, ...], ...]
@@ -212,13 +215,14 @@ def bn_name(stage: int, i: int, bottleneck: bool = False) -> str:
 
 def param_layout(spec: BlockSpec) -> dict[str, tuple]:
     """Every parameter of the block: name -> ("kernel", shape) or ("bn", channels). The clique
-    kernels are those the stages read (or all, `Wiring.every_kernel`); a BN spans its layer's
-    inputs."""
+    kernels are those the stages read (or all, `Wiring.every_kernel`, where the stages share
+    them); a BN spans its layer's inputs."""
     n, k, ks, wiring = spec.num_layers, spec.channels, spec.kernel_size, spec.wiring
     kernel = lambda j: ("kernel", (ks, ks, spec.piece_channels(j), k))
     layout: dict[str, tuple] = {}
+    every_kernel = wiring.every_kernel and spec.stage_two_kernels == "shared"
     for i, inputs in enumerate(wiring.stage_one, 1):  # Stage II's are added with its BNs
-        for j in range(n + 1) if wiring.every_kernel else inputs:
+        for j in range(n + 1) if every_kernel else inputs:
             if j != i:
                 layout[kernel_name(j, i)] = kernel(j)
     for i, inputs in enumerate(wiring.stage_one, 1):

@@ -15,8 +15,10 @@ and accuracy against K) and the Tiny ImageNet result of its Sec. 3.5. No reading
 MBCliqueNet text gives its four parameter counts: their rows say how far ours is and what
 the closest reading counts (docs/papers.md, "MBCliqueNet parameter counts"). Each row is
 one published figure, in the papers' own terms: CliqueNet prints test error % (the best
-epoch's, the original code's report), MBCliqueNet accuracy % (we report the final epoch's;
-the paper does not say which).
+epoch's, the original code's report), MBCliqueNet accuracy % (the paper does not say which
+epoch's: "ours" is the final epoch's, and the best epoch's stands beside it, `ours_best`).
+Values of a row's recipe that the source lost or never gave, and that the recipe therefore
+reads or guesses, are marked on the row (`read_values`; `READ_VALUES`).
 
 Parameters and FLOPs of ours are counted now by `cliquejax.summary` (shapes only, nothing
 trained or allocated), for the network "ours" was measured on: a reduced run's own, else the
@@ -29,10 +31,13 @@ The published figures live in `cliquejax/published.json`, beside this file.
 A run is a row's run ("ours") when its config.json has the row's model (model.name and the
 fields that make it that row: k, T, variant, x, attention, bottleneck, compression for
 CliqueNet; k, T for DenseNet; binarize, K for MBCliqueNet) on the row's data set, and every
-other field equals the row's recipe or changes only its scale: widths, layers, epochs, steps
-or batch size (the configs scale no learning rate with the batch, so the rate must be the
-recipe's). Such a run is shown as a reduced run, with what it changes, and the params and
-FLOPs beside it are its own network's. A run of the row's model and data set that changes
+other field equals the row's recipe or changes only its scale: widths, layers, epochs or
+steps, and the batch size together with the learning rates scaled by the linear rule (a
+batch B' trains at lr * B' / B and min_lr * B' / B, B the recipe's batch: Goyal et al.,
+2017, the rule the configs' docstrings state); a batch changed at the recipe's rates is
+another run. A run that trained less than one cycle of an SGDR recipe never reaches its
+minimum rate: another run too. A reduced run is shown with what it changes, and the params
+and FLOPs beside it are its own network's. A run of the row's model and data set that changes
 anything else (learning rate, augmentation, optimizer, schedule, BatchNorm...) is listed
 under the table as another run, never as ours. A field absent from a run's config.json (a
 run written before the field existed) takes the default in force then
@@ -97,9 +102,12 @@ IDENTITY = {  # the fields that make a run a run of the row (besides the data se
     "densenet": ("model.name", "model.k", "model.T"),
     "mbcliquenet": ("model.name", "model.binarize", "model.K"),
 }
-# What a reduced run may change: its size and length, nothing of the recipe's method.
-SCALE = ("model.widths", "model.layers", "train.epochs", "train.max_steps",
-         "train.batch_size")
+# What a reduced run may change: its size and length, nothing of the recipe's method; the
+# batch size only with the learning rates of LR_FIELDS scaled by the linear rule
+# (`batch_change`).
+SCALE = ("model.widths", "model.layers", "train.epochs", "train.max_steps")
+BATCH = "train.batch_size"
+LR_FIELDS = ("optimizer.lr", "schedule.min_lr")
 NOT_COMPARED = ("seed", "data.name", "data.data_dir", "data.path", "data.worker_count",
                 "train.log_every_steps", "train.eval_every_epochs",
                 "train.checkpoint_every_epochs", "train.keep_checkpoints",
@@ -113,8 +121,20 @@ PARAMS_NOTE = ("no reading of the source gives the four published MBCliqueNet co
                "(docs/papers.md, 'MBCliqueNet parameter counts')")
 # The reading whose four counts come closest to the published ones (largest miss smallest;
 # `python tools/count_readings.py --all`). Not the default: docs/papers.md says why.
-CLOSEST_READING = {"model.stage_two_kernels": "own", "model.transition_width": "keep",
-                   "model.attention": True, "model.head_input": "stage2"}
+CLOSEST_READING = {"model.stage_two_kernels": "own_clique", "model.transition_kernel": 3,
+                   "model.attention": True, "model.head_input": "stage2",
+                   "model.compression": True}
+# Values of the MBCliqueNet recipes that the source lost or never gave (docs/papers.md §3),
+# by data set: (field, what the recipe's value is).
+READ_VALUES = {
+    "cifar10": (("schedule.min_lr", "read: the exponent is lost in the source, section 3.4: "
+                 "'We change the minimum of accuracy to 1 10 .'"),),
+    "tiny_imagenet_100": (
+        ("data.image_size", "guessed: section 3.5 gives no image size (Tiny ImageNet's 64)"),
+        ("schedule.min_lr", "guessed: section 3.5 gives none (section 3.1's 0.0001)"),
+        ("train.epochs", "guessed: section 3.5 gives none (CIFAR's 256)")),
+}
+READ_VALUES["cifar100"] = READ_VALUES["cifar10"]
 
 
 class UsageError(ValueError):
@@ -413,6 +433,46 @@ def _change(field: str, run_config: dict, theirs, ours) -> str:
     return f"{field}={json.dumps(theirs)} ({recipe})"
 
 
+def _scaled(value, ratio):
+    return value * ratio if isinstance(value, (int, float)) else value
+
+
+def batch_change(run_config: dict, recipe: dict) -> tuple[list[str], list[str]] | None:
+    """None if the run keeps the recipe's batch size; else (scale changes, other changes):
+    the batch with the rates of LR_FIELDS scaled by the linear rule is scale; at any other
+    rates the batch change and the rates are other changes."""
+    theirs, ours = _run_value(run_config, BATCH), recipe.get(BATCH, _ABSENT)
+    if theirs == ours or not all(isinstance(v, int) and v > 0 for v in (theirs, ours)):
+        return None
+    ratio = theirs / ours
+    rates = {field: (_run_value(run_config, field), _scaled(recipe.get(field, _ABSENT), ratio))
+             for field in LR_FIELDS}
+    follows = all(isinstance(have, (int, float)) and isinstance(want, (int, float))
+                  and math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-12)
+                  for have, want in rates.values())
+    shown = _change(BATCH, run_config, theirs, ours)
+    if follows:
+        scaled = ", ".join(f"{field}={json.dumps(have)}" for field, (have, _) in rates.items())
+        return [f"{shown} with {scaled} (the recipe's x {ratio:g}: the linear rule)"], []
+    want = ", ".join(f"{field}={json.dumps(w)}" for field, (_, w) in rates.items())
+    other = [f"{shown} without the learning rates the linear rule gives it ({want})"]
+    other += [_change(field, run_config, have, recipe.get(field, _ABSENT))
+              for field, (have, _) in rates.items() if have != recipe.get(field, _ABSENT)]
+    return [], other
+
+
+def too_short(run: Run, recipe: dict) -> str | None:
+    """Why a run of an SGDR recipe is not the row's: it trained less than the first cycle
+    (so it never reached the minimum rate). None otherwise."""
+    if recipe.get("schedule.name") != "sgdr":
+        return None
+    first = float(recipe.get("schedule.first_period_epochs", 0.0))
+    if run.epochs >= first:
+        return None
+    return (f"trained {run.epochs:g} epochs, less than one SGDR cycle ({first:g} epochs): "
+            "it never reaches the recipe's minimum rate")
+
+
 @dataclasses.dataclass(frozen=True)
 class Differences:
     scale: tuple[str, ...]  # SCALE fields: a reduced run of the row
@@ -429,6 +489,13 @@ def differences(row: Row, run: Run) -> Differences | None:
         return None
     scale, other = [], []
     skipped = set(NOT_COMPARED) | set(IDENTITY[family])
+    batch = batch_change(run.config, recipe)
+    if batch is not None:
+        scale, other = batch
+        skipped |= {BATCH, *LR_FIELDS}
+    short = too_short(run, recipe)
+    if short is not None:
+        other.append(short)
     for field in sorted((set(recipe) | set(run.config)) - skipped):
         theirs, ours = _run_value(run.config, field), recipe.get(field, _ABSENT)
         if theirs != ours:
@@ -546,6 +613,13 @@ def build_rows(rows: list[Row], runs: list[Run], counts: bool = True) -> list[di
                 CLOSEST_READING.items()))
             entry["closest_reading"] = {"fields": CLOSEST_READING,
                                         "params": _counts(closest)[0]}
+        if row.paper == "mbcliquenet" and row.metric.startswith("accuracy"):
+            entry["ours_best"] = (None if found is None else
+                                  _percent(found[0].results["best_test_accuracy"]))
+        if row.paper == "mbcliquenet" and row.metric not in COUNTS:
+            recipe = _recipe_flat(row.recipe)
+            entry["read_values"] = [f"{field}={json.dumps(recipe[field])}: {why}"
+                                    for field, why in READ_VALUES.get(row.dataset, ())]
         out.append(entry)
     return out
 
@@ -573,14 +647,17 @@ def _run_text(entry: dict) -> str:
                     f"{closest:.2f}M; {entry['note']}")
         return "counted now"
     run = entry["run"]
+    read = "".join(f" [{value}]" for value in entry.get("read_values", ()))
     if run is None:
-        return "not run"
+        return "not run" + read
     if entry["metric"] == METRICS["top5_final"]:
-        return f"{run['dir']}: top-5 not recorded"
+        return f"{run['dir']}: top-5 not recorded" + read
+    best = ("" if entry.get("ours_best") is None else
+            f" (best epoch: {entry['ours_best']:.2f})")
     if not run["reduced"]:
-        return run["dir"]
-    return (f"{run['dir']}, reduced run (params, FLOPs: its own): "
-            f"{'; '.join(run['differences'])}")
+        return run["dir"] + best + read
+    return (f"{run['dir']}{best}, reduced run (params, FLOPs: its own): "
+            f"{'; '.join(run['differences'])}" + read)
 
 
 def format_tables(entries: list[dict], extra: list[dict]) -> str:

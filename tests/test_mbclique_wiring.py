@@ -4,7 +4,8 @@ per block, Stage I then Stage II of the clique layers, each layer BN-ReLU-1x1 co
 concatenated inputs -> BN-ReLU -> modulated binary 3x3 conv with the block's one M-filter;
 {X0, Stage-II} pooled for the head, Stage-II through the transition; head 1x1 conv -> BN.
 The other readings of the source (`model.clique_conv`, `stage_two_kernels`,
-`transition_kernel`, `transition_width`, `attention`, `head_input`) are written out too.
+`transition_kernel`, `transition_width`, `attention`, `head_input`, `compression`) are
+written out too.
 Only `jax.lax.conv_general_dilated` and `jnp` below; nothing from cliquejax but the model."""
 
 import zlib
@@ -142,6 +143,11 @@ def reference_logits(config, variables, images, eps, train=False, planes=None):
             x = conv(x, one_bit(p[f"block{b}_input"]["kernel"], m.binarize and m.binarize_1x1))
         block_feature, transit = block(p[f"block{b}"], s[f"block{b}"], x, n, m, eps, train,
                                        (planes or {}).get(b))
+        if m.compression:  # CliqueNet's: BN-ReLU-1x1 halving the head feature
+            block_feature = conv(bn(block_feature, p[f"compression{b}_bn"],
+                                    s[f"compression{b}_bn"], eps, train, True),
+                                 one_bit(p[f"compression{b}"]["kernel"],
+                                         m.binarize and m.binarize_1x1))
         pooled.append(jnp.mean(bn(block_feature, p[f"pool{b}"]["bn"], s[f"pool{b}"]["bn"],
                                   eps, train, True), axis=(1, 2)))
         if b < len(m.layers):
@@ -186,6 +192,7 @@ def test_forward_pass_equals_the_written_out_wiring(binarize, train):
 READINGS = [dict(clique_conv="per_connection"), dict(stage_two_kernels="own_clique"),
             dict(stage_two_kernels="own"), dict(transition_kernel=3),
             dict(transition_width="keep"), dict(attention=True), dict(head_input="stage2"),
+            dict(compression=True), dict(compression=True, head_input="stage2"),
             dict(clique_conv="per_connection", transition_width="keep",
                  stage_two_kernels="own"),
             # the lax-loop formulation reads each stage's own kernels too
@@ -240,3 +247,42 @@ def test_every_layer_of_a_block_sends_gradient_to_its_one_m_filter():
         for i, part in parts[b].items():
             assert float(jnp.abs(part).max()) > 1e-2 * scale, f"{name} layer {i}"
         np.testing.assert_allclose(model_grads[name], sum(parts[b].values()), atol=1e-4 * scale)
+
+
+def closest_reading():
+    from cliquejax import reproduce
+    return {key.removeprefix("model."): value
+            for key, value in reproduce.CLOSEST_READING.items()}
+
+
+# Every value of every reading's field at least once (with the default and the closest
+# reading): the readings that add weights combined, so that each is built and trained.
+slow = lambda reading: pytest.param(reading, marks=pytest.mark.slow)
+LEARNING_READINGS = [
+    {}, dict(stage_two_kernels="own", compression=True),
+    slow(dict(clique_conv="per_connection", stage_two_kernels="own_clique",
+              transition_kernel=3, transition_width="keep", attention=True,
+              head_input="stage2", compression=True)),
+    slow(dict(stage_two_kernels="own", unroll=False)),
+    slow(dict(stage_two_kernels="own", variant="I+I")), slow("closest")]
+
+
+@pytest.mark.parametrize("reading", LEARNING_READINGS, ids=lambda r: ",".join(
+    f"{k}={v}" for k, v in r.items()) or "default" if isinstance(r, dict) else r)
+def test_every_parameter_of_every_reading_learns(reading):
+    """A reading counts only weights that get a gradient: on a small batch every parameter
+    of the network has a non-zero gradient (a kernel that nothing reads would have none,
+    and would still be counted against the paper's figures)."""
+    config = small_config(**(closest_reading() if reading == "closest" else reading))
+    model, variables, images = built(config)
+    weights = jax.random.normal(jax.random.PRNGKey(3), (4, 10))
+
+    def loss(params):
+        logits, _ = model.apply(dict(variables, params=params), images, train=True,
+                                mutable=["batch_stats"])
+        return jnp.sum(logits * weights)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    dead = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(grads)
+            if not float(jnp.max(jnp.abs(g))) > 0.0]
+    assert not dead, dead

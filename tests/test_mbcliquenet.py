@@ -232,3 +232,44 @@ def test_the_clique_variants_wire_mbcliquenets_blocks(variant, x, stage_two):
     grads = jax.grad(loss)(variables["params"])
     norms = [float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def one_step_with_the_configs_optimizer(clip_latent):
+    """One training step of `jit_steps` (the trainer's), at a learning rate big enough to
+    carry latent filters far outside [-1, 1]; (params after, 1-bit mask)."""
+    from cliquejax.train import optim
+    config = small_config()
+    config.optimizer.lr, config.optimizer.clip_latent = 1000.0, clip_latent
+    config.schedule.name = "constant"
+    net = build_model(config, 10)
+    tx, schedule = optim.make_optimizer(config, steps_per_epoch=1)
+    variables = bits.abstract_variables(net, (16, 16, 3))
+    mask = bits.binary_mask(variables)
+    state = step.init_state(net, (tx,), (16, 16, 3), 0)
+    shardings = step.make_shardings(4)
+    train, _ = step.jit_steps(net, (tx,), schedule, config, shardings, state, mask,
+                              train_view=lambda b: b, eval_view=lambda b: b)
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3)),
+             "label": jnp.array([0, 1, 2, 3])}
+    new, _ = train(jax.tree.map(jnp.copy, state), batch)
+    return new["params"], mask
+
+
+@pytest.mark.slow
+def test_clip_latent_keeps_the_1_bit_filters_in_range_and_nothing_else():
+    """`optimizer.clip_latent` (BinaryConnect's update rule) clips the latent weights of the
+    1-bit layers to [-1, 1] after the step, and only them."""
+    free, mask = one_step_with_the_configs_optimizer(False)
+    clipped, _ = one_step_with_the_configs_optimizer(True)
+    outside = [float(jnp.max(jnp.abs(p))) for p, b in zip(
+        jax.tree.leaves(free), jax.tree.leaves(mask), strict=True) if b]
+    assert max(outside) > 1.0, outside  # without the clip the step leaves [-1, 1]
+    for f, c, b in zip(jax.tree.leaves(free), jax.tree.leaves(clipped), jax.tree.leaves(mask),
+                       strict=True):
+        if b:
+            assert float(jnp.max(jnp.abs(c))) <= 1.0
+            np.testing.assert_allclose(c, jnp.clip(f, -1.0, 1.0), rtol=1e-6, atol=1e-6)
+        else:  # M-filters, BN, full-precision stem: the same step as without the clip
+            np.testing.assert_allclose(c, f, rtol=1e-6, atol=1e-6)
+    assert sum(jax.tree.leaves(mask)) and not all(jax.tree.leaves(mask))
+

@@ -187,6 +187,17 @@ def paper_configs():
 
 
 @pytest.mark.parametrize("name,config", list(paper_configs()), ids=lambda v: str(v)[:40])
+def test_every_config_trains_by_its_sources_rule(name, config):
+    """MBCliqueNet: SGDR's SGD with Nesterov momentum and BinaryConnect's latent clip
+    (docs/papers.md, "MBCliqueNet training rule"); CliqueNet as its authors' code: Nesterov in
+    the TensorFlow CIFAR/SVHN code, plain momentum in the PyTorch ImageNet code."""
+    expected = {"mbcliquenet": (True, True), "cliquenet": (True, False),
+                "densenet": (True, False), "cliquenet_imagenet": (False, False)}
+    opt = config.optimizer
+    assert (opt.nesterov, opt.clip_latent) == expected[config.model.name], name
+
+
+@pytest.mark.parametrize("name,config", list(paper_configs()), ids=lambda v: str(v)[:40])
 def test_every_config_ends_at_its_schedules_minimum(name, config):
     """No config may end mid-cycle: the learning rate of its last training step is within 1%
     of its schedule's minimum (SGDR, cosine, step)."""

@@ -107,16 +107,26 @@ def test_reduced_mnist_run_is_matched_and_flagged(mbcliquenet_report):
     assert mnist["counted_for"] == "run" and mnist["params"] < 0.2e6
 
 
-COMMITTED_RUN = REPO_ROOT / "results" / "mbclique_mnist_w32"
+# The reduced MNIST run trained before the MBCliqueNet configs took Nesterov momentum and
+# the latent clip (docs/papers.md, "MBCliqueNet training rule"): another run of the row now.
+COMMITTED_RUN = REPO_ROOT / "results" / "mbclique_mnist_w32_momentum_noclip"
 
 
-def copy_of_committed_run(directory, edit):
-    """results/mbclique_mnist_w32's config.json and results.json, the config edited."""
+def under_todays_rule(config):
+    """A committed run's config.json as the MBCliqueNet configs train today."""
+    config["optimizer"].update(nesterov=True, clip_latent=True)
+
+
+def copy_of_committed_run(directory, edit, results=None):
+    """COMMITTED_RUN's config.json and results.json, the config put under today's training
+    rule and then edited by `edit`, the results updated with `results`."""
     config = json.loads((COMMITTED_RUN / "config.json").read_text())
+    under_todays_rule(config)
     edit(config)
     os.makedirs(directory)
     (directory / "config.json").write_text(json.dumps(config))
-    (directory / "results.json").write_text((COMMITTED_RUN / "results.json").read_text())
+    measured = json.loads((COMMITTED_RUN / "results.json").read_text())
+    (directory / "results.json").write_text(json.dumps({**measured, **(results or {})}))
     return directory
 
 
@@ -154,6 +164,71 @@ def test_a_run_that_changes_more_than_scale_is_not_the_rows(tmp_path, edit, show
     line = next(li for li in text.splitlines()
                 if li.startswith("MBCliqueNet ") and "MNIST" in li)
     assert line.endswith("not run")
+
+
+def test_the_run_before_the_training_rule_is_another_run_with_its_difference_named():
+    """The committed reduced MNIST run trained with plain momentum and unclipped latent
+    filters: the row's recipe now has both, so that run is another run of the row."""
+    row = mnist_row(COMMITTED_RUN)
+    assert row["run"] is None and row["ours"] is None
+    (other,) = row["other_runs"]
+    assert other["differences"] == [
+        "model.widths=[32, 32, 64] (recipe: [64, 64, 128])", "train.epochs=8 (recipe: 32)",
+        "optimizer.clip_latent=false (absent: the default before the field existed; "
+        "recipe: true)", "optimizer.nesterov=false (recipe: true)"]
+
+
+@pytest.mark.parametrize("edit, results, is_the_rows, shown", [
+    (lambda c: c["train"].update(batch_size=64), None, False,
+     "train.batch_size=64 (recipe: 128) without the learning rates the linear rule gives it "
+     "(optimizer.lr=0.05, schedule.min_lr=5e-05)"),
+    (lambda c: (c["train"].update(batch_size=64), c["optimizer"].update(lr=0.05),
+                c["schedule"].update(min_lr=5e-5)), None, True,
+     "train.batch_size=64 (recipe: 128) with optimizer.lr=0.05, schedule.min_lr=5e-05 (the "
+     "recipe's x 0.5: the linear rule)"),
+    (lambda c: (c["train"].update(batch_size=256), c["optimizer"].update(lr=0.2)), None, False,
+     "schedule.min_lr=0.0002"),
+    (lambda c: c["train"].update(epochs=1), {"epochs": 1.0}, False,
+     "trained 1 epochs, less than one SGDR cycle (2 epochs)"),
+    (lambda c: c["train"].update(max_steps=10), {"epochs": 10 / 469}, False,
+     "less than one SGDR cycle (2 epochs)"),
+], ids=["batch-at-the-recipes-rate", "batch-and-rates-scaled", "min-rate-not-scaled",
+        "one-epoch", "ten-steps"])
+def test_a_batch_is_scale_only_with_the_rates_scaled_and_a_run_needs_a_cycle(
+        tmp_path, edit, results, is_the_rows, shown):
+    """A batch change is scale only with lr and min_lr scaled by the linear rule (the batch
+    64 copy of the MNIST run at lr 0.1 is another run); a run shorter than one SGDR cycle
+    never reaches the minimum rate and is not the row's."""
+    copy_of_committed_run(tmp_path / "copy", edit, results)
+    row = mnist_row(tmp_path)
+    if is_the_rows:
+        assert row["ours"] == 99.38 and row["run"]["reduced"]
+        assert shown in row["run"]["differences"] and not row["other_runs"]
+    else:
+        assert row["ours"] is None and row["run"] is None
+        assert any(shown in change for change in row["other_runs"][0]["differences"])
+
+
+def test_mbcliquenet_rows_show_best_beside_final_and_mark_read_values(tmp_path):
+    copy_of_committed_run(tmp_path / "copy", lambda c: None,
+                          {"final_test_accuracy": 0.9921, "best_test_accuracy": 0.9934})
+    report = run_json(["--json", "--paper=mbcliquenet", "--runs", str(tmp_path)])
+    mnist = next(r for r in report["rows"] if r["dataset"] == "MNIST")
+    assert (mnist["ours"], mnist["ours_best"], mnist["read_values"]) == (99.21, 99.34, [])
+    cifar = next(r for r in report["rows"] if r["dataset"] == "CIFAR-10"
+                 and r["metric"].startswith("test accuracy"))
+    assert cifar["ours_best"] is None
+    assert cifar["read_values"][0].startswith("schedule.min_lr=1e-05: read: the exponent is "
+                                              "lost in the source")
+    tiny = next(r for r in report["rows"] if r["dataset"] == "Tiny ImageNet-100")
+    assert [value.split(":")[0] for value in tiny["read_values"]] == [
+        "data.image_size=64", "schedule.min_lr=0.0001", "train.epochs=256"]
+    out = StringIO()
+    with redirect_stdout(out):
+        assert reproduce.main(["--paper=mbcliquenet", "--runs", str(tmp_path)]) == 0
+    line = next(li for li in out.getvalue().splitlines() if li.startswith("MBCliqueNet ")
+                and "MNIST" in li)
+    assert "99.21" in line and "(best epoch: 99.34)" in line
 
 
 def test_a_field_absent_from_an_old_run_takes_the_default_of_its_time(tmp_path):
@@ -270,7 +345,9 @@ def test_readme_shows_this_commands_output_on_the_committed_runs():
     with redirect_stdout(out):
         assert reproduce.main(shlex.split(README_COMMAND)[3:]) == 0
     assert shown == out.getvalue()
-    assert "99.63   99.38    0.18M" in shown  # published, the committed reduced run, its size
+    # the reduced run of the previous training rule, listed with its difference named
+    assert ("results/mbclique_mnist_w32_momentum_noclip (MBCliqueNet, MNIST): model.widths"
+            in shown and "optimizer.nesterov=false (recipe: true)" in shown)
 
 
 def test_counts_are_summarys_and_match_the_published_ones():

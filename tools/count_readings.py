@@ -29,6 +29,7 @@ READINGS = {
     "transition_width": mbcliquenet.TRANSITION_WIDTHS,
     "attention": (False, True),
     "head_input": mbcliquenet.HEAD_INPUTS,
+    "compression": (False, True),
 }
 DEFAULT = {field: values[0] for field, values in READINGS.items()}
 

@@ -69,6 +69,9 @@ def get_config():
     config.optimizer.lr = 0.1
     config.optimizer.momentum = 0.9  # sgd only (0: plain SGD)
     config.optimizer.nesterov = False  # sgd only
+    # After each step, clip the latent weights of 1-bit layers to [-1, 1] (BinaryConnect's
+    # rule; not the STE's gradient clip, `model.sign_fn`). No effect without 1-bit layers.
+    config.optimizer.clip_latent = False
     # Keyword arguments of optax.<name> as written in the call, values Python literals:
     # "b1=0.95, weight_decay=0.05" for adamw. A string, so that the command line can set it
     # (--config.optimizer.kwargs="b1=0.95"); for sgd they override momentum / nesterov above.

@@ -1,6 +1,9 @@
 """MBCliqueNet on CIFAR-10 (docs/papers.md §3): 3 blocks x 4 layers, widths 64-128-256, K = 4.
-Recipe: SGD momentum 0.9, weight decay 5e-4, batch 128, flip + pad-4 random crop, SGDR from
-0.1 to 1e-5 (CIFAR) with cycles ending at epochs 2, 4, 8, ..., 256; 256 epochs.
+Recipe: SGD with Nesterov momentum 0.9 (SGDR's [20]), weight decay 5e-4, batch 128, flip +
+pad-4 random crop, SGDR from 0.1 to 1e-5 (CIFAR) with cycles ending at epochs 2, 4, 8, ...,
+256; 256 epochs; latent 1-bit filters clipped to [-1, 1] after each step (BinaryConnect [6]).
+Another batch size B is the same recipe only with the learning rates scaled linearly,
+lr = 0.1 * B / 128 and min_lr likewise (docs/papers.md §3, "Training rule").
 K ablation (widths 64-64-128): --config.model.widths=64,64,128 --config.model.K=8"""
 
 from cliquejax.configs import default
@@ -28,6 +31,7 @@ def get_config(arg=None):
     m.transition_width = "next"  # next block's width | keep (CliqueNet's C -> C)
     m.attention = False  # CliqueNet's attentional transition (fully-connected layers)
     m.head_input = "x0_and_stage2"  # {X0, Stage II} (CliqueNet II+II) | stage2 (section 2)
+    m.compression = False  # CliqueNet's 1x1 halving each head feature (its PyTorch code's)
     m.variant = "II+II"  # CliqueNet's variants (clique.VARIANTS): II+II is eqs. 1-2
     m.x = 0  # variant X: the layers of a block that get the Stage-II update
     m.dropout_rate = 0.0
@@ -46,7 +50,10 @@ def get_config(arg=None):
     config.train.batch_size = 128
     config.optimizer.lr = 0.1
     config.optimizer.momentum = 0.9
-    config.optimizer.nesterov = False
+    # "SGD used in [20]": SGDR's SGD is Nesterov's, with the 0.9 / 5e-4 / 128 copied here
+    config.optimizer.nesterov = True
+    # BinaryConnect [6] / BNN [7], which section 2.3 follows: latent filters kept in [-1, 1]
+    config.optimizer.clip_latent = True
     config.optimizer.weight_decay = 5e-4
     config.optimizer.weight_decay_on = "all"
     config.schedule.name = "sgdr"

@@ -31,6 +31,9 @@ four):
 - `head_input`: x0_and_stage2 (default: the block feature, CliqueNet II+II's {X0, Stage II}) |
   stage2 (section 2: "the output feature maps of each block are Stage-II feature"; the
   feature the block passes on).
+- `compression`: CliqueNet's compression (its PyTorch code, which turns it on; `--if_c` of
+  its TensorFlow code): BN-ReLU-1x1 conv (1-bit with `binarize_1x1`) halving each block's
+  head feature before its pool. Default off: the source names none.
 - `variant`, `x`: the clique variant (`clique.VARIANTS`; CliqueNet's README: II+II, the
   source's alternate update, by default), the same wiring CliqueNet's blocks take.
 """
@@ -101,6 +104,7 @@ class MBCliqueNet(Model):
     transition_width: str = "next"  # TRANSITION_WIDTHS
     attention: bool = False
     head_input: str = "x0_and_stage2"  # HEAD_INPUTS
+    compression: bool = False
     dropout_rate: float = 0.0
     unroll: bool = True
     variant: str = "II+II"  # clique.VARIANTS
@@ -170,6 +174,13 @@ class MBCliqueNet(Model):
                 spec, num_planes=self.K, quantize=self.quantize,
                 binarize_1x1=self.binarize_1x1, name=f"block{b + 1}")(x, train)
             head_feature = block if self.head_input == "x0_and_stage2" else transit
+            if self.compression:  # CliqueNet's: the head feature halved by a 1x1 conv
+                head_feature = layers.BatchNorm(self.bn, relu=True, ops=self.ops,
+                                                name=f"compression{b + 1}_bn")(head_feature,
+                                                                               train)
+                head_feature = layers.BinaryConv(
+                    head_feature.shape[-1] // 2, 1, self._quantize_if(self.binarize_1x1),
+                    self.dtype, self.ops, name=f"compression{b + 1}")(head_feature)
             pooled.append(layers.checkpointed(layers.PooledFeature, self.remat)(
                 self.bn, self.ops, name=f"pool{b + 1}")(head_feature, train))
             if b + 1 < len(self.widths):

@@ -66,6 +66,15 @@ def make_transforms(config, tx: optax.GradientTransformation, params):
     return only(not_m, m_mask), only(m_mask, not_m)
 
 
+def clip_latent(params, latent_mask):
+    """`params` with the leaves where `latent_mask` is True clipped to [-1, 1]: the update
+    rule of BinaryConnect [6] and BNN [7] for the full-precision weights behind a sign
+    (MBCliqueNet section 2.3 follows them), applied after each optimizer step. The STE's clip
+    (`binary.ste_sign`) is another thing: it cancels the gradient where |C| > 1."""
+    return jax.tree.map(lambda p, clip: jnp.clip(p, -1.0, 1.0) if clip else p,
+                        params, latent_mask)
+
+
 def init_state(model, transforms, image_shape, seed: int) -> dict:
     images = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init(jax.random.PRNGKey(seed), images, train=False)
@@ -104,9 +113,10 @@ def keep_if(finite, new, old):
 
 
 def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int,
-               binary_mask=None):
+               binary_mask=None, clip_mask=None):
     """One SGD step. A non-finite loss or gradient leaves the state unchanged and reports
-    `finite = 0`, so a bad update is never kept (or saved)."""
+    `finite = 0`, so a bad update is never kept (or saved). `clip_mask` (None: no clip):
+    the latent weights `clip_latent` keeps in [-1, 1] after each update."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     loss = _loss_fn(model, state, batch, rng)
     global_norm = kernels.grad_norm(model)
@@ -118,6 +128,8 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
             first = ce, logits, batch_stats, grad_norm
         updates, opt_state = tx.update(grads, state["opt_state"][idx], params)
         params = optax.apply_updates(params, updates)
+        if clip_mask is not None:  # after each update: the M step sees the clipped C
+            params = clip_latent(params, clip_mask)
         opt_states.append(opt_state)
         finite &= jnp.isfinite(ce) & jnp.isfinite(grad_norm)
     ce, logits, batch_stats, grad_norm = first
@@ -151,11 +163,14 @@ def jit_steps(model, transforms, schedule, config, shardings: Shardings, state,
     """(train_step, eval_step) jitted with explicit shardings; the state is donated.
     `binary_mask` (`bits.binary_mask`: the 1-bit parameters; None: none) adds the flip
     ratio. `train_view` / `eval_view` (`loop.device_views`) turn the pipeline's uint8 batch
-    into the network's input inside the same program."""
+    into the network's input inside the same program. `config.optimizer.clip_latent` clips
+    the 1-bit layers' latent weights after each update (`clip_latent`)."""
+    clip_mask = binary_mask if config.optimizer.get("clip_latent", False) else None
     state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
     train = jax.jit(
         lambda s, b: train_step(s, train_view(b), model=model, transforms=transforms,
-                                schedule=schedule, seed=config.seed, binary_mask=binary_mask),
+                                schedule=schedule, seed=config.seed, binary_mask=binary_mask,
+                                clip_mask=clip_mask),
         in_shardings=(state_sharding, shardings.batch),
         out_shardings=(state_sharding, shardings.replicated), donate_argnums=(0,))
     evaluate = jax.jit(lambda s, b: eval_step(s, eval_view(b), model=model),
