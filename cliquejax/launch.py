@@ -163,6 +163,9 @@ def run() -> None:
     """The command. Before the heavy imports: Ctrl-C is one line, and on a CPU host the
     process restarts with malloc's huge pages and XLA's CPU flags set."""
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    # A Ctrl-C held back until now (launch.py blocks it first thing; the huge-pages restart
+    # blocks it across the re-execution) lands here, on the handler: one line.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     platform.restart_with_huge_pages()
     platform.configure_xla()
     define_flags()
