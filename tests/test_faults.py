@@ -209,6 +209,40 @@ def test_npz_classes_come_from_the_data_not_the_largest_label(tmp_path):
         local_sources.NpzSource(path, "test", num_classes=3)
 
 
+def test_one_class_huge_labels_and_fields_a_source_ignores_are_refused(tmp_path):
+    """One class used to train a 1-way classifier reporting 100.00%; a label of 10**10
+    built a list of every class number before naming the gap; data.num_train for the
+    digits trained on all 1,437 of them."""
+    from cliquejax.data import sources
+
+    path = str(labelled_npz(tmp_path / "one.npz", [0] * 8, [0, 0]))
+    with pytest.raises(ValueError, match=re.escape(f"npz file {path}: y_train holds one class "
+                                                   "(every label is 0); allowed: labels of two")):
+        local_sources.NpzSource(path, "train")
+    path = str(labelled_npz(tmp_path / "huge.npz", np.array([0, 1, 10**10]), [0, 1]))
+    with pytest.raises(ValueError, match=re.escape(
+            "no image of class 2 (its largest label is 10000000000; 3 classes occur)")):
+        local_sources.NpzSource(path, "train")
+    folder = tmp_path / "folder"
+    image_folder(folder, classes=("all",))
+    with pytest.raises(ValueError, match=re.escape(
+            f"image folder {folder}/train has one class folder (all); allowed: two or more")):
+        local_sources.ImageFolderSource(str(folder), "train")
+    config = tiny_digits_config()
+    for field, value, expected in [
+            ("num_classes", 1, "data.num_classes=1; allowed: 0 (the data set's classes) or the "
+                               "number of classes, two or more"),
+            ("num_train", 100, "data.num_train=100 is read with data.name=synthetic only, not "
+                               "with data.name='digits' (which would ignore it); allowed: "
+                               "data.num_train=0 with 'digits'"),
+            ("svhn_extra", True, "data.svhn_extra=True is read with data.name=svhn_cropped "
+                                 "only")]:
+        changed = json.loads(config.data.to_json())
+        changed[field] = value
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            sources.load_source(type(config.data)(changed), "train")
+
+
 def test_images_too_small_for_the_network_are_refused(tmp_path):
     config = tiny_digits_config()
     config.data.name = "npz"
