@@ -115,7 +115,7 @@ def print_summary(results: dict, workdir: str) -> None:
 def main(argv):
     from absl import logging
 
-    del argv
+    cli.refuse_arguments(argv)
     logging.set_verbosity(logging.WARNING)
     config = cli.load_config_flag(FLAGS)
     workdir = cli.workdir_path(FLAGS.workdir)

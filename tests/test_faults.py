@@ -484,6 +484,14 @@ def test_malformed_inputs_of_every_command_are_one_line(tmp_path):
         "--helpshort lists")
     assert one_line(run_env(config, "--nosuchflag", module="cliquejax.summary")) == (
         "error: Unknown command line flag 'nosuchflag'; allowed: the flags --helpshort lists")
+    # words that are no flag used to be ignored: a field without its --, an unquoted space
+    assert one_line(run_env(config, "config.train.epochs=3", module="cliquejax.summary")) == (
+        "error: 'config.train.epochs=3' is not a flag; allowed: --config.train.epochs=3")
+    assert one_line(run_env(*SMALL, f"--workdir={tmp_path}/my", "run")) == (
+        f"error: 'run' is not a flag (it follows --workdir={tmp_path}/my: a value with spaces "
+        "must be quoted); allowed: flags only, each --name=value (quoted where the value has "
+        "spaces)")
+    assert not os.path.exists(tmp_path / "my")
     npy, objects = tmp_path / "images.npy", tmp_path / "objects.npz"
     np.save(npy, np.zeros((2, 8, 8), np.uint8))
     np.savez(objects, images=np.array([np.zeros((8, 8), np.uint8), None], object))
