@@ -170,7 +170,7 @@ class Trainer:
                                         "(--mode=train) or point --workdir at a run")
             self._checkpoints = checkpoint.Checkpointer(
                 directory, keep=self.config.train.keep_checkpoints,
-                create=self._create_checkpoints)
+                read_only=not self._create_checkpoints)  # a reader (eval, predict, export)
         return self._checkpoints
 
     def restore_latest(self, move_aside: bool = True) -> bool:
