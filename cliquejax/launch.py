@@ -128,6 +128,9 @@ def main(argv):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_distributed()
+        problem = platform.jax_environment_problem()  # before anything is written
+        if problem:
+            cli.fail(problem)
         results = train_or_evaluate(config, workdir)
     except KeyboardInterrupt:
         cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "

@@ -381,6 +381,20 @@ def test_every_check_runs_before_anything_is_written(case, tmp_path):
 
 
 @pytest.mark.slow
+def test_jax_environment_the_project_cannot_honour_is_named(tmp_path):
+    """They used to give errors blaming the config, or a traceback, and leave an empty run
+    directory."""
+    workdir = tmp_path / "run"
+    for env, expected in [
+            ({"JAX_ENABLE_X64": "1"}, "error: JAX_ENABLE_X64=1 is set; allowed: unset it"),
+            ({"JAX_PLATFORMS": "cuda"}, "error: JAX_PLATFORMS=cuda cannot be used on this "
+                                        "machine (")]:
+        message = one_line(run_env(*SMALL, f"--workdir={workdir}", env=env))
+        assert message.startswith(expected), message
+        assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
 def test_overwrite_moves_aside_only_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     done = run_env(*SMALL, f"--workdir={tmp_path}", "--overwrite")
