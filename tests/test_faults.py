@@ -243,6 +243,37 @@ def test_one_class_huge_labels_and_fields_a_source_ignores_are_refused(tmp_path)
             sources.load_source(type(config.data)(changed), "train")
 
 
+def test_a_file_that_is_no_npz_and_an_empty_path_are_named(tmp_path):
+    """A text file was answered with numpy's advice to unpickle it (allow_pickle=True: an
+    unsafe action), an empty data.path as the working directory."""
+    from cliquejax.data import sources
+
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match=re.escape(
+            f"npz file {text} is not an npz archive (it does not start as a zip file does); "
+            "allowed: a file written by numpy.savez with keys x_train, y_train, x_test, y_test")):
+        local_sources.NpzSource(str(text), "train")
+    config = tiny_digits_config()
+    for name, what in (("npz", "npz file"), ("image_folder", "image folder")):
+        config.data.name, config.data.path = name, ""
+        with pytest.raises(ValueError, match=re.escape(
+                f"data.path='' is empty; allowed: the {what} that data.name={name!r} reads")):
+            sources.load_source(config.data, "train")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"seed": 0}'])
+def test_a_run_file_that_is_json_but_no_config_is_named(text, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    kind = "a JSON list" if text.startswith("[") else "an object"
+    expected = re.escape(f"{tmp_path}/config.json is not a run's config ({kind} without the "
+                         "groups model, data, train); allowed: the config.json that launch.py "
+                         "wrote")
+    for read in (run_dir.load_config, run_dir.read_config_json):
+        with pytest.raises(run_dir.ConfigMismatchError, match=expected):
+            read(str(tmp_path))
+
+
 def test_images_too_small_for_the_network_are_refused(tmp_path):
     config = tiny_digits_config()
     config.data.name = "npz"
@@ -335,6 +366,12 @@ def test_the_data_is_part_of_the_run(tmp_path):
         f"error: image file {bomb} has more pixels than PIL's limit of 89,478,485; allowed: "
         "smaller images (resize it beforehand)")
 
+    # the same bytes at another path are the same data (a path was refused as a change)
+    moved = tmp_path / "moved.npz"
+    shutil.copy(data, moved)
+    done = run_env(*NPZ_RUN, f"--config.data.path={moved}", f"--workdir={workdir}",
+                   "--mode=eval")
+    assert done.returncode == 0, done.stderr[-3000:]
     arrays = dict(np.load(data))
     np.savez(data, **dict(arrays, x_train=arrays["x_train"] // 2, x_test=arrays["x_test"] // 2))
     changed = one_line(run_env(f"--workdir={workdir}", "--mode=eval"))

@@ -117,6 +117,12 @@ def npz_num_classes(path: str, arrays: dict, num_classes: int = 0) -> int:
 @functools.lru_cache(maxsize=4)
 def _load_npz_cached(path: str, modified_ns: int) -> dict[str, np.ndarray]:
     del modified_ns  # part of the cache key only: a rewritten file is loaded again
+    with open(path, "rb") as handle:
+        start = handle.read(6)
+    if not start.startswith((b"PK", b"\x93NUMPY")):  # numpy would take it for a pickle
+        raise ValueError(f"npz file {path} is not an npz archive (it does not start as a zip "
+                         "file does); allowed: a file written by numpy.savez with keys "
+                         f"{', '.join(NPZ_KEYS)}")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array

@@ -74,6 +74,10 @@ def load_source(data_config, split: str):
     if num_classes < 0 or num_classes == 1:
         raise ValueError(f"data.num_classes={num_classes}; allowed: 0 (the data set's "
                          "classes) or the number of classes, two or more")
+    if name in ("npz", "image_folder") and not data_path(data_config).strip():
+        what = "npz file" if name == "npz" else "image folder"
+        raise ValueError(f"data.path={config_value(data_config, 'path', '')!r} is empty; "
+                         f"allowed: the {what} that data.name={name!r} reads")
     for field, readers in _FIELD_READERS:
         value = config_value(data_config, field)
         if value and name not in readers:
