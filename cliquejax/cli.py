@@ -139,6 +139,11 @@ def exit_on_interrupt() -> None:
     signal.signal(signal.SIGINT, _exit_interrupted)
 
 
+def config_overrides() -> list[str]:
+    """The `--config.x=y` arguments, in the order given."""
+    return [argument for argument in sys.argv[1:] if argument.startswith("--config.")]
+
+
 def _repeated_overrides() -> list[str]:
     """`--config.x` fields given more than once. A repeated scalar takes its last value, as
     absl documents; a repeated list is appended to (widths=16,16,32 then widths=32 gives

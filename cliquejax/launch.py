@@ -121,7 +121,13 @@ def main(argv):
     workdir = cli.workdir_path(FLAGS.workdir)
     check_mode(config, workdir)
     from cliquejax import checkpoint, data
-    from cliquejax.train import loop, run_dir
+    from cliquejax.train import loop, preflight, run_dir
+
+    if config is not None:
+        try:
+            preflight.check_fields_in_given_order(config, cli.config_overrides())
+        except ValueError as error:
+            cli.fail(f"error: {error}")
 
     platform.use_compilation_cache(FLAGS.compilation_cache)
     # From here a Ctrl-C unwinds: a workdir this session created is removed, a lock released.

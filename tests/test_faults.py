@@ -243,6 +243,22 @@ def test_one_class_huge_labels_and_fields_a_source_ignores_are_refused(tmp_path)
             sources.load_source(type(config.data)(changed), "train")
 
 
+@pytest.mark.parametrize("given, first", [
+    (["--config.train.batch_size=0", "--config.train.epochs=0"], "train.batch_size=0 "),
+    (["--config.optimizer.lr=-1.0", "--config.model.widths=0"], "optimizer.lr=-1.0 "),
+    (["--config.model.widths=16,0,32", "--config.train.epochs=0"], "model.widths=16,0,32 ")])
+def test_two_errors_at_once_name_the_first_as_given(given, first):
+    """The code's order (train before optimizer before model) used to decide which."""
+    from cliquejax.train import preflight
+    from tests.conftest import launch_config
+
+    config = launch_config(["x", "--config=configs/mbclique_digits.py", *given])
+    with pytest.raises(ValueError, match=re.escape(first)):
+        preflight.check_fields_in_given_order(config, given)
+    with pytest.raises(ValueError, match=re.escape(given[1].removeprefix("--config."))):
+        preflight.check_fields_in_given_order(config, given[::-1])
+
+
 def test_a_file_that_is_no_npz_and_an_empty_path_are_named(tmp_path):
     """A text file was answered with numpy's advice to unpickle it (allow_pickle=True: an
     unsafe action), an empty data.path as the working directory."""

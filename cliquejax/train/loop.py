@@ -100,9 +100,12 @@ class SignalFlag:
         return stop
 
 
+TRAIN_COUNTS = ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
+                "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints")
+
+
 def validate_train(train) -> None:
-    for field in ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
-                  "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
+    for field in TRAIN_COUNTS:
         check_range(f"train.{field}", train[field], 1)
 
 
