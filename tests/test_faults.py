@@ -276,6 +276,11 @@ def test_a_file_that_is_no_npz_and_an_empty_path_are_named(tmp_path):
         with pytest.raises(ValueError, match=re.escape(
                 f"data.path='' is empty; allowed: the {what} that data.name={name!r} reads")):
             sources.load_source(config.data, "train")
+    from cliquejax import standalone
+
+    with pytest.raises(standalone.StandaloneError, match=re.escape(  # it wrote no file
+            "--logits='' is empty; allowed: a file path in an existing directory, or no")):
+        standalone.check_output("")
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '{"seed": 0}'])
