@@ -20,7 +20,7 @@ from PIL import Image
 from cliquejax import report
 from cliquejax.data import local_sources
 from cliquejax.train import loop, run_dir
-from tests.conftest import DATA_DIR, ROOT, tiny_digits_config
+from tests.conftest import DATA_DIR, ROOT, host_devices, tiny_digits_config
 
 SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
          "--config.model.layers=2,2,2", "--config.train.epochs=1",
@@ -29,7 +29,7 @@ SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32"
 
 def run(*args, module=None):
     command = [sys.executable, *(["-m", module] if module else ["launch.py"]), *args]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=host_devices(1))
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -330,7 +330,7 @@ NPZ_RUN = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,3
 
 def run_env(*args, module=None, env=None, cwd=ROOT):
     command = [sys.executable, *(["-m", module] if module else ["launch.py"]), *args]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    env = {**os.environ, "XLA_FLAGS": host_devices(1), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -435,7 +435,7 @@ def test_every_check_runs_before_anything_is_written(case, tmp_path):
     }[case]
     workdir = tmp_path / "run"
     done = run_env(*NPZ_RUN, f"--config.data.path={data}", override, f"--workdir={workdir}",
-                   env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                   env={"XLA_FLAGS": host_devices(devices)})
     assert one_line(done).startswith(expected), one_line(done)
     assert not os.path.exists(workdir)
 

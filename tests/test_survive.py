@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, host_devices
 
 pytestmark = pytest.mark.slow  # every test here starts launch.py, then kills or signals it
 
@@ -42,7 +42,7 @@ STOPPED = re.compile(r"stopped by signal at step (\d+): checkpoint saved in (\S+
 def env(tmp_path_factory):
     """The launches' environment. They share a JAX compilation cache: a cached executable
     computes the same bits, and the launches after the first skip compiling."""
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    return dict(os.environ, XLA_FLAGS=host_devices(1),
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -322,7 +322,7 @@ def test_config_json_of_another_model_is_refused_unless_overwrite(env, reference
 
 
 def test_batch_the_devices_do_not_divide_is_a_one_line_error(env, tmp_path):
-    eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    eight = dict(env, XLA_FLAGS=host_devices(8))
     code, _, err = launch(eight, tmp_path / "run", "--config.train.batch_size=30")
     assert code == 2 and one_line_error(err, alone=True) == (
         "error: train.batch_size=30 is not divisible by the 8 devices; allowed: a multiple "
