@@ -347,7 +347,8 @@ def test_the_data_is_part_of_the_run(tmp_path):
     predict gives the same logits as before, from the recorded statistics (it used to
     measure them again on the new data). A start that failed (config.json, no checkpoint)
     does not block the corrected command; `~` in --workdir is the home directory, printed as
-    written; 16-bit PNGs keep their range."""
+    written; 16-bit PNGs keep their range; the same bytes at another path are the same
+    data."""
     data = tmp_path / "data.npz"
     labelled_npz(data, np.arange(64) % 4, np.arange(16) % 4)
     workdir = tmp_path / "run"
