@@ -601,9 +601,13 @@ def test_ctrl_c_while_starting_is_one_line(command, tmp_path):
             if command.startswith("launch") else
             [sys.executable, "-m", "cliquejax.predict", f"--workdir={tmp_path}", "x.npz"])
     held = command == "launch_pending"
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, preexec_fn=(lambda: signal.pthread_sigmask(
-                                   signal.SIG_BLOCK, {signal.SIGINT})) if held else None)
+    # the child inherits this thread's signal mask (no preexec_fn: a fork of JAX's threads)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT} if held else set())
+    try:
+        process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     # The signal that it is starting: jaxlib mapped into the process (the heavy imports, after
     # launch's huge-pages restart), however slow a loaded machine makes it get there.
     # Held back: sent at once, pending from the process's first instruction on.
