@@ -16,3 +16,8 @@ if _sys.argv[:1] == ["-m"] and "-m" in _command[:-1] and \
     from cliquejax import cli as _cli
 
     _cli.exit_on_interrupt()
+elif _sys.argv[:1] and _sys.argv[0].endswith("cliquejax-train"):
+    import signal as _signal
+
+    # as launch.py's first line: a Ctrl-C waits until `launch.run` installs its handler
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT})

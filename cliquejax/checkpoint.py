@@ -103,7 +103,8 @@ def _reason(error: BaseException) -> str:
 
 
 class Checkpointer:
-    """Saves and restores `(state, meta)` checkpoints in `directory`.
+    """Saves and restores `(state, meta)` checkpoints in `directory`; with `read_only` it
+    only restores (eval, predict, export), changing nothing on disk.
 
     Retention: the last `keep` checkpoints are kept, plus (with `keep_best`) the one with the
     highest `meta[best_metric]`; checkpoints whose meta lacks that metric are only kept as
@@ -118,7 +119,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory, *, keep: int = 2, keep_best: bool = True,
-                 best_metric: str = "accuracy", create: bool = True):
+                 best_metric: str = "accuracy", create: bool = True, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -130,9 +131,13 @@ class Checkpointer:
             # best checkpoint is still known after a restart.
             best_fn=_metric_getter(best_metric) if keep_best else None,
             best_mode="max",
-            cleanup_tmp_directories=True,
-            create=create,
+            # Only the writer (the process holding the run's lock) removes the temporary
+            # directories of unfinished saves: a reader opening a live run would otherwise
+            # delete the save in flight, and the writer would then die on it.
+            cleanup_tmp_directories=not read_only,
+            create=create and not read_only,
         )
+        self.read_only = read_only
         for logger in ("absl", "asyncio"):
             logging.getLogger(logger).addFilter(_ORBAX_FILTER)  # once: filters are a set
         if not getattr(sys.unraisablehook, "quiets_orbax_leftovers", False):
@@ -167,6 +172,8 @@ class Checkpointer:
         Without `force`, Orbax's save-decision policy may skip the step. A step that is not
         newer than the latest checkpoint, or that already exists, is never saved.
         """
+        if self.read_only:
+            raise CheckpointSaveError(f"{self.directory} was opened read-only")
         step = int(step)
         if step in self._manager.all_steps():
             return False
@@ -271,8 +278,9 @@ class Checkpointer:
             "anew with --overwrite (the run is moved aside) or another --workdir")
 
     def move_aside(self, steps) -> None:
-        """Moves checkpoints `steps` to `<directory>-corrupt/` (primary process only)."""
-        if steps and jax.process_index() == 0:
+        """Moves checkpoints `steps` to `<directory>-corrupt/` (primary process only; a
+        read-only Checkpointer leaves them where they are)."""
+        if steps and jax.process_index() == 0 and not self.read_only:
             aside = self.directory + CORRUPT_SUFFIX
             os.makedirs(aside, exist_ok=True)
             for step in steps:

@@ -125,6 +125,22 @@ def workdir_path(workdir) -> str:
     return path
 
 
+def refuse_arguments(argv) -> None:
+    """Words of the command line that are no flag (absl leaves them in `argv` after the
+    program's name): a `config.x=y` without its `--`, the rest of an unquoted path with a
+    space. Ignored, they would run something else than what was asked."""
+    if len(argv) <= 1:
+        return
+    extra = argv[1]
+    if extra.startswith("config."):
+        fail(f"error: {extra!r} is not a flag; allowed: --{extra}")
+    given = sys.argv[1:]
+    after = given[given.index(extra) - 1] if extra in given and given.index(extra) else None
+    where = f" (it follows {after}: a value with spaces must be quoted)" if after else ""
+    fail(f"error: {extra!r} is not a flag{where}; allowed: flags only, each --name=value "
+         "(quoted where the value has spaces)")
+
+
 INTERRUPTED = "error: interrupted (Ctrl-C)"
 
 
@@ -141,6 +157,11 @@ def exit_on_interrupt() -> None:
     import signal
 
     signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def config_overrides() -> list[str]:
+    """The `--config.x=y` arguments, in the order given."""
+    return [argument for argument in sys.argv[1:] if argument.startswith("--config.")]
 
 
 def _repeated_overrides() -> list[str]:

@@ -5,7 +5,9 @@
 
 Both files take uint8 images (N, H, W, C) and normalise them inside with the training split's
 per-channel mean and std, exactly as the training pipeline does, so they return the logits
-the trained network gives on the data set's own images.
+the trained network gives on the data set's own images. A run with `data.augment=imagenet`
+evaluates through a resize and centre crop on the host (PIL): the clqx file applies it
+(`augment.eval_images`), a standalone file cannot and is refused for such a run.
 
 `clqx` (`predict = cliquejax.export.load("m.clqx")`) needs this package: magic `CLQX`,
 little-endian uint32 version, uint64 header length and uint32 CRC-32 of the header, a compact
@@ -42,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from cliquejax import binary, bits, cli, models, names, standalone
+from cliquejax.data import augment
 from cliquejax.data.augment import normalize  # the training steps' arithmetic
 
 MAGIC, VERSION = b"CLQX", 2
@@ -103,6 +106,8 @@ def serialize(config, variables, info, class_names=None) -> bytes:
         offset += len(data)
     payload = b"".join(chunks)
     header = json.dumps({"config": _model_config(config), "image_shape": list(info.image_shape),
+                         # the host's part of the evaluation view (`augment.eval_images`)
+                         "eval_view": config.data.get("augment", "cifar"),
                          "num_classes": info.num_classes, "class_names": class_names,
                          "mean": list(info.mean), "std": list(info.std), "tensors": rows,
                          "tree": _tree_hash(variables),
@@ -146,7 +151,9 @@ def _tensor(shape, kind: str, offset: int, payload: bytes) -> np.ndarray:
 
 def load(path: str):
     """A jitted inference function `uint8 images (N, H, W[, C]) -> float32 logits` of the
-    exported network; also `.image_shape`, `.num_classes` and `.class_names`."""
+    exported network; also `.image_shape`, `.num_classes` and `.class_names`. A run with
+    data.augment=imagenet takes images of any size, resized and centre-cropped on the host
+    as its evaluation did (`augment.eval_images`)."""
     header, payload = _read(path)
     try:
         standalone.check_header(header)
@@ -157,6 +164,7 @@ def load(path: str):
             jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32)))
         rows = header["tensors"]
         mean, std = header["mean"], header["std"]
+        view = augment.Augmentation(header.get("eval_view", "none"), False, 0, image_shape[0])
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ExportFileError(f"{path!r}: its header does not describe a network this code "
                               f"builds ({cli.first_line(error, 200, typed=True)}); export the "
@@ -174,6 +182,11 @@ def load(path: str):
     apply = jax.jit(lambda v, images: model.apply(v, normalize(images, mean, std), train=False))
 
     def predict(images):
+        if view.needs_native_images:  # any size, resized and cropped as the run evaluated
+            shape = np.shape(images)
+            images = augment.eval_images(standalone.check_images(
+                images, (*shape[1:3], image_shape[-1]) if len(shape) >= 3 else image_shape),
+                view)
         return apply(variables, standalone.check_images(images, image_shape))
 
     predict.image_shape, predict.num_classes = image_shape, header["num_classes"]
@@ -341,6 +354,11 @@ def export_checkpoint(workdir: str, out: str, fmt: str = "clqx") -> dict:
     if not out or os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise ValueError(f"--out={out!r}: allowed: a file path in an existing directory")
     config, trainer = restore(workdir)
+    if fmt == "standalone" and config.data.get("augment") == "imagenet":
+        trainer.checkpoints.close()
+        raise ValueError(f"--format=standalone: {workdir} evaluates with data.augment="
+                         "'imagenet' (a resize and centre crop on the host, with PIL), which a "
+                         "jax-only file cannot carry; allowed: --format=clqx")
     try:
         variables = {"params": trainer.state["params"],
                      "batch_stats": trainer.state["batch_stats"]}

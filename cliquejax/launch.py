@@ -169,19 +169,28 @@ def print_summary(results: dict, workdir: str) -> None:
 def main(argv):
     from absl import logging
 
-    del argv
+    cli.refuse_arguments(argv)
     logging.set_verbosity(logging.WARNING)
     config = cli.load_config_flag(FLAGS)
     workdir = cli.workdir_path(FLAGS.workdir)
     check_mode(config, workdir)
     from cliquejax import checkpoint, data
-    from cliquejax.train import loop, run_dir
+    from cliquejax.train import loop, preflight, run_dir
+
+    if config is not None:
+        try:
+            preflight.check_fields_in_given_order(config, cli.config_overrides())
+        except ValueError as error:
+            cli.fail(f"error: {error}")
 
     platform.use_compilation_cache(FLAGS.compilation_cache)
     # From here a Ctrl-C unwinds: a workdir this session created is removed, a lock released.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_distributed()
+        problem = platform.jax_environment_problem()  # before anything is written
+        if problem:
+            cli.fail(problem)
         results = train_or_evaluate(config, workdir)
     except KeyboardInterrupt:
         cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "
@@ -226,6 +235,9 @@ def run() -> None:
     """The command. Before the heavy imports: Ctrl-C is one line, and on a CPU host the
     process restarts with malloc's huge pages and XLA's CPU flags set."""
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    # A Ctrl-C held back until now (launch.py blocks it first thing; the huge-pages restart
+    # blocks it across the re-execution) lands here, on the handler: one line.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     platform.restart_with_huge_pages()
     platform.configure_xla()
     define_flags()

@@ -59,6 +59,27 @@ def restart_with_huge_pages() -> None:
         cpu.restart_with_huge_pages()
 
 
+def jax_environment_problem() -> str | None:
+    """One line naming an environment variable that sets JAX up in a way this project cannot
+    run with (64-bit arrays; a platform without devices here), else None. Initialises JAX's
+    backends: call it after `jax.distributed.initialize`, before anything is written."""
+    import jax
+
+    if jax.config.jax_enable_x64:
+        return (f"error: JAX_ENABLE_X64={os.environ.get('JAX_ENABLE_X64', '')} is set; allowed: "
+                "unset it (cliquejax computes in float32 and bfloat16, as its checkpoints "
+                "and configs are written)")
+    try:
+        jax.devices()
+    except Exception as error:  # noqa: BLE001 - JAX raises RuntimeError or AssertionError
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        reason = " ".join(str(error).split())[:200] or "no backend of that name starts here"
+        given = f"JAX_PLATFORMS={platforms}" if platforms else "JAX's default backend"
+        return (f"error: {given} cannot be used on this machine ({reason}); allowed: "
+                "JAX_PLATFORMS unset, cpu, or a platform whose devices and JAX plugin are here")
+    return None
+
+
 def init_compiler_options() -> dict | None:
     """Compiler options for a program that runs once (the initial state): those of
     `cliquejax/cpu/platform.py` when JAX runs on the CPU and that package exists, else None."""

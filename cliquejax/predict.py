@@ -5,7 +5,9 @@
 
 Images are uint8 pixels of the data set's size: an .npz with `images` (N x H x W [x C]) or
 PNG/JPEG files (decoded as the image folders are, `data.local_sources.decode_image`, to grey
-or RGB to match the data set; not resized). They are normalised with the statistics the run
+or RGB to match the data set; not resized). A run with `data.augment=imagenet` takes them at
+any size and resizes and centre-crops them as its evaluation does (`augment.eval_images`).
+They are normalised with the statistics the run
 recorded (data.json), as the training step does, and run through the trained network, so
 this is the reference the exported files are compared with; the data set is not read. One
 line per image: its name (index or path), then its `top` classes.
@@ -24,10 +26,21 @@ from cliquejax import cli, export, standalone
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def read_inputs(paths: list[str], image_shape) -> tuple[np.ndarray, list[str]]:
-    """(uint8 images (N, H, W, C), one label per image) from one .npz or image files."""
+def read_inputs(paths: list[str], image_shape, augmentation=None
+                ) -> tuple[np.ndarray, list[str]]:
+    """(uint8 images (N, H, W, C), one label per image) from one .npz or image files, in
+    the run's evaluation view (`augment.eval_images`): with data.augment=imagenet, images of
+    any size resized and centre-cropped to `image_shape`, as evaluation does."""
+    from cliquejax.data import augment
+
+    native = augmentation is not None and augmentation.needs_native_images
     if len(paths) == 1 and paths[0].lower().endswith(".npz"):
-        images = standalone.check_images(standalone.read_images(paths[0]), image_shape)
+        images = standalone.read_images(paths[0])
+        shape = ((*np.shape(images)[1:3], image_shape[-1]) if native and np.ndim(images) >= 3
+                 else image_shape)
+        images = standalone.check_images(images, shape)
+        if native:
+            images = augment.eval_images(images, augmentation)
         return images, [str(i) for i in range(len(images))]
     from cliquejax.data import local_sources
 
@@ -38,6 +51,9 @@ def read_inputs(paths: list[str], image_shape) -> tuple[np.ndarray, list[str]]:
                 f"{path!r}: allowed inputs are one .npz (key 'images') or .png/.jpg/.jpeg files")
         local_sources.check_image_file(path)  # PIL's pixel limit, a damaged header
         pixels = local_sources.decode_image(path, image_shape[-1])  # 16-bit: its real range
+        if native:
+            images.append(augment.eval_images([pixels], augmentation)[0])
+            continue
         if pixels.shape[:2] != tuple(image_shape[:2]):
             raise standalone.StandaloneError(
                 f"{path!r} is {pixels.shape[1]}x{pixels.shape[0]} pixels; allowed: "
@@ -81,7 +97,10 @@ def main(argv=None) -> None:
                              "or PNG/JPEG files")
         _, trainer = export.restore(args.workdir, "predict")
         trainer.checkpoints.close()
-        images, labels = read_inputs(args.inputs, trainer.info.image_shape)
+        from cliquejax.data import pipeline
+
+        view = pipeline.augmentation_from_config(trainer.config.data, trainer.info.image_shape)
+        images, labels = read_inputs(args.inputs, trainer.info.image_shape, view)
         logits = predictor(trainer)(images)
         if args.logits:
             standalone.save_logits(args.logits, logits)

@@ -201,7 +201,11 @@ def top_lines(logits: np.ndarray, labels: list[str], class_names=None, top: int 
 
 
 def check_output(path: str | None) -> None:
-    """Refuses a --logits path that cannot be a new file, before any work is done."""
+    """Refuses a --logits path that cannot be a new file, before any work is done (an
+    empty one was silently no file at all)."""
+    if path is not None and not path.strip():
+        raise StandaloneError(f"--logits={path!r} is empty; allowed: a file path in an "
+                              "existing directory, or no --logits")
     if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
         raise StandaloneError(f"--logits={path!r}: allowed: a file path in an existing directory")
 

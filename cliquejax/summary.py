@@ -239,7 +239,7 @@ def main(argv) -> None:
 
     from cliquejax import cli, data
 
-    del argv
+    cli.refuse_arguments(argv)
     cli.quiet_logging()
     config = cli.load_config_flag(flags.FLAGS)
     try:

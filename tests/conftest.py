@@ -33,6 +33,19 @@ os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["CLIQUEJAX_TESTS_HOME"], 
 os.environ["TFDS_DATA_DIR"] = os.path.join(os.environ["CLIQUEJAX_TESTS_HOME"], "tfds")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# XLA flags added to this process and to every process the tests start (which otherwise set
+# XLA_FLAGS to their device count alone): CLIQUEJAX_TEST_XLA_FLAGS=--xla_cpu_max_isa=AVX2
+# runs the suite as an AVX2-only CPU would, on an AVX-512 one.
+TEST_XLA_FLAGS = os.environ.get("CLIQUEJAX_TEST_XLA_FLAGS", "").strip()
+if TEST_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def host_devices(count: int) -> str:
+    """XLA_FLAGS for a process with `count` CPU devices (plus CLIQUEJAX_TEST_XLA_FLAGS)."""
+    return f"--xla_force_host_platform_device_count={count} {TEST_XLA_FLAGS}".strip()
+
+
 from cliquejax import platform  # noqa: E402
 
 platform.configure_xla()

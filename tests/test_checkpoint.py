@@ -18,6 +18,7 @@ from flax.core import FrozenDict
 from cliquejax.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
+    CheckpointSaveError,
     params_fingerprint,
     state_checksum,
     tree_differences,
@@ -308,3 +309,27 @@ def test_state_checksum_changes_with_every_single_bit_and_nothing_else():
     assert state_checksum(dict(tree, w=swapped)) != digest  # the order of the words counts
     assert state_checksum(dict(tree, w=np.asarray(tree["w"]).view(np.int32))) != digest
     assert state_checksum({"v": tree["w"], **{k: tree[k] for k in tree if k != "w"}}) != digest
+
+
+def test_a_read_only_checkpointer_changes_nothing(tmp_path):
+    """What eval, predict and export open: a save in flight (its temporary directory) is
+    left to the writer, which alone cleans up; nothing can be saved or moved aside."""
+    state = make_state()
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(7, state, {"step": 7})
+    leftover = tmp_path / f"8{TMP_SUFFIX}"  # a save in flight: items written, no commit
+    shutil.copytree(tmp_path / "7", leftover)
+    os.remove(leftover / "commit_success.txt")
+    os.rename(leftover / "state", leftover / f"state{TMP_SUFFIX}")
+    before = sorted(os.listdir(tmp_path))
+    reader = Checkpointer(tmp_path, read_only=True)
+    restored, _ = reader.restore(state)
+    assert_bitwise_equal(restored, state)
+    with pytest.raises(CheckpointSaveError, match="opened read-only"):
+        reader.save(9, state, {"step": 9})
+    reader.move_aside([7])
+    reader.close()
+    assert sorted(os.listdir(tmp_path)) == before
+    with Checkpointer(tmp_path) as writer:  # the writer removes it (before its next save)
+        writer.save(9, state, {"step": 9})
+    assert sorted(os.listdir(tmp_path)) == ["7", "9"]

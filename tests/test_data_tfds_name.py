@@ -95,6 +95,10 @@ def test_unknown_and_non_classification_names_are_one_line_errors(data_dir, tmp_
         ("cliquejax_test_stripez", ("'cliquejax_test_stripez'", "imagenet2012", "synthetic")),
         # a TFDS data set without images: refused before anything is looked for on disk
         ("imdb_reviews", ("'imdb_reviews'", "'image'", "ClassLabel")),
+        # TFDS's own readings: a version gave a traceback, CamelCase its warnings and advice
+        # to build 'Cifar10'
+        ("cifar10:9.9.9", ("data.name='cifar10:9.9.9' is not a data set name", "lower case")),
+        ("Cifar10", ("data.name='Cifar10' is not a data set name", "no version")),
     ]:
         config = stripes_config(str(tmp_path))
         config.data.name = name

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import DATA_DIR, ROOT
+from tests.conftest import DATA_DIR, ROOT, host_devices
 
 pytestmark = pytest.mark.slow  # every test here starts processes (8 devices, two processes)
 
@@ -19,7 +19,7 @@ SCRIPT = os.path.join(ROOT, "tests", "scripts", "sharded_steps.py")
 
 
 def run_steps(model: str, devices: int, out: str, steps: int, kernels: str = "auto") -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=host_devices(devices))
     done = subprocess.run([sys.executable, SCRIPT, model, out, str(steps), kernels], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -87,11 +87,11 @@ def test_two_processes_equal_one(tmp_path):
     # carries it (XLA in one process, gloo across two), so the runs must agree bitwise.
     single = subprocess.run(
         [sys.executable, "launch.py", *TINY, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        env=dict(os.environ, XLA_FLAGS=host_devices(2)),
         capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     port, workdir = free_port(), tmp_path / "two"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=host_devices(1))
     outputs = run_pair([["launch.py", *TINY, f"--workdir={workdir}",
                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                          f"--process_id={i}"] for i in range(2)], env, timeout=600)
@@ -112,10 +112,11 @@ SIGNAL_SCRIPT = os.path.join(ROOT, "tests", "scripts", "signal_run.py")
 
 def run_signal_pair(workdir, env) -> list[dict]:
     """Both processes of tests/scripts/signal_run.py; their reports. A pair still running
-    after 3 minutes (30x a run here) fails the test instead of hanging CI."""
+    after 10 minutes fails the test instead of hanging CI: a hang never ends, while a run
+    here (about 6 s idle) took over 3 minutes on a loaded 2-core machine, compiling twice."""
     port = free_port()
     outputs = run_pair([[SIGNAL_SCRIPT, str(port), str(i), str(workdir), "3"]
-                        for i in range(2)], env, timeout=180)
+                        for i in range(2)], env, timeout=600)
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
@@ -125,7 +126,7 @@ def test_sigterm_on_one_process_saves_and_stops_both_without_a_collective_per_st
     # Twice over one fresh compilation cache: the second run finds process 0's executables
     # there, which hung both processes in their first step until several processes on
     # XLA:CPU stopped using the cache (`platform.no_cache_across_cpu_processes`).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=host_devices(1),
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

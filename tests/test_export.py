@@ -240,3 +240,52 @@ def test_headers_that_describe_no_network_are_refused(digits, tmp_path):
             assert "\n" not in str(error.value) and str(path) in str(error.value), (fmt, name)
             if (fmt, name) == ("clqx", "no-shape"):  # the root error's type and first line
                 assert "(KeyError: 'image_shape')" in str(error.value)
+
+
+@pytest.mark.slow  # trains end to end
+def test_predict_and_export_apply_the_runs_evaluation_view(tmp_path, capsys):
+    """A data.augment=imagenet run evaluates its images resized and centre-cropped on the
+    host: predict and the clqx file used to skip that (45 of 120 of a run's own test
+    images got another class), and a standalone file cannot do it (refused)."""
+    from cliquejax.data import augment, local_sources, pipeline
+    from cliquejax.train import evaluate, loop
+    from tests.conftest import tiny_digits_config
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 16), ("test", 6)):
+        for label, name in enumerate(("a", "b")):
+            os.makedirs(tmp_path / "folder" / split / name)
+            for index in range(count):  # a bright centre or a bright border, and noise
+                pixels = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
+                pixels[4:12, 4:12] += np.uint8(120 * (label == 0))
+                Image.fromarray(pixels).save(tmp_path / "folder" / split / name / f"{index}.png")
+    config = tiny_digits_config(epochs=1, batch_size=8, eval_batch_size=8)
+    config.data.update(dict(name="image_folder", path=str(tmp_path / "folder"),
+                            augment="imagenet", flip=True, crop_padding=0, data_dir=""))
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    trainer = evaluate.restore_trainer(None, workdir)  # what --mode=eval evaluates
+    test = local_sources.ImageFolderSource(str(tmp_path / "folder"), "test")
+    logits_file = tmp_path / "logits.npy"
+    predict.main([f"--workdir={workdir}", *test.files, f"--logits={logits_file}"])
+    capsys.readouterr()
+    logits = np.load(logits_file)
+    accuracy = np.mean(logits.argmax(-1) == np.asarray(test.labels))
+    assert accuracy == trainer.evaluate()["accuracy"]
+    # ...and the logits are those of the evaluation pipeline's own images
+    batches = pipeline.make_eval_iterator(trainer.config.data, global_batch_size=12,
+                                          stats=(trainer.info.mean, trainer.info.std))
+    viewed = next(iter(batches))["image"]
+    np.testing.assert_array_equal(viewed, augment.eval_images(
+        [local_sources.decode_image(path) for path in test.files],
+        pipeline.augmentation_from_config(trainer.config.data, trainer.info.image_shape)))
+    # one batch of 12 in both: the same arithmetic, but XLA may tile rows differently
+    np.testing.assert_allclose(logits, predict.predictor(trainer)(viewed), rtol=1e-5, atol=1e-5)
+    trainer.checkpoints.close()
+    export.export_checkpoint(workdir, str(tmp_path / "m.clqx"))
+    clqx = export.load(str(tmp_path / "m.clqx"))
+    native = np.stack([local_sources.decode_image(path) for path in test.files])
+    np.testing.assert_allclose(clqx(native), logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"evaluates with data.augment='imagenet' .*; allowed: "
+                                         r"--format=clqx"):
+        export.export_checkpoint(workdir, str(tmp_path / "m.clqs"), "standalone")

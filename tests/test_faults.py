@@ -21,7 +21,7 @@ from cliquejax import report
 from cliquejax.cli import shipped_configs
 from cliquejax.data import local_sources
 from cliquejax.train import loop, run_dir
-from tests.conftest import DATA_DIR, ROOT, tiny_digits_config
+from tests.conftest import DATA_DIR, ROOT, host_devices, tiny_digits_config
 
 SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32",
          "--config.model.layers=2,2,2", "--config.train.epochs=1",
@@ -30,7 +30,7 @@ SMALL = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,32"
 
 def run(*args, module=None):
     command = [sys.executable, *(["-m", module] if module else ["launch.py"]), *args]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=host_devices(1))
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -211,6 +211,92 @@ def test_npz_classes_come_from_the_data_not_the_largest_label(tmp_path):
         local_sources.NpzSource(path, "test", num_classes=3)
 
 
+def test_one_class_huge_labels_and_fields_a_source_ignores_are_refused(tmp_path):
+    """One class used to train a 1-way classifier reporting 100.00%; a label of 10**10
+    built a list of every class number before naming the gap; data.num_train for the
+    digits trained on all 1,437 of them."""
+    from cliquejax.data import sources
+
+    path = str(labelled_npz(tmp_path / "one.npz", [0] * 8, [0, 0]))
+    with pytest.raises(ValueError, match=re.escape(f"npz file {path}: y_train holds one class "
+                                                   "(every label is 0); allowed: labels of two")):
+        local_sources.NpzSource(path, "train")
+    path = str(labelled_npz(tmp_path / "huge.npz", np.array([0, 1, 10**10]), [0, 1]))
+    with pytest.raises(ValueError, match=re.escape(
+            "no image of class 2 (its largest label is 10000000000; 3 classes occur)")):
+        local_sources.NpzSource(path, "train")
+    folder = tmp_path / "folder"
+    image_folder(folder, classes=("all",))
+    with pytest.raises(ValueError, match=re.escape(
+            f"image folder {folder}/train has one class folder (all); allowed: two or more")):
+        local_sources.ImageFolderSource(str(folder), "train")
+    config = tiny_digits_config()
+    for field, value, expected in [
+            ("num_classes", 1, "data.num_classes=1; allowed: 0 (the data set's classes) or the "
+                               "number of classes, two or more"),
+            ("num_train", 100, "data.num_train=100 is read with data.name=synthetic only, not "
+                               "with data.name='digits' (which would ignore it); allowed: "
+                               "data.num_train=0 with 'digits'"),
+            ("svhn_extra", True, "data.svhn_extra=True is read with data.name=svhn_cropped "
+                                 "only")]:
+        changed = json.loads(config.data.to_json())
+        changed[field] = value
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            sources.load_source(type(config.data)(changed), "train")
+
+
+@pytest.mark.parametrize("given, first", [
+    (["--config.train.batch_size=0", "--config.train.epochs=0"], "train.batch_size=0 "),
+    (["--config.optimizer.lr=-1.0", "--config.model.widths=0"], "optimizer.lr=-1.0 "),
+    (["--config.model.widths=16,0,32", "--config.train.epochs=0"], "model.widths=16,0,32 ")])
+def test_two_errors_at_once_name_the_first_as_given(given, first):
+    """The code's order (train before optimizer before model) used to decide which."""
+    from cliquejax.train import preflight
+    from tests.conftest import launch_config
+
+    config = launch_config(["x", "--config=configs/mbclique_digits.py", *given])
+    with pytest.raises(ValueError, match=re.escape(first)):
+        preflight.check_fields_in_given_order(config, given)
+    with pytest.raises(ValueError, match=re.escape(given[1].removeprefix("--config."))):
+        preflight.check_fields_in_given_order(config, given[::-1])
+
+
+def test_a_file_that_is_no_npz_and_an_empty_path_are_named(tmp_path):
+    """A text file was answered with numpy's advice to unpickle it (allow_pickle=True: an
+    unsafe action), an empty data.path as the working directory."""
+    from cliquejax.data import sources
+
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match=re.escape(
+            f"npz file {text} is not an npz archive (it does not start as a zip file does); "
+            "allowed: a file written by numpy.savez with keys x_train, y_train, x_test, y_test")):
+        local_sources.NpzSource(str(text), "train")
+    config = tiny_digits_config()
+    for name, what in (("npz", "npz file"), ("image_folder", "image folder")):
+        config.data.name, config.data.path = name, ""
+        with pytest.raises(ValueError, match=re.escape(
+                f"data.path='' is empty; allowed: the {what} that data.name={name!r} reads")):
+            sources.load_source(config.data, "train")
+    from cliquejax import standalone
+
+    with pytest.raises(standalone.StandaloneError, match=re.escape(  # it wrote no file
+            "--logits='' is empty; allowed: a file path in an existing directory, or no")):
+        standalone.check_output("")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"seed": 0}'])
+def test_a_run_file_that_is_json_but_no_config_is_named(text, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    kind = "a JSON list" if text.startswith("[") else "an object"
+    expected = re.escape(f"{tmp_path}/config.json is not a run's config ({kind} without the "
+                         "groups model, data, train); allowed: the config.json that launch.py "
+                         "wrote")
+    for read in (run_dir.load_config, run_dir.read_config_json):
+        with pytest.raises(run_dir.ConfigMismatchError, match=expected):
+            read(str(tmp_path))
+
+
 def test_images_too_small_for_the_network_are_refused(tmp_path):
     config = tiny_digits_config()
     config.data.name = "npz"
@@ -223,13 +309,15 @@ def test_images_too_small_for_the_network_are_refused(tmp_path):
 
 def test_eta_does_not_count_the_first_step(capsys):
     bar = report.ProgressBar(1000)
-    time.sleep(1.0)  # the first step compiles
+    now = [bar._bar._time()]  # tqdm's clock, advanced by hand: no sleep a loaded machine
+    bar._bar._time = lambda: now[0]  # stretches
+    now[0] += 1.0  # the first step compiles
     bar.update(1)
     for _ in range(10):
-        time.sleep(0.01)
+        now[0] += 0.01
         bar.update(1)
-    # ~0.01 s per step left: about 10 s, where counting the first step gives ~90 s.
-    assert bar.eta_seconds() < 30
+    # 0.01 s per step for 989 steps left, where counting the first step gives ~90 s.
+    assert bar.eta_seconds() == pytest.approx(9.89)
     bar.close()
 
 
@@ -244,7 +332,7 @@ NPZ_RUN = ["--config=configs/mbclique_digits.py", "--config.model.widths=16,16,3
 
 def run_env(*args, module=None, env=None, cwd=ROOT):
     command = [sys.executable, *(["-m", module] if module else ["launch.py"]), *args]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    env = {**os.environ, "XLA_FLAGS": host_devices(1), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -261,7 +349,8 @@ def test_the_data_is_part_of_the_run(tmp_path):
     predict gives the same logits as before, from the recorded statistics (it used to
     measure them again on the new data). A start that failed (config.json, no checkpoint)
     does not block the corrected command; `~` in --workdir is the home directory, printed as
-    written; 16-bit PNGs keep their range."""
+    written; 16-bit PNGs keep their range; the same bytes at another path are the same
+    data."""
     data = tmp_path / "data.npz"
     labelled_npz(data, np.arange(64) % 4, np.arange(16) % 4)
     workdir = tmp_path / "run"
@@ -303,6 +392,12 @@ def test_the_data_is_part_of_the_run(tmp_path):
         f"error: image file {bomb} has more pixels than PIL's limit of 89,478,485; allowed: "
         "smaller images (resize it beforehand)")
 
+    # the same bytes at another path are the same data (a path was refused as a change)
+    moved = tmp_path / "moved.npz"
+    shutil.copy(data, moved)
+    done = run_env(*NPZ_RUN, f"--config.data.path={moved}", f"--workdir={workdir}",
+                   "--mode=eval")
+    assert done.returncode == 0, done.stderr[-3000:]
     arrays = dict(np.load(data))
     np.savez(data, **dict(arrays, x_train=arrays["x_train"] // 2, x_test=arrays["x_test"] // 2))
     changed = one_line(run_env(f"--workdir={workdir}", "--mode=eval"))
@@ -343,9 +438,23 @@ def test_every_check_runs_before_anything_is_written(case, tmp_path):
     }[case]
     workdir = tmp_path / "run"
     done = run_env(*NPZ_RUN, f"--config.data.path={data}", override, f"--workdir={workdir}",
-                   env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                   env={"XLA_FLAGS": host_devices(devices)})
     assert one_line(done).startswith(expected), one_line(done)
     assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
+def test_jax_environment_the_project_cannot_honour_is_named(tmp_path):
+    """They used to give errors blaming the config, or a traceback, and leave an empty run
+    directory."""
+    workdir = tmp_path / "run"
+    for env, expected in [
+            ({"JAX_ENABLE_X64": "1"}, "error: JAX_ENABLE_X64=1 is set; allowed: unset it"),
+            ({"JAX_PLATFORMS": "cuda"}, "error: JAX_PLATFORMS=cuda cannot be used on this "
+                                        "machine (")]:
+        message = one_line(run_env(*SMALL, f"--workdir={workdir}", env=env))
+        assert message.startswith(expected), message
+        assert not os.path.exists(workdir)
 
 
 @pytest.mark.slow
@@ -452,6 +561,14 @@ def test_malformed_inputs_of_every_command_are_one_line(tmp_path):
         "--helpshort lists")
     assert one_line(run_env(config, "--nosuchflag", module="cliquejax.summary")) == (
         "error: Unknown command line flag 'nosuchflag'; allowed: the flags --helpshort lists")
+    # words that are no flag used to be ignored: a field without its --, an unquoted space
+    assert one_line(run_env(config, "config.train.epochs=3", module="cliquejax.summary")) == (
+        "error: 'config.train.epochs=3' is not a flag; allowed: --config.train.epochs=3")
+    assert one_line(run_env(*SMALL, f"--workdir={tmp_path}/my", "run")) == (
+        f"error: 'run' is not a flag (it follows --workdir={tmp_path}/my: a value with spaces "
+        "must be quoted); allowed: flags only, each --name=value (quoted where the value has "
+        "spaces)")
+    assert not os.path.exists(tmp_path / "my")
     npy, objects = tmp_path / "images.npy", tmp_path / "objects.npz"
     np.save(npy, np.zeros((2, 8, 8), np.uint8))
     np.savez(objects, images=np.array([np.zeros((8, 8), np.uint8), None], object))
@@ -468,16 +585,36 @@ def test_malformed_inputs_of_every_command_are_one_line(tmp_path):
         assert one_line(done) == expected
 
 
+def mapped_files(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return maps.read()
+    except OSError:  # it has just ended
+        return ""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["launch", "predict"])
+@pytest.mark.parametrize("command", ["launch", "launch_pending", "predict"])
 def test_ctrl_c_while_starting_is_one_line(command, tmp_path):
-    """SIGINT soon after the start (importing JAX, parsing flags): exit 130, one line."""
+    """SIGINT soon after the start (importing JAX, parsing flags): exit 130, one line. And a
+    SIGINT that arrived while it was held back (as launch.py and the huge-pages restart hold
+    it until the handler is installed) lands as the same line, not a traceback or nothing."""
     args = ([sys.executable, "launch.py", *SMALL, f"--workdir={tmp_path / 'run'}"]
-            if command == "launch" else
+            if command.startswith("launch") else
             [sys.executable, "-m", "cliquejax.predict", f"--workdir={tmp_path}", "x.npz"])
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    time.sleep(0.7)
+    held = command == "launch_pending"
+    # the child inherits this thread's signal mask (no preexec_fn: a fork of JAX's threads)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT} if held else set())
+    try:
+        process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # The signal that it is starting: jaxlib mapped into the process (the heavy imports, after
+    # launch's huge-pages restart), however slow a loaded machine makes it get there.
+    # Held back: sent at once, pending from the process's first instruction on.
+    while not held and process.poll() is None and "jaxlib" not in mapped_files(process.pid):
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]

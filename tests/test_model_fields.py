@@ -63,6 +63,8 @@ def test_an_unknown_field_is_refused_with_the_fields_allowed():
      "model.layers entry 1 gives 1 layer per block, which has no Stage-II inputs in variant "
      "II+II; allowed: more layers per block, or variant I+I"),
     (MBCliqueNet, dict(variant="X", x=5), "model.x=5 is out of range"),
+    (MBCliqueNet, dict(widths=(16, 0, 32)),  # as given, not "model.widths entry=0"
+     "model.widths=16,0,32 holds 0; allowed: entries of 1 or more"),
     (MBCliqueNet, dict(transition_kernel=2), "model.transition_kernel=2 is not one of: 1, 3"),
     (MBCliqueNet, dict(stage_two_kernels="own_3x3"),
      "model.stage_two_kernels='own_3x3' is not one of: shared, own_clique, own"),

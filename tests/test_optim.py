@@ -148,6 +148,24 @@ def test_sgdr_doubling_cycles_end_at_first_times_powers_of_two():
     assert lr_at(schedule, 319) < 1.1e-4  # the last step of a 160-step cycle
 
 
+def test_schedule_fields_are_checked_against_each_other_for_their_schedule_only():
+    """A minimum rate above the maximum used to be trained (the rate rose each cycle); a
+    field the chosen schedule does not read changes nothing and is not checked."""
+    for name in ("cosine", "sgdr"):
+        with pytest.raises(ValueError, match=re.escape(
+                f"schedule.min_lr=0.5 with schedule.name={name!r} and optimizer.lr=0.1; "
+                "allowed: 0 <= min_lr <= optimizer.lr")):
+            make_schedule(make_config(schedule=name, min_lr=0.5), steps_per_epoch=10)
+    assert make_schedule(make_config(schedule="step", min_lr=0.5), 10)(0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=re.escape("schedule.factor=-0.1 with schedule.name="
+                                                   "'step'; allowed: > 0")):
+        make_schedule(make_config(schedule="step", factor=-0.1), steps_per_epoch=10)
+    # the value given, not the steps it makes
+    with pytest.raises(ValueError, match=re.escape("schedule.first_period_epochs=-1.0 with "
+                                                   "schedule.name='sgdr'; allowed: > 0")):
+        make_schedule(sgdr_config(first_period_epochs=-1.0), steps_per_epoch=10)
+
+
 def test_sgdr_doubling_needs_a_multiplier_above_one():
     config = sgdr_config(multiplier=1.0)
     config.schedule.sgdr_restarts = "doubling"

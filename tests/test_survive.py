@@ -21,7 +21,7 @@ import time
 import pytest
 
 from cliquejax.train.loop import StepLog
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, host_devices
 
 pytestmark = pytest.mark.slow  # every test here starts launch.py, then kills or signals it
 
@@ -43,7 +43,7 @@ STOPPED = re.compile(r"stopped by signal at step (\d+): checkpoint saved in (\S+
 def env(tmp_path_factory):
     """The launches' environment. They share a JAX compilation cache: a cached executable
     computes the same bits, and the launches after the first skip compiling."""
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    return dict(os.environ, XLA_FLAGS=host_devices(1),
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -357,7 +357,7 @@ def test_config_json_of_another_model_is_refused_unless_overwrite(env, reference
 
 
 def test_batch_the_devices_do_not_divide_is_a_one_line_error(env, tmp_path):
-    eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    eight = dict(env, XLA_FLAGS=host_devices(8))
     code, _, err = launch(eight, tmp_path / "run", "--config.train.batch_size=30")
     assert code == 2 and one_line_error(err, alone=True) == (
         "error: train.batch_size=30 is not divisible by the 8 devices; allowed: a multiple "
@@ -570,3 +570,41 @@ def test_a_signal_during_the_last_step_still_ends_with_its_exit_code(tmp_path, m
     assert stopped.value.exit_code == 130 and "the run is complete" in str(stopped.value)
     with open(tmp_path / "run" / "results.json") as f:
         assert json.load(f)["steps"] == 2
+
+
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_readers_leave_a_save_in_flight_alone(env, reference, tmp_path):
+    """eval and export open a run whose checkpoint is being written (the writer frozen
+    between writing it and committing it) without touching it: the Orbax manager they open
+    used to delete the save's temporary directory, and the writer then died on its commit."""
+    workdir = copy_reference(reference, tmp_path / "run", upto=STEPS_PER_EPOCH)
+    script = os.path.join(ROOT, "tests", "scripts", "stop_mid_save.py")
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        writer = subprocess.Popen([sys.executable, script, str(TOTAL_STEPS), *TINY,
+                                   f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=out,
+                                  stderr=err)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not stopped(writer.pid):  # the signal: it froze itself mid-save
+            assert writer.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "err").read_text()[-3000:]
+            time.sleep(0.01)
+        checkpoints = workdir / "checkpoints"
+        in_flight = snapshot(checkpoints)
+        assert f"{TOTAL_STEPS}{TMP_SUFFIX}" in os.listdir(checkpoints)
+        code, out, err = launch_plain(env, f"--workdir={workdir}", "--mode=eval")
+        assert code == 0 and json.loads(out.splitlines()[-1])["step"] == STEPS_PER_EPOCH, err
+        done = subprocess.run([sys.executable, "-m", "cliquejax.export", f"--workdir={workdir}",
+                               f"--out={tmp_path / 'm.clqx'}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert snapshot(checkpoints) == in_flight
+    finally:
+        writer.send_signal(signal.SIGCONT)
+    assert writer.wait(timeout=TIMEOUT) == 0, (tmp_path / "err").read_text()[-3000:]
+    assert committed_steps(workdir) == [STEPS_PER_EPOCH, TOTAL_STEPS]
+    assert_finished_like(reference, workdir)

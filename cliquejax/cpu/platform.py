@@ -12,6 +12,7 @@ import json
 import os
 import platform as host
 import re
+import signal
 import subprocess
 import sys
 
@@ -139,4 +140,7 @@ def restart_with_huge_pages() -> None:
         os.environ["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t)
         sys.stdout.flush()
         sys.stderr.flush()
+        # A Ctrl-C during the re-execution (Python's start-up, the imports) stays pending,
+        # blocked, until the new process's handler is installed (`cliquejax.launch.run`).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -165,6 +165,15 @@ class Augmentation:
         return image
 
 
+def eval_images(images, augmentation: Augmentation) -> np.ndarray:
+    """uint8 images (an N x H x W x C array, or a list of H x W x C images of any size with
+    "imagenet") as evaluation reads them on the host: each through `augmentation.evaluate`
+    (the "imagenet" resize and centre crop; nothing for the others), stacked. What eval's
+    pipeline does example by example, and predict and the clqx files do to their inputs;
+    the device then normalises them (`normalize`), as the evaluation step does."""
+    return np.stack([augmentation.evaluate(np.asarray(image)) for image in images])
+
+
 # --- on the device: cifar's flip and pad-and-crop, and the normalisation ----------------
 
 

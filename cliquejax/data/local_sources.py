@@ -86,6 +86,9 @@ def npz_num_classes(path: str, arrays: dict, num_classes: int = 0) -> int:
     if num_classes < 0:
         raise ValueError(f"data.num_classes={num_classes} is negative; allowed: 0 (the classes "
                          "of y_train) or the number of classes")
+    if len(np.unique(arrays["y_train"])) < 2:  # every prediction right: 100% meaning nothing
+        raise ValueError(f"npz file {path}: y_train holds one class (every label is "
+                         f"{int(arrays['y_train'][0])}); allowed: labels of two or more classes")
     count = num_classes or int(arrays["y_train"].max()) + 1
     for key in ("y_train", "y_test"):
         labels = arrays[key]
@@ -97,12 +100,15 @@ def npz_num_classes(path: str, arrays: dict, num_classes: int = 0) -> int:
                 f"0..{count - 1} ({source}; set data.num_classes if there are more)")
     present = np.unique(arrays["y_train"])
     if len(present) != count:
-        # a class without a training image: its logit is only ever pushed down
-        missing = sorted(set(range(count)) - set(present.tolist()))
+        # a class without a training image: its logit is only ever pushed down. The first
+        # gap of the sorted classes, found without a list of `count` numbers (a label of
+        # 10**9 would make one of gigabytes)
+        gaps = np.flatnonzero(present != np.arange(len(present)))
+        missing = int(gaps[0]) if len(gaps) else len(present)
         source = (f"data.num_classes={num_classes}" if num_classes else
                   f"its largest label is {count - 1}")
         raise ValueError(
-            f"npz file {path}: y_train has no image of class {missing[0]} ({source}; "
+            f"npz file {path}: y_train has no image of class {missing} ({source}; "
             f"{len(present)} classes occur); allowed: labels 0..C-1 with every class present "
             "in y_train")
     return count
@@ -111,6 +117,12 @@ def npz_num_classes(path: str, arrays: dict, num_classes: int = 0) -> int:
 @functools.lru_cache(maxsize=4)
 def _load_npz_cached(path: str, modified_ns: int) -> dict[str, np.ndarray]:
     del modified_ns  # part of the cache key only: a rewritten file is loaded again
+    with open(path, "rb") as handle:
+        start = handle.read(6)
+    if not start.startswith((b"PK", b"\x93NUMPY")):  # numpy would take it for a pickle
+        raise ValueError(f"npz file {path} is not an npz archive (it does not start as a zip "
+                         "file does); allowed: a file written by numpy.savez with keys "
+                         f"{', '.join(NPZ_KEYS)}")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # one .npy array
@@ -236,6 +248,10 @@ class ImageFolderSource:
         train_dir = image_folder_split_dir(root, "train")
         self.root = os.path.abspath(root)
         self.class_names = _class_names(train_dir)
+        if len(self.class_names) == 1:  # one class: every prediction right, meaning nothing
+            raise ValueError(
+                f"image folder {train_dir} has one class folder ({self.class_names[0]}); "
+                "allowed: two or more class folders, one per class (train/<class>/*.png)")
         if num_classes and len(self.class_names) != num_classes:
             raise ValueError(
                 f"image folder {train_dir} has {len(self.class_names)} class folders; the config "

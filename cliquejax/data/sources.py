@@ -14,6 +14,10 @@ from cliquejax.data import augment, local_sources, tfds_sources
 SOURCE_NAMES = ("digits", *tfds_sources.TFDS_NAMES, "npz", "image_folder", "synthetic")
 SPLITS = ("train", "test")
 _RESIZING_SOURCES = ("image_folder", "synthetic")
+# Fields of `config.data` that only some sources read; set for another, they are refused
+# rather than ignored (asking for 100 digits used to train on all 1,437).
+_FIELD_READERS = (("path", ("npz", "image_folder")), ("num_train", ("synthetic",)),
+                  ("num_test", ("synthetic",)), ("svhn_extra", ("svhn_cropped",)))
 # Sources of fixed-size images up to this size are read once into host memory, where a batch
 # is one gather of uint8 arrays (`as_arrays`); larger ones, image folders and sources that
 # resize are read example by example. CIFAR-10 takes 150 MiB, SVHN train+extra 1.8 GiB.
@@ -83,9 +87,20 @@ def load_source(data_config, split: str):
                          f"or a size up to {math.isqrt(local_sources.Image.MAX_IMAGE_PIXELS)} "
                          "(PIL's pixel limit)")
     num_classes = config_value(data_config, "num_classes", 0) or 0
-    if num_classes < 0:
-        raise ValueError(f"data.num_classes={num_classes} is negative; allowed: 0 (the data "
-                         "set's classes) or the number of classes")
+    if num_classes < 0 or num_classes == 1:
+        raise ValueError(f"data.num_classes={num_classes}; allowed: 0 (the data set's "
+                         "classes) or the number of classes, two or more")
+    if name in ("npz", "image_folder") and not data_path(data_config).strip():
+        what = "npz file" if name == "npz" else "image folder"
+        raise ValueError(f"data.path={config_value(data_config, 'path', '')!r} is empty; "
+                         f"allowed: the {what} that data.name={name!r} reads")
+    for field, readers in _FIELD_READERS:
+        value = config_value(data_config, field)
+        if value and name not in readers:
+            raise ValueError(
+                f"data.{field}={value!r} is read with data.name={' or '.join(readers)} only, "
+                f"not with data.name={name!r} (which would ignore it); allowed: "
+                f"data.{field}={type(value)()!r} with {name!r}")
     if name == "synthetic":
         source = _synthetic_source(data_config, split)
     elif name == "npz":

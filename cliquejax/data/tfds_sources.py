@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -142,6 +143,13 @@ def _resolve(name: str, split: str, data_dir: str) -> tuple[str, bool]:
     The 'test' split is 'validation' when there is no labelled 'test' split (imagenet2012).
     Checks that `name` is a TFDS data set (registered, or prepared under `data_dir`) of
     `image` and `label` (ClassLabel) features."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*(/[\w.]+)?", name):
+        # TFDS would read a version (name:1.0) or a CamelCase name (Cifar10 is cifar10) on
+        # its own terms, answering with its warnings and an AssertionError's traceback
+        raise DatasetNotFoundError(
+            f"data.name={name!r} is not a data set name; allowed: digits, npz, image_folder, "
+            f"synthetic, or a TFDS data set's name as TFDS lists it (lower case, no version: "
+            f"{', '.join(TFDS_NAMES)}, imagenet2012)")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:

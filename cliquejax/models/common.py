@@ -32,8 +32,10 @@ def check_lengths(fields: dict) -> None:
     """Per-block lists of equal length, of counts (widths, layers, channels) >= 1: a zero or
     negative width would only fail deep in the initializer (fan_in), naming no field."""
     for name, value in fields.items():
-        for entry in value:
-            check_range(f"{name} entry", entry, 1)
+        for entry in value:  # the list as given (--config.model.widths=16,0,32)
+            if entry < 1:
+                raise ValueError(f"{name}={','.join(map(str, value))} holds {entry!r}; allowed: "
+                                 "entries of 1 or more")
     lengths = {name: len(value) for name, value in fields.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())

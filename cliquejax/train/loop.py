@@ -100,9 +100,12 @@ class SignalFlag:
         return stop
 
 
+TRAIN_COUNTS = ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
+                "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints")
+
+
 def validate_train(train) -> None:
-    for field in ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
-                  "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints"):
+    for field in TRAIN_COUNTS:
         check_range(f"train.{field}", train[field], 1)
     check_range("train.peak_flops", train.get("peak_flops", 0.0), 0)
     check_range("train.checkpoint_every_steps", train.get("checkpoint_every_steps", 0), 0)
@@ -173,7 +176,7 @@ class Trainer:
                                         "(--mode=train) or point --workdir at a run")
             self._checkpoints = checkpoint.Checkpointer(
                 directory, keep=self.config.train.keep_checkpoints,
-                create=self._create_checkpoints)
+                read_only=not self._create_checkpoints)  # a reader (eval, predict, export)
         return self._checkpoints
 
     def restore_latest(self, move_aside: bool = True) -> bool:

@@ -113,10 +113,26 @@ def _sgdr_schedule(lr: float, min_lr: float, first: float, multiplier: float,
     return schedule
 
 
+def check_schedule(sched, lr: float) -> None:
+    """The fields `sched.name` reads, each against its range and the others, in the order
+    of the config (a field another schedule reads is not checked: it changes nothing)."""
+    if sched.name in ("cosine", "sgdr") and not 0 <= sched.min_lr <= lr:
+        raise ValueError(f"schedule.min_lr={sched.min_lr!r} with schedule.name={sched.name!r} "
+                         f"and optimizer.lr={lr!r}; allowed: 0 <= min_lr <= optimizer.lr (the "
+                         "rate falls from optimizer.lr to min_lr)")
+    if sched.name == "step" and not sched.factor > 0:
+        raise ValueError(f"schedule.factor={sched.factor!r} with schedule.name='step'; "
+                         "allowed: > 0 (the rate is multiplied by it at each boundary)")
+    if sched.name == "sgdr" and not sched.first_period_epochs > 0:
+        raise ValueError(f"schedule.first_period_epochs={sched.first_period_epochs!r} with "
+                         "schedule.name='sgdr'; allowed: > 0")
+
+
 def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate as a function of the optimizer step, from `config.schedule`."""
     sched = config.schedule
     lr = float(config.optimizer.lr)
+    check_schedule(sched, lr)
     total_steps = int(config.train.epochs) * int(steps_per_epoch)
     if sched.name == "constant":
         return optax.constant_schedule(jnp.float32(lr))

@@ -17,6 +17,8 @@ hours on real data, is lost), each as one-line ValueError naming the field:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -30,6 +32,36 @@ MAX_SEED = 2**63 - 1  # numpy's generators take any non-negative int; JAX's keys
 def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r}; allowed: an integer 0..{MAX_SEED}")
+
+
+def check_fields_in_given_order(config, given: list[str]) -> None:
+    """The checks of single fields (seed, train, optimizer, schedule, model: cheap, nothing
+    read or traced), each run on its own, the first error raised in the order of the
+    `--config.<field>` overrides `given` (then in the code's order): two wrong values on one
+    command line are named as the user wrote them, not as the code happens to check them."""
+    from cliquejax import models
+    from cliquejax.models.common import check_range
+    from cliquejax.train import loop, optim
+
+    errors = []
+    for check in (lambda: check_seed(config.seed),
+                  *(functools.partial(check_range, f"train.{field}", config.train[field], 1)
+                    for field in loop.TRAIN_COUNTS),
+                  lambda: optim._validate_optimizer(config.optimizer),
+                  lambda: optim.check_schedule(config.schedule, float(config.optimizer.lr)),
+                  lambda: models.check(config.model)):
+        try:
+            check()
+        except ValueError as error:
+            errors.append(error)
+    fields = [argument.split("=", 1)[0].removeprefix("--config.") for argument in given]
+
+    def rank(error) -> int:
+        named = [i for i, field in enumerate(fields) if str(error).startswith(field + "=")]
+        return named[0] if named else len(fields)
+
+    if errors:
+        raise min(errors, key=rank)  # the first of equal rank: the code's order
 
 
 def check_batch_sizes(train_config) -> None:

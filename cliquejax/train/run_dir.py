@@ -34,15 +34,19 @@ from cliquejax.train import optim
 # Fields that may differ between a run and the config resuming or evaluating it: how often
 # to log, evaluate and checkpoint, how many checkpoints to keep, where to stop
 # (`max_steps` stops on the same trajectory: the schedule is set by epochs), how to batch
-# the evaluation, how many loader processes and where the TFDS files lie.
+# the evaluation, how many loader processes and where the TFDS files, the npz file or the
+# image folder lie (the data is identified by its content: data.json's fingerprint, checked).
 ALLOWED_CHANGES = ("train.log_every_steps", "train.eval_every_epochs",
                    "train.checkpoint_every_epochs", "train.keep_checkpoints",
                    "train.max_steps", "train.eval_batch_size", "data.worker_count",
-                   "data.data_dir", "train.peak_flops", "train.checkpoint_every_steps")
+                   "data.data_dir", "data.path", "train.peak_flops",
+                   "train.checkpoint_every_steps")
 # Schedules whose rate at a step does not depend on train.epochs (constant; SGDR's cycles are
 # set by schedule.first_period_epochs): a run resumed with more (or fewer) epochs trains
 # the steps it trained with the same rates, so changing train.epochs on resume is allowed.
 EPOCH_FREE_SCHEDULES = ("constant", "sgdr")
+# Fingerprint entries that say where the data was read, not what it is.
+LOCATION_KEYS = ("file", "folder")
 # Groups whose every field shapes the result: a field present on one side only (a config
 # written before the field existed) counts as a difference there, and not elsewhere.
 RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
@@ -71,13 +75,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                                   "directory written by launch.py (it holds config.json)")
     try:
         with open(path) as handle:
-            return ml_collections.ConfigDict(json.load(handle))
+            return ml_collections.ConfigDict(config_tree(path, json.load(handle)))
     except FileNotFoundError:
         raise ConfigMismatchError(f"{path} not found: {workdir!r} holds no run; allowed: a run "
                                   "directory written by launch.py") from None
     except (OSError, ValueError) as error:
         raise ConfigMismatchError(f"{path} cannot be read ({error}); allowed: the "
                                   "config.json that launch.py wrote") from None
+
+
+CONFIG_GROUPS = ("model", "data", "train")  # in every config.json launch.py wrote
+
+
+def config_tree(path: str, tree):
+    """`tree` (config.json's JSON) if it is a config, else a one-line error: valid JSON of
+    another kind used to fail later with an error naming no file, or a traceback."""
+    if not isinstance(tree, dict) or not all(isinstance(tree.get(group), dict)
+                                             for group in CONFIG_GROUPS):
+        kind = "an object" if isinstance(tree, dict) else f"a JSON {type(tree).__name__}"
+        raise ConfigMismatchError(
+            f"{path} is not a run's config ({kind} without the groups "
+            f"{', '.join(CONFIG_GROUPS)}); allowed: the config.json that launch.py wrote")
+    return tree
 
 
 class WorkdirLockedError(ValueError):
@@ -152,7 +171,9 @@ def read_config_json(workdir: str) -> dict | None:
         return None
     try:
         with open(path) as handle:
-            return json.load(handle)
+            return config_tree(path, json.load(handle))
+    except ConfigMismatchError:
+        raise
     except (OSError, ValueError) as error:
         raise ConfigMismatchError(f"{path} cannot be read ({error}); allowed: the "
                                   "config.json that launch.py wrote (or --overwrite to move "
@@ -373,8 +394,11 @@ def _flat_fingerprint(fingerprint: dict) -> dict:
 
 
 def data_differences(old: dict, new: dict) -> list[str]:
-    """What differs between two data fingerprints, one entry per field."""
-    flat_old, flat_new = _flat_fingerprint(old), _flat_fingerprint(new)
+    """What differs between two data fingerprints, one entry per field; where the data
+    lies is not a difference (the same bytes moved are the same data)."""
+    flat_old, flat_new = ({key: value for key, value in _flat_fingerprint(tree).items()
+                           if key.rsplit(".", 1)[-1] not in LOCATION_KEYS}
+                          for tree in (old, new))
     shown = lambda value: (value[:12] + "...") if isinstance(value, str) and len(value) > 16 \
         else value  # noqa: E731
     out = []
