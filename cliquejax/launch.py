@@ -48,6 +48,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
     flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
+    flags.DEFINE_bool("allow_cpu", False, "Run on the CPU although a GPU or TPU plugin is "
+                      "installed (JAX fell back to the CPU); refused without it.")
     flags.DEFINE_string("compilation_cache", platform.default_compilation_cache(),
                         "Directory where compiled steps are kept for later runs ('' disables).")
     flags.mark_flags_as_required(["workdir"])
@@ -66,6 +68,20 @@ def start_distributed() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def announce_runtime() -> None:
+    """The run's first line: backend, devices, processes, versions. A GPU or TPU plugin
+    installed while JAX runs on the CPU is refused (one line, the fix) unless --allow_cpu."""
+    import jax
+
+    info = platform.runtime()
+    if jax.process_index() == 0:
+        print(platform.runtime_line(info), file=sys.stderr, flush=True)
+    fallback = platform.cpu_fallback(info)
+    if fallback and not FLAGS.allow_cpu:
+        cli.fail(f"error: {fallback}; allowed: fix the install, or run on the CPU with "
+                 "--allow_cpu (or JAX_PLATFORMS=cpu)")
 
 
 def check_mode(config, workdir: str) -> None:
@@ -128,6 +144,7 @@ def main(argv):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_distributed()
+        announce_runtime()
         results = train_or_evaluate(config, workdir)
     except KeyboardInterrupt:
         cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "

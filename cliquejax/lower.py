@@ -55,6 +55,9 @@ def _function_counts(function) -> tuple[collections.Counter, collections.Counter
     def visit(op):
         if op.name in _KINDS:
             counts[_KINDS[op.name]] += 1
+            if op.name == "stablehlo.convolution":  # the dtype its input is computed in
+                counts["conv_dtype:" + str(ir.RankedTensorType(op.operands[0].type)
+                                           .element_type)] += 1
         elif op.name == "stablehlo.custom_call":
             counts["custom_call:" + ir.StringAttr(op.attributes["call_target_name"]).value] += 1
         elif op.name == "func.call":
@@ -66,9 +69,9 @@ def _function_counts(function) -> tuple[collections.Counter, collections.Counter
 
 
 def count_ops(module) -> dict:
-    """Convolutions, dots, conditionals and custom calls of a lowered StableHLO module
-    (`Lowered.compiler_ir("stablehlo")`), counting each function's ops once per call from
-    `main`."""
+    """Convolutions (and their input dtypes), dots, conditionals and custom calls of a
+    lowered StableHLO module (`Lowered.compiler_ir("stablehlo")`), counting each function's
+    ops once per call from `main`."""
     own, calls = {}, {}
     for function in module.body.operations:
         name = ir.StringAttr(function.attributes["sym_name"]).value
@@ -87,9 +90,12 @@ def count_ops(module) -> dict:
     counts = total("main" if "main" in own else next(iter(own), "main"))
     custom = {key.split(":", 1)[1]: n for key, n in counts.items()
               if key.startswith("custom_call:")}
+    conv_dtypes = {key.split(":", 1)[1]: n for key, n in counts.items()
+                   if key.startswith("conv_dtype:")}
     return {"convolutions": counts["convolutions"], "dots": counts["dots"],
             "conditionals": counts["conditionals"], "custom_calls": sorted(custom),
-            "custom_call_counts": dict(sorted(custom.items()))}
+            "custom_call_counts": dict(sorted(custom.items())),
+            "convolution_dtypes": dict(sorted(conv_dtypes.items()))}
 
 
 def for_platform(config, platform: str):
@@ -103,6 +109,8 @@ def for_platform(config, platform: str):
         config.train.kernels = kernels.resolve(config, backend=platform)
     if "remat" in config.train:
         config.train.remat = kernels.remat(config.train.remat, backend=platform)
+    if "compute_dtype" in config.train:
+        config.train.compute_dtype = kernels.compute_dtype(config.train.compute_dtype, platform)
     return config
 
 

@@ -153,10 +153,13 @@ def jit_steps(model, transforms, schedule, config, shardings: Shardings, state,
     ratio. `train_view` / `eval_view` (`loop.device_views`) turn the pipeline's uint8 batch
     into the network's input inside the same program."""
     state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
+
+    def train(s, b):  # named: a profile (`train.profile_steps`) shows "train" per step
+        return train_step(s, train_view(b), model=model, transforms=transforms,
+                          schedule=schedule, seed=config.seed, binary_mask=binary_mask)
+
     train = jax.jit(
-        lambda s, b: train_step(s, train_view(b), model=model, transforms=transforms,
-                                schedule=schedule, seed=config.seed, binary_mask=binary_mask),
-        in_shardings=(state_sharding, shardings.batch),
+        train, in_shardings=(state_sharding, shardings.batch),
         out_shardings=(state_sharding, shardings.replicated), donate_argnums=(0,))
     evaluate = jax.jit(lambda s, b: eval_step(s, eval_view(b), model=model),
                        in_shardings=(state_sharding, shardings.batch),
