@@ -29,14 +29,18 @@ class Shardings:
     replicated: NamedSharding
 
 
-def make_shardings(global_batch_size: int) -> Shardings:
-    devices = jax.device_count()
+def make_shardings(global_batch_size: int, devices=None) -> Shardings:
+    """The batch sharded over every device (`devices`: these instead of `jax.devices()`,
+    e.g. the simulated GPUs of `cliquejax.lower --compile`), the state replicated."""
+    chosen = list(devices) if devices is not None else jax.devices()
+    devices = len(chosen)
     if global_batch_size % devices:
         raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the "
                          f"{devices} devices; allowed: a multiple of {devices}")
     # Auto axes: XLA propagates the batch sharding (the default Explicit axes of recent JAX
     # would make every op's sharding part of its type).
-    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=chosen)
     return Shardings(mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
 
 
