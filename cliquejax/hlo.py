@@ -11,9 +11,11 @@ The model, stated (benchmarks/README.md quotes it):
   GEMM, ...), a copy, a collective, or another unfused op. Parameters, constants, tuples,
   bitcasts, get-tuple-element and the `-done` halves of asynchronous ops are not kernels.
 - Bytes moved by a kernel: the sizes of its operands and of its result, as the optimized
-  HLO gives them (a fusion that reads a slice of an operand is charged the whole operand;
-  a cuDNN / cuBLAS workspace, the u8 element of the result tuple, is not counted). Caches
-  are not modelled: every kernel reads and writes device memory.
+  HLO gives them; a loop fusion (elementwise work, slices, broadcasts, concatenations: one
+  element of each operand per output element at most) is charged at most its output's
+  element count of each operand; other fusions (reductions) the whole operands. A cuDNN /
+  cuBLAS workspace, the u8 element of the result tuple, is not counted. Caches are not
+  modelled: every kernel reads and writes device memory.
 - FLOPs: 2 x multiply-adds of each convolution and dot product (custom calls, and those
   inside fusions); elementwise work counts 0 (those kernels are memory-bound).
 - Time of a kernel: max(FLOPs / peak FLOP/s of its input dtype, bytes / memory bandwidth)
@@ -329,7 +331,15 @@ def kernels(text: str) -> list[dict]:
                     f, d = _inner_flops(called, computations)
                     flops, dtype = flops + f, dtype or d
             result = shape_bytes(instruction.shape, skip_workspace=target is not None)
-            moved = result + sum(shape_bytes(s) for s in operands)
+            reads = [shape_bytes(s) for s in operands]
+            if instruction.opcode == "fusion" and "kind=kLoop" in instruction.attributes:
+                # one element of each operand per output element, at most (the module
+                # docstring): a slice of a large operand is charged the slice's size
+                largest = max((_elements(dims) for _, dims in _SHAPE.findall(
+                    instruction.shape)), default=0)
+                reads = [min(read, largest * DTYPE_BYTES.get(_dtype(s) or "f32", 4))
+                         for read, s in zip(reads, operands, strict=True)]
+            moved = result + sum(reads)
             found.append({"name": instruction.name, "kind": kind,
                           "opcode": target or instruction.opcode, "bytes": moved,
                           "result_bytes": result, "flops": flops, "dtype": dtype})
