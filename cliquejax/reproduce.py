@@ -103,7 +103,10 @@ SCALE = ("model.widths", "model.layers", "train.epochs", "train.max_steps",
 NOT_COMPARED = ("seed", "data.name", "data.data_dir", "data.path", "data.worker_count",
                 "train.log_every_steps", "train.eval_every_epochs",
                 "train.checkpoint_every_epochs", "train.keep_checkpoints",
-                "train.eval_batch_size", "train.remat", "train.kernels", "model.unroll")
+                "train.eval_batch_size", "train.remat", "train.kernels", "model.unroll",
+                "train.profile_steps",
+                # `auto` (the recipes) records bfloat16 on an accelerator, float32 on a CPU
+                "train.compute_dtype")
 # What results.json must hold, as launch.py writes it: (low, high, may be null); accuracies
 # are fractions, null when the run never evaluated.
 RESULT_FIELDS = {"epochs": (0.0, math.inf, False), "final_test_accuracy": (0.0, 1.0, True),
