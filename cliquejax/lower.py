@@ -264,6 +264,7 @@ def format_compiled(result: dict) -> str:
     by_kind = result["kernels_by_kind"]
     per_device = result["batch_size"] // result["devices"]
     gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
     return "\n".join([
         f"{result['model']} train step compiled by XLA:GPU for {result['devices']} simulated "
         f"{result['device_kind']} ({result['compute_dtype']}, batch {result['batch_size']}"
@@ -274,9 +275,9 @@ def format_compiled(result: dict) -> str:
         f"{by_kind['custom_calls']}, other {by_kind['other']})",
         f"  bytes moved   {gb(result['bytes_moved'])} read + written by the kernels "
         f"({result['bytes_per_image'] / 1e6:,.1f} MB per image)",
-        f"  memory        arguments {gb(result['argument_bytes'])}, outputs "
-        f"{gb(result['output_bytes'])} ({gb(result['alias_bytes'])} donated), temp "
-        f"{gb(result['temp_bytes'])}",
+        f"  memory        arguments {mb(result['argument_bytes'])}, outputs "
+        f"{mb(result['output_bytes'])} ({mb(result['alias_bytes'])} of them donated "
+        f"arguments), temp {mb(result['temp_bytes'])}",
         f"  all-reduces   {result['all_reduces']:>8}   ({result['all_reduce_bytes'] / 1e6:,.1f}"
         f" MB)",
         f"  roofline      {result['roofline_step_seconds'] * 1e3:.2f} ms per step "
