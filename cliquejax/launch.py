@@ -82,6 +82,9 @@ def announce_runtime() -> None:
     if fallback and not FLAGS.allow_cpu:
         cli.fail(f"error: {fallback}; allowed: fix the install, or run on the CPU with "
                  "--allow_cpu (or JAX_PLATFORMS=cpu)")
+    if fallback and jax.process_index() == 0:
+        print(f"warning: {fallback}; running on the CPU (--allow_cpu)", file=sys.stderr,
+              flush=True)
 
 
 def check_mode(config, workdir: str) -> None:
