@@ -80,14 +80,11 @@ def table(rows: list[dict]) -> str:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['dtype']} | error: {row['error']} |")
             continue
-        mfu = None if row["mfu"] is None else 100 * row["mfu"]
-        roof_mfu = row.get("roofline_mfu")
         lines.append(
             f"| {row['model']} | {row['dtype']} | {row['devices']} x {row['device_kind']} | "
-            f"{row['batch']} | {row['images_per_second']:,.0f} | {_figure(mfu, '.1f')}% | "
+            f"{row['batch']} | {row['images_per_second']:,.0f} | {_figure(row['mfu'], '.1%')} | "
             f"{_figure(row.get('roofline_images_per_second'), ',.0f')} | "
-            f"{_figure(None if roof_mfu is None else 100 * roof_mfu, '.1f')}% | "
-            f"{row.get('kernels', '-')} |")
+            f"{_figure(row.get('roofline_mfu'), '.1%')} | {row.get('kernels', '-')} |")
     return "\n".join(lines)
 
 
