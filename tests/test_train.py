@@ -138,6 +138,7 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path):
     assert done.returncode != 0 and len(lines) == 1 and "cannot be written" in lines[0]
 
 
+@pytest.mark.slow
 def test_profile_of_two_steps_is_written_and_readable(tmp_path):
     """`train.profile_steps=2,3`: a jax.profiler trace of steps 2 and 3 in the run
     directory, where TensorBoard's profile plugin looks (plugins/profile/<run>/)."""
