@@ -23,7 +23,7 @@ OLD_PY := .venv-oldest/bin/python
 OLD_STAMP := .venv-oldest/.installed
 SAME_PYTHON := import sys; print(sys.version_info[:2])
 
-.PHONY: run test test-fast test-oldest test-without-cpu lint bench clean
+.PHONY: run test test-fast test-oldest test-without-cpu lint bench clean venv-gpu
 
 $(STAMP): $(LOCK) requirements-dev.txt pyproject.toml
 	@if [ -x $(PY) ] && [ "$$($(PY) -c '$(SAME_PYTHON)')" != "$$($(BASE_PYTHON) -c '$(SAME_PYTHON)')" ]; \
@@ -61,6 +61,24 @@ test-oldest: $(OLD_STAMP)
 # A fork for accelerators deletes cliquejax/cpu/: its fast tests must still pass.
 test-without-cpu: $(STAMP)
 	$(PY) -m pytest -q -m fork tests
+
+# `python -m cliquejax.lower --compile --gpu=h100`'s environment (about 2.5 GB): the lock
+# plus jax's CUDA plugin at the lock's jax version, whose XLA:GPU compiles for a simulated
+# GPU on this CPU. No test needs it (those that use it skip without it).
+GPU_PY := .venv-gpu/bin/python
+GPU_STAMP := .venv-gpu/.installed
+JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements.txt)
+
+venv-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -n "$(PYTHON312)" || { echo "make venv-gpu needs Python 3.12 (jax $(JAX_VERSION))"; exit 1; }
+	test -x $(GPU_PY) || $(PYTHON312) -m venv .venv-gpu
+	$(GPU_PY) -m pip install --quiet --upgrade pip
+	$(GPU_PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt \
+		"jax[cuda13]==$(JAX_VERSION)"
+	$(GPU_PY) -m pip install --quiet --no-deps -e .
+	touch $(GPU_STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --repeats 1  # times in benchmarks/README.md

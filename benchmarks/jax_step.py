@@ -67,7 +67,10 @@ def forward_flops(config) -> int:
     return summary.counts(config)[1]
 
 
-def measure(config, warmup: int, steps: int, budget_s: float = 0.0) -> dict:
+def measure(config, warmup: int, steps: int, budget_s: float = 0.0,
+            keep_hlo: bool = False) -> dict:
+    """The step's timings (module docstring); `keep_hlo`: with its optimized program's
+    text as `hlo_text` (benchmarks/gpu_check.py reads its kernels)."""
     import jax
 
     from cliquejax import data
@@ -102,6 +105,8 @@ def measure(config, warmup: int, steps: int, budget_s: float = 0.0) -> dict:
             seconds, batch_size, init_s=init_s, compile_s=compile_s, first_step_s=first_step_s,
             rss_before_compile_mb=rss_before, devices=jax.device_count(),
             jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
+        if keep_hlo:
+            result["hlo_text"] = compiled.as_text()
         trainer.checkpoints.close()
     return result
 

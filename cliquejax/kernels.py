@@ -17,6 +17,11 @@ so that the math never asks which backend it runs on.
 default backend is the CPU and `cliquejax/cpu/` is present, else `none`; any other value of
 `clique.REMAT_POLICIES` is taken as it is.
 
+`config.train.compute_dtype` (`compute_dtype`): `auto` (default) is `bfloat16` on a GPU or
+TPU, whose tensor cores / MXUs run bfloat16 at twice the float32 (TF32) rate and move half
+the bytes, and `float32` on the CPU; parameters, optimizer state, BatchNorm statistics and
+the loss stay float32 either way.
+
 Only this module and `cliquejax.platform` import `cliquejax.cpu`, and only when it is chosen:
 a fork without that folder keeps a working codebase.
 """
@@ -90,6 +95,19 @@ def grad_norm(model):
     import optax
 
     return optax.tree.norm
+
+
+def compute_dtype(choice: str, backend: str | None = None) -> str:
+    """`float32` or `bfloat16` for a `train.compute_dtype` value: `auto` resolved for
+    `backend` (default: JAX's default backend; `cuda`, `rocm`, `gpu` and `tpu` compute in
+    bfloat16, the CPU in float32); any other value as it is."""
+    if choice != "auto":
+        return choice
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return "float32" if backend == "cpu" else "bfloat16"
 
 
 def remat(choice: str, backend: str | None = None) -> str:

@@ -55,6 +55,8 @@ def define_flags() -> None:
                       "(by itself where the environment shows several processes: Slurm's "
                       "srun, Open MPI, a TPU pod, JAX_COORDINATOR_ADDRESS; --nodistributed: "
                       "one process).")
+    flags.DEFINE_bool("allow_cpu", False, "Run on the CPU although a GPU or TPU plugin is "
+                      "installed (JAX fell back to the CPU); refused without it.")
     flags.DEFINE_string("compilation_cache", platform.default_compilation_cache(),
                         "Directory where compiled steps are kept for later runs ('' disables).")
     flags.mark_flags_as_required(["workdir"])
@@ -120,6 +122,23 @@ def _environment_int(name: str, shown: str) -> int:
                  "a number on every process, or the flags --coordinator_address, "
                  "--num_processes and --process_id")
     return int(value)
+
+
+def announce_runtime() -> None:
+    """The run's first line: backend, devices, processes, versions. A GPU or TPU plugin
+    installed while JAX runs on the CPU is refused (one line, the fix) unless --allow_cpu."""
+    import jax
+
+    info = platform.runtime()
+    if jax.process_index() == 0:
+        print(platform.runtime_line(info), file=sys.stderr, flush=True)
+    fallback = platform.cpu_fallback(info)
+    if fallback and not FLAGS.allow_cpu:
+        cli.fail(f"error: {fallback}; allowed: fix the install, or run on the CPU with "
+                 "--allow_cpu (or JAX_PLATFORMS=cpu)")
+    if fallback and jax.process_index() == 0:
+        print(f"warning: {fallback}; running on the CPU (--allow_cpu)", file=sys.stderr,
+              flush=True)
 
 
 def check_mode(config, workdir: str) -> None:
@@ -191,6 +210,7 @@ def main(argv):
         problem = platform.jax_environment_problem()  # before anything is written
         if problem:
             cli.fail(problem)
+        announce_runtime()
         results = train_or_evaluate(config, workdir)
     except KeyboardInterrupt:
         cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "

@@ -12,12 +12,16 @@ do nothing. These tune the backend, whichever `config.train.kernels` the run the
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin",
                        "jax_rocm7_plugin")
 _CPU_PLATFORM = "cliquejax.cpu.platform"
+# The distributions that give JAX a GPU or TPU backend (the names pip installs).
+_PLUGIN_DISTRIBUTIONS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu", "libtpu-nightly",
+                         "jax-rocm60-plugin", "jax-rocm7-plugin")
 
 
 def running_on_cpu_only() -> bool:
@@ -134,3 +138,57 @@ def use_compilation_cache(directory: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def installed_plugins() -> dict[str, str]:
+    """The accelerator plugins pip installed (distribution name -> version), read from the
+    packages' metadata: a plugin present but not loaded is listed too."""
+    found = {}
+    for distribution in importlib.metadata.distributions():
+        name = (distribution.metadata["Name"] or "").lower().replace("_", "-")
+        if name in _PLUGIN_DISTRIBUTIONS:
+            found[name] = distribution.version
+    return dict(sorted(found.items()))
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def runtime() -> dict:
+    """What this run computes on: backend, device kind and count, processes, and the jax,
+    jaxlib and plugin versions (recorded in results.json)."""
+    import jax
+
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "jax_version": jax.__version__, "jaxlib_version": _version("jaxlib"),
+            "plugins": installed_plugins()}
+
+
+def runtime_line(info: dict) -> str:
+    """The first line of a run: `runtime()` in words."""
+    plugins = "".join(f", {name} {version}" for name, version in info["plugins"].items())
+    return (f"running on {info['backend']}: {info['devices']} x {info['device_kind']}, "
+            f"{info['processes']} process{'es' if info['processes'] > 1 else ''}; "
+            f"jax {info['jax_version']}, jaxlib {info['jaxlib_version']}{plugins}")
+
+
+def cpu_fallback(info: dict) -> str | None:
+    """Where a GPU or TPU plugin is installed but JAX runs on the CPU without being asked to
+    (JAX_PLATFORMS), why and the fix in one line; else None. JAX's own word for it is a log
+    warning a user does not see among a run's lines."""
+    asked = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if info["backend"] != "cpu" or not info["plugins"] or asked.split(",")[0] == "cpu":
+        return None
+    plugins = ", ".join(f"{name} {version}" for name, version in info["plugins"].items())
+    extra = "tpu" if any(name.startswith("libtpu") for name in info["plugins"]) else \
+        "cuda13" if "jax-cuda13-plugin" in info["plugins"] else \
+        "cuda12" if "jax-cuda12-plugin" in info["plugins"] else "rocm"
+    return (f"{plugins} installed, but JAX (jax {info['jax_version']}, jaxlib "
+            f"{info['jaxlib_version']}) fell back to the CPU: no accelerator was found, or the "
+            f"plugin does not match jax (fix: pip install \"jax[{extra}]=={info['jax_version']}\""
+            f", and check nvidia-smi / the TPU runtime)")

@@ -112,7 +112,9 @@ NOT_COMPARED = ("seed", "data.name", "data.data_dir", "data.path", "data.worker_
                 "train.log_every_steps", "train.eval_every_epochs",
                 "train.checkpoint_every_epochs", "train.keep_checkpoints",
                 "train.eval_batch_size", "train.remat", "train.kernels", "model.unroll",
-                "train.peak_flops", "train.checkpoint_every_steps")
+                "train.peak_flops", "train.checkpoint_every_steps", "train.profile_steps",
+                # `auto` (the recipes) records bfloat16 on an accelerator, float32 on a CPU
+                "train.compute_dtype")
 # What results.json must hold, as launch.py writes it: (low, high, may be null); accuracies
 # are fractions, null when the run never evaluated.
 RESULT_FIELDS = {"epochs": (0.0, math.inf, False), "final_test_accuracy": (0.0, 1.0, True),

@@ -127,3 +127,21 @@ def test_command_line_json_and_bad_platform():
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
         "error: --platform='gpu' is not one of: cuda, tpu, cpu"]
+
+
+def test_compute_dtype_auto_is_bfloat16_on_cuda_and_tpu_float32_on_the_cpu():
+    """`train.compute_dtype=auto` (the default): the lowered train step's convolutions take
+    bfloat16 on cuda and tpu, float32 on the CPU (the stock operations there, to compare)."""
+    from tests.conftest import tiny_digits_config
+
+    config = tiny_digits_config(batch_size=8, eval_batch_size=8)
+    assert config.train.compute_dtype == "auto"
+    for platform, dtype in (("cuda", "bf16"), ("tpu", "bf16"), ("cpu", "f32")):
+        resolved = lower.for_platform(config, platform)
+        assert resolved.train.compute_dtype == {"bf16": "bfloat16", "f32": "float32"}[dtype]
+        resolved.train.kernels = "reference"
+        train, _, _ = lower.traced_steps(resolved)
+        counts = lower.count_ops(train.lower(lowering_platforms=(platform,))
+                                 .compiler_ir("stablehlo"))
+        assert set(counts["convolution_dtypes"]) == {dtype}, (platform, counts)
+        assert counts["convolution_dtypes"][dtype] == counts["convolutions"] > 0

@@ -2,8 +2,15 @@
 set-up on an accelerator or without `cliquejax/cpu/`, and where the compilation cache lives."""
 
 import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
 
 from cliquejax import platform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_no_cpu_flags_on_an_accelerator(monkeypatch):
@@ -47,3 +54,49 @@ def test_the_environment_of_a_job_of_several_processes_is_recognised(monkeypatch
         monkeypatch.setenv(name, several)
         assert launch.cluster_in_environment() == f"{name}={several}"
         monkeypatch.delenv(name)
+
+
+def fake_plugin(directory, name="jax-cuda13-plugin", version="0.12.1"):
+    """What pip leaves of a plugin that JAX cannot load: its metadata on sys.path, no code."""
+    info = directory / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return directory
+
+
+def test_the_runtime_is_named_and_a_plugin_on_the_cpu_is_a_fallback(tmp_path, monkeypatch):
+    import jax
+
+    info = platform.runtime()
+    assert info["backend"] == jax.default_backend() == "cpu" and info["plugins"] == {}
+    assert platform.cpu_fallback(info) is None  # no plugin: the CPU is what was asked for
+    line = platform.runtime_line(info)
+    assert line.startswith("running on cpu: 1 x cpu, 1 process; jax ") and "\n" not in line
+    monkeypatch.syspath_prepend(str(fake_plugin(tmp_path)))
+    info = platform.runtime()
+    assert info["plugins"] == {"jax-cuda13-plugin": "0.12.1"}
+    assert "jax-cuda13-plugin 0.12.1" in platform.runtime_line(info)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    message = platform.cpu_fallback(info)
+    assert "fell back to the CPU" in message and "\n" not in message
+    assert f'pip install "jax[cuda13]=={jax.__version__}"' in message
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the CPU asked for: no fallback
+    assert platform.cpu_fallback(info) is None
+
+
+@pytest.mark.slow
+def test_launch_refuses_to_fall_back_to_the_cpu_with_a_plugin_installed(tmp_path):
+    """A jax-cuda plugin pip installed but JAX on the CPU: the run's first line names the
+    CPU, the second refuses with the fix; nothing is written."""
+    env = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(fake_plugin(tmp_path / "site")), ROOT])
+    workdir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "launch.py", "--config=configs/mbclique_digits.py",
+                           f"--workdir={workdir}"], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and not workdir.exists(), done.stderr
+    assert lines[0].startswith("running on cpu: 1 x cpu, 1 process; jax ")
+    assert "jax-cuda13-plugin 0.12.1" in lines[0]
+    assert lines[-1].startswith("error: jax-cuda13-plugin 0.12.1 installed, but JAX")
+    assert "--allow_cpu" in lines[-1] and len(lines) == 2

@@ -179,3 +179,25 @@ def test_bfloat16_learns_with_float32_state(tmp_path):
         floats = [leaf.dtype for leaf in jax.tree.leaves(state[part])
                   if jnp.issubdtype(leaf.dtype, jnp.floating)]
         assert floats and set(floats) == {jnp.dtype(jnp.float32)}, part
+
+
+def test_compute_dtype_auto_resolves_per_backend_and_resumes():
+    """`auto`: bfloat16 on a GPU or TPU, float32 on the CPU. config.json records what ran
+    (`run_dir.resolve_auto`), and the same config file (auto) resumes it on this backend."""
+    from cliquejax import kernels
+    from cliquejax.train import run_dir
+
+    assert [kernels.compute_dtype("auto", b) for b in ("cpu", "gpu", "cuda", "tpu")] == [
+        "float32", "bfloat16", "bfloat16", "bfloat16"]
+    assert kernels.compute_dtype("float32", "tpu") == "float32"
+    config = cliquenet_config()
+    assert config.train.compute_dtype == "auto"
+    recorded = run_dir.resolve_auto(config)
+    assert recorded.train.compute_dtype == kernels.compute_dtype("auto")
+    assert config.train.compute_dtype == "auto"  # the caller's config is left as it was
+    old, new = run_dir._config_dict(recorded), run_dir._config_dict(config)
+    assert run_dir.config_differences(old, new)[0] == []
+    other = "bfloat16" if recorded.train.compute_dtype == "float32" else "float32"
+    old["train"]["compute_dtype"] = other  # a run that computed in the other precision
+    assert run_dir.config_differences(old, new)[0] == [
+        f"train.compute_dtype: {other!r} -> {recorded.train.compute_dtype!r}"]

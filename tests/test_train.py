@@ -192,3 +192,29 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path):
     done = launch("--config=configs/mbclique_digits.py", f"--workdir={blocker}/run")
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1 and "cannot be written" in lines[0]
+
+
+@pytest.mark.slow
+def test_profile_of_two_steps_is_written_and_readable(tmp_path):
+    """`train.profile_steps=2,3`: a jax.profiler trace of steps 2 and 3 in the run
+    directory, where TensorBoard's profile plugin looks (plugins/profile/<run>/)."""
+    import glob
+
+    from jax.profiler import ProfileData
+
+    workdir = tmp_path / "run"
+    results = loop.train_and_evaluate(tiny_digits_config(epochs=1, max_steps=3,
+                                                         profile_steps=(2, 3)), str(workdir))
+    assert results["steps"] == 3 and results["backend"] == "cpu" and results["device_kind"]
+    traces = glob.glob(str(workdir / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1
+    profile = ProfileData.from_file(traces[0])
+    events = [event.name for plane in profile.planes for line in plane.lines
+              for event in line.events]
+    assert events.count("PjitFunction(train)") >= 2  # steps 2 and 3 (each one or more)
+
+
+def test_bad_profile_steps_is_one_line():
+    for steps in ((3, 2), (0, 1), (1, 2, 3)):
+        with pytest.raises(ValueError, match=r"train.profile_steps=.*allowed: START,END"):
+            loop.validate_train(tiny_digits_config(profile_steps=steps).train)

@@ -40,7 +40,10 @@ def get_config():
     config.train.epochs = 1
     config.train.batch_size = 64  # global, over all devices and hosts
     config.train.eval_batch_size = 256
-    config.train.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+    # auto (cliquejax/kernels.py: bfloat16 on a GPU or TPU, float32 on the CPU; config.json
+    # records what ran) | float32 | bfloat16. Parameters, optimizer state, BatchNorm
+    # statistics and the loss stay float32.
+    config.train.compute_dtype = "auto"
     # Rematerialisation (gradient checkpointing): auto (per backend, cliquejax/kernels.py:
     # `layer` on the CPU, `none` elsewhere) | layer (recompute each clique layer / conv unit
     # in the backward pass) | layer_keep_1x1 | block (recompute each whole block) | none
@@ -61,6 +64,9 @@ def get_config():
     config.train.checkpoint_every_steps = 0
     config.train.keep_checkpoints = 2
     config.train.max_steps = -1  # >0: stop after this many steps (tests, debugging)
+    # START,END: a jax.profiler trace of steps START..END (1 = the first step) in the run
+    # directory, for TensorBoard's profile plugin; () none
+    config.train.profile_steps = ()
 
     config.optimizer = ml_collections.ConfigDict()
     # Any Optax optimizer by name (optax.<name>, given the schedule as its learning rate):

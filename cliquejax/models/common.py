@@ -73,10 +73,11 @@ class Model(nn.Module):
 
 
 def compute_dtype(config):
-    """The activation/conv dtype from `config.train.compute_dtype` (params stay float32)."""
+    """The activation/conv dtype from `config.train.compute_dtype` (params stay float32);
+    `auto` per backend (`kernels.compute_dtype`)."""
     name = config.train.get("compute_dtype", "float32") if "train" in config else "float32"
-    check_choice("train.compute_dtype", name, COMPUTE_DTYPES)
-    return COMPUTE_DTYPES[name]
+    check_choice("train.compute_dtype", name, ("auto", *COMPUTE_DTYPES))
+    return COMPUTE_DTYPES[kernels.compute_dtype(name)]
 
 
 def remat_policy(config) -> str:

@@ -109,6 +109,46 @@ def validate_train(train) -> None:
         check_range(f"train.{field}", train[field], 1)
     check_range("train.peak_flops", train.get("peak_flops", 0.0), 0)
     check_range("train.checkpoint_every_steps", train.get("checkpoint_every_steps", 0), 0)
+    steps = tuple(train.get("profile_steps", ()))
+    if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps)
+                      and 1 <= steps[0] <= steps[1]):
+        raise ValueError(f"train.profile_steps={train.profile_steps!r} is not a range of "
+                         "steps; allowed: START,END with 1 <= START <= END (step 1 is the "
+                         "run's first), or () for no profile")
+
+
+class StepProfile:
+    """`train.profile_steps=(START, END)`: a `jax.profiler` trace of the run's steps START
+    to END (both included; step 1 is the first) in the run directory, where TensorBoard's
+    profile plugin reads it (`plugins/profile/<time>/<host>.xplane.pb`, beside the
+    scalars). A resumed run traces what is left of the range."""
+
+    def __init__(self, steps, workdir: str):
+        self.first, self.last = tuple(steps) if steps else (0, -1)
+        self.workdir, self.active = workdir, False
+
+    def before(self, number: int) -> None:
+        """Before step `number` is dispatched."""
+        if not self.active and self.first <= number <= self.last:
+            jax.profiler.start_trace(self.workdir)
+            self.active = True
+
+    def after(self, number: int, state) -> None:
+        """After step `number` was dispatched: the trace ends once the last step ran."""
+        if self.active and number >= self.last:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def build_model_and_transforms(config, image_shape, num_classes: int, steps_per_epoch: int):
@@ -429,7 +469,7 @@ def _check_finite(pending, first_step: int, trainer: Trainer) -> None:
                              f"stopped without saving the bad state; {kept}")
 
 
-def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
+def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar, profile=None) -> dict:
     """Trains from the current state to the end; returns the last test metrics.
 
     The host stays at most one step ahead of the device and never waits for the step it
@@ -450,10 +490,14 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar) -> dict:
     log = StepLog(trainer, writer, batch)
     for current in range(start, trainer.total_steps):
         tick = time.perf_counter()
+        if profile:
+            profile.before(current + 1)
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
         if current == start:
             log.mark(start)  # compiled: the rows time the steps from here
         done, last = current + 1, current + 1 == trainer.total_steps
+        if profile:
+            profile.after(done, trainer.state)
         if not last:
             batch = step.global_batch(next(batches), trainer.shardings)
         _check_finite(pending, current, trainer)  # the previous step's flag: no stall
@@ -527,6 +571,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False,
     model, `preflight`, checkpoint fit) runs before anything in `workdir` changes;
     `overwrite` then moves an old run aside."""
     validate_train(config.train)
+    config = run_dir.resolve_auto(config)  # config.json records the precision that runs
     created = not os.path.exists(workdir)
     run_dir.check_writable(workdir)
     lock = run_dir.WorkdirLock(workdir)
@@ -570,8 +615,9 @@ def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict,
     trainer.session_started = time.perf_counter()
     failed = True
     try:
-        with SignalFlag() as flag:
-            run_epochs(trainer, flag, writer, bar)
+        with SignalFlag() as flag, StepProfile(config.train.get("profile_steps", ()),
+                                               workdir) as profile:
+            run_epochs(trainer, flag, writer, bar, profile)
         failed = False
     finally:
         bar.close()

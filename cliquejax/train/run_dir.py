@@ -17,6 +17,7 @@ starts it anew. `--overwrite` moves aside a run, never a directory that holds no
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -28,7 +29,7 @@ import time
 import jax
 import ml_collections
 
-from cliquejax import cli, kernels, report
+from cliquejax import cli, kernels, platform, report
 from cliquejax.train import optim
 
 # Fields that may differ between a run and the config resuming or evaluating it: how often
@@ -40,7 +41,7 @@ ALLOWED_CHANGES = ("train.log_every_steps", "train.eval_every_epochs",
                    "train.checkpoint_every_epochs", "train.keep_checkpoints",
                    "train.max_steps", "train.eval_batch_size", "data.worker_count",
                    "data.data_dir", "data.path", "train.peak_flops",
-                   "train.checkpoint_every_steps")
+                   "train.checkpoint_every_steps", "train.profile_steps")
 # Schedules whose rate at a step does not depend on train.epochs (constant; SGDR's cycles are
 # set by schedule.first_period_epochs): a run resumed with more (or fewer) epochs trains
 # the steps it trained with the same rates, so changing train.epochs on resume is allowed.
@@ -123,11 +124,15 @@ def _in(name: str, groups) -> bool:
 def _comparable(tree: dict) -> dict:
     """`tree` with `optimizer.kwargs` as the arguments it gives, so that a config's string
     (`"b1=0.9"`, `""`) equals the dict an older run's config.json holds (`{"b1": 0.9}`, `{}`),
-    and `train.remat=auto` as the policy it resolves to on this backend, so that a run
-    written before `auto` existed (`layer` on a CPU) is the run today's config file makes."""
+    and `train.remat=auto` / `train.compute_dtype=auto` as what they resolve to on this
+    backend, so that a run written before `auto` existed (`layer` on a CPU) or recorded
+    what ran (`resolve_auto`) is the run today's config file makes."""
     train = tree.get("train")
     if isinstance(train, dict) and train.get("remat") == "auto":
         tree = {**tree, "train": {**train, "remat": kernels.remat("auto")}}
+    train = tree.get("train")
+    if isinstance(train, dict) and train.get("compute_dtype") == "auto":
+        tree = {**tree, "train": {**train, "compute_dtype": kernels.compute_dtype("auto")}}
     optimizer = tree.get("optimizer")
     if not isinstance(optimizer, dict) or "kwargs" not in optimizer:
         return tree
@@ -341,6 +346,17 @@ def move_aside(workdir: str) -> str | None:
     return aside
 
 
+def resolve_auto(config):
+    """`config` with `train.compute_dtype=auto` as this backend resolves it (a copy where
+    it changes): config.json records the precision that ran, which a resume elsewhere (a
+    CPU resuming a GPU run) must keep."""
+    if config.train.get("compute_dtype") != "auto":
+        return config
+    config = copy.deepcopy(config)
+    config.train.compute_dtype = kernels.compute_dtype("auto")
+    return config
+
+
 def write_config(config, workdir: str, changes: dict | None = None, step: int = 0) -> None:
     """config.json, once the config has been validated (the model and data built); allowed
     changes against the previous config.json are appended to changes.jsonl."""
@@ -497,7 +513,7 @@ def results(trainer, resumed: bool, start_step: int, wall_seconds: float) -> dic
         "epochs": steps / trainer.steps_per_epoch, "steps": steps,
         "resumed": resumed, **measured,
         "params_fingerprint": fingerprint,
-        "devices": jax.device_count(), "processes": jax.process_count(),
+        **platform.runtime(),  # backend, device_kind, devices, processes, versions
     }
 
 

@@ -29,14 +29,18 @@ class Shardings:
     replicated: NamedSharding
 
 
-def make_shardings(global_batch_size: int) -> Shardings:
-    devices = jax.device_count()
+def make_shardings(global_batch_size: int, devices=None) -> Shardings:
+    """The batch sharded over every device (`devices`: these instead of `jax.devices()`,
+    e.g. the simulated GPUs of `cliquejax.lower --compile`), the state replicated."""
+    chosen = list(devices) if devices is not None else jax.devices()
+    devices = len(chosen)
     if global_batch_size % devices:
         raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the "
                          f"{devices} devices; allowed: a multiple of {devices}")
     # Auto axes: XLA propagates the batch sharding (the default Explicit axes of recent JAX
     # would make every op's sharding part of its type).
-    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=chosen)
     return Shardings(mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
 
 
@@ -167,11 +171,14 @@ def jit_steps(model, transforms, schedule, config, shardings: Shardings, state,
     the 1-bit layers' latent weights after each update (`clip_latent`)."""
     clip_mask = binary_mask if config.optimizer.get("clip_latent", False) else None
     state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
+
+    def train(s, b):  # named: a profile (`train.profile_steps`) shows "train" per step
+        return train_step(s, train_view(b), model=model, transforms=transforms,
+                          schedule=schedule, seed=config.seed, binary_mask=binary_mask,
+                          clip_mask=clip_mask)
+
     train = jax.jit(
-        lambda s, b: train_step(s, train_view(b), model=model, transforms=transforms,
-                                schedule=schedule, seed=config.seed, binary_mask=binary_mask,
-                                clip_mask=clip_mask),
-        in_shardings=(state_sharding, shardings.batch),
+        train, in_shardings=(state_sharding, shardings.batch),
         out_shardings=(state_sharding, shardings.replicated), donate_argnums=(0,))
     evaluate = jax.jit(lambda s, b: eval_step(s, eval_view(b), model=model),
                        in_shardings=(state_sharding, shardings.batch),
