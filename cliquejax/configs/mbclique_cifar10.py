@@ -3,7 +3,7 @@ Recipe: SGD with Nesterov momentum 0.9 (SGDR's [20]), weight decay 5e-4, batch 1
 pad-4 random crop, SGDR from 0.1 to 1e-5 (CIFAR) with cycles ending at epochs 2, 4, 8, ...,
 256; 256 epochs; latent 1-bit filters clipped to [-1, 1] after each step (BinaryConnect [6]).
 Another batch size B is the same recipe only with the learning rates scaled linearly,
-lr = 0.1 * B / 128 and min_lr likewise (docs/papers.md §3, "Training rule").
+lr = 0.1 * B / 128 and min_lr likewise (docs/papers.md, "MBCliqueNet training rule").
 K ablation (widths 64-64-128): --config.model.widths=64,64,128 --config.model.K=8"""
 
 from cliquejax.configs import default

@@ -14,9 +14,12 @@ four):
   other convs are 1-bit (not modulated; the M-filter is 3x3). Default: all but the stem,
   the reading of "storage of convolutional filters reduced by at least 32x"; the stem
   (3 input channels, 0.04% of the filters) stays full precision as in most binary networks.
-- `sign_fn`: ste_sign (clipped STE, default) | identity_ste | approx_sign.
-- `update_order`: simultaneous (one gradient step for C and M, default: the source's eqs. 6-7 are
-  the ordinary gradients) | alternating (C first, then M with the gradient at the new C).
+- `sign_fn`: ste_sign (clipped STE, default) | identity_ste | approx_sign. The STE's clip
+  masks the gradient; the latent weights themselves are clipped to [-1, 1] after each update
+  by the training step (`optimizer.clip_latent`, BinaryConnect's rule), another thing.
+- `update_order`: simultaneous (one backward pass gives the gradients of C and M, one step
+  applies both, default: MCN's algorithm, docs/papers.md "MBCliqueNet training rule") |
+  alternating (C first, then M with the gradient at the new C).
 - `clique_conv`: bottleneck (default: each layer a 1x1 conv of its concatenated inputs to the
   width, then one modulated 3x3, section 2.2's "1x1 convolution before the 3x3 convolution") |
   per_connection (eqs. 1-2 read literally: every W_ji a modulated 3x3; a 1x1 conv brings X0
