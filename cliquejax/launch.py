@@ -124,21 +124,14 @@ def _environment_int(name: str, shown: str) -> int:
     return int(value)
 
 
-def announce_runtime() -> None:
-    """The run's first line: backend, devices, processes, versions. A GPU or TPU plugin
-    installed while JAX runs on the CPU is refused (one line, the fix) unless --allow_cpu."""
-    import jax
-
-    info = platform.runtime()
-    if jax.process_index() == 0:
-        print(platform.runtime_line(info), file=sys.stderr, flush=True)
-    fallback = platform.cpu_fallback(info)
+def refuse_cpu_fallback() -> None:
+    """A GPU or TPU plugin installed while JAX runs on the CPU is refused (one line, the
+    fix) unless --allow_cpu. Checked before anything is written; the run's first line
+    (`platform.announce_runtime`) names what runs once every check has passed."""
+    fallback = platform.cpu_fallback(platform.runtime())
     if fallback and not FLAGS.allow_cpu:
         cli.fail(f"error: {fallback}; allowed: fix the install, or run on the CPU with "
                  "--allow_cpu (or JAX_PLATFORMS=cpu)")
-    if fallback and jax.process_index() == 0:
-        print(f"warning: {fallback}; running on the CPU (--allow_cpu)", file=sys.stderr,
-              flush=True)
 
 
 def check_mode(config, workdir: str) -> None:
@@ -210,7 +203,7 @@ def main(argv):
         problem = platform.jax_environment_problem()  # before anything is written
         if problem:
             cli.fail(problem)
-        announce_runtime()
+        refuse_cpu_fallback()
         results = train_or_evaluate(config, workdir)
     except KeyboardInterrupt:
         cli.fail(f"{cli.INTERRUPTED}; what {workdir} held before is kept (checkpoints: run "

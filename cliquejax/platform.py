@@ -15,6 +15,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import sys
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu", "jax_rocm60_plugin",
                        "jax_rocm7_plugin")
@@ -175,6 +176,19 @@ def runtime_line(info: dict) -> str:
     return (f"running on {info['backend']}: {info['devices']} x {info['device_kind']}, "
             f"{info['processes']} process{'es' if info['processes'] > 1 else ''}; "
             f"jax {info['jax_version']}, jaxlib {info['jaxlib_version']}{plugins}")
+
+
+def announce_runtime() -> None:
+    """The first line of a run or an evaluation, once its checks have passed (an error
+    stays one line): what runs (`runtime_line`), on process 0; then, where a GPU or TPU
+    plugin is installed but JAX runs on the CPU (allowed: `launch --allow_cpu`), a warning."""
+    import jax
+
+    info = runtime()
+    if jax.process_index() == 0:
+        fallback = cpu_fallback(info)
+        print(runtime_line(info) + (f"\nwarning: {fallback}; running on the CPU (--allow_cpu)"
+                                    if fallback else ""), file=sys.stderr, flush=True)
 
 
 def cpu_fallback(info: dict) -> str | None:

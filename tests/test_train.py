@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cliquejax import report
-from cliquejax.train import loop
+from cliquejax.train import loop, run_dir
 from configs import cliquenet_cifar10
 from tests.conftest import DATA_DIR, tiny_digits_config
 
@@ -97,8 +97,9 @@ def test_tensorboard_gets_step_scalars_and_the_config(tmp_path):
     lrs = [row["lr"] for row in rows]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # cosine: falls each step
     assert scalars["test/accuracy"].keys() == {STEPS_PER_EPOCH}
+    # the config as it ran (`auto` fields resolved), as config.json records it
     assert json.loads(texts["config/text_summary"].split("```json\n")[1].split("\n```")[0]) == \
-        json.loads(config.to_json_best_effort())
+        json.loads(run_dir.resolve_auto(config).to_json_best_effort())
 
 
 def test_eval_mode_reproduces_the_final_accuracy(trained_digits_run):

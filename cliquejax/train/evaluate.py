@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from cliquejax import report
+from cliquejax import platform, report
 from cliquejax.train import run_dir
 
 
@@ -35,6 +35,7 @@ def restore_trainer(config, workdir: str, what: str = "--mode=eval", *, read_dat
 
 def evaluate_checkpoint(config, workdir: str, accept_data_change: bool = False) -> dict:
     trainer = restore_trainer(config, workdir, accept_data_change=accept_data_change)
+    platform.announce_runtime()
     test = trainer.evaluate()
     results = {"step": int(trainer.state["step"]), "test_accuracy": test["accuracy"],
                "test_loss": test["loss"], "examples": test["examples"],

@@ -602,6 +602,7 @@ def train_and_evaluate(config, workdir: str, overwrite: bool = False,
 def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict,
            record) -> dict:
     start = int(trainer.state["step"])
+    platform.announce_runtime()  # every check passed: the run's first line
     run_dir.write_config(config, workdir, changes, start)
     run_dir.write_data_record(workdir, record)
     if trainer.is_main:  # rows past the checkpoint resumed from are trained again
