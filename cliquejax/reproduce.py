@@ -41,7 +41,8 @@ and FLOPs beside it are its own network's. A run of the row's model and data set
 anything else (learning rate, augmentation, optimizer, schedule, BatchNorm...) is listed
 under the table as another run, never as ours. A field absent from a run's config.json (a
 run written before the field existed) takes the default in force then
-(`published.json`, "historical_defaults"); one absent and not listed there is a difference.
+(`run_dir.absent_value`, which resume reads too: a model field's module default, or the
+table `run_dir.BEFORE_THE_FIELD`); one absent without such a value is a difference.
 Bookkeeping fields (seed, data directory and path, logging, checkpointing, evaluation batch,
 remat, unroll, kernels, workers) are not compared. The data set of an `npz` run is read
 from its file name: one containing "cifar100", "cifar10", "svhn" or "mnist" (but not
@@ -150,9 +151,6 @@ def published() -> dict:
         return json.load(handle)
 
 
-def historical_defaults() -> dict:
-    """{field: value in force before the field existed} for runs that lack it."""
-    return published()["historical_defaults"]["fields"]
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -421,8 +419,14 @@ _ABSENT = object()
 
 
 def _run_value(config: dict, field: str):
-    """The run's value of `field`; for a config.json without it, the default then."""
-    return config[field] if field in config else historical_defaults().get(field, _ABSENT)
+    """The run's value of `field`; for a config.json without it, the value in force before
+    the field existed (`run_dir.absent_value`: what resume reads too)."""
+    from cliquejax.train import run_dir  # imported here: this module starts fast
+
+    if field in config:
+        return config[field]
+    value = run_dir.absent_value(config, field)
+    return _ABSENT if value == run_dir.ABSENT else value
 
 
 def _change(field: str, run_config: dict, theirs, ours) -> str:

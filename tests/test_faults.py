@@ -147,6 +147,40 @@ def test_config_differences_allowed_refused_and_one_sided():
                        "train.log_every_steps": [5, 7]}
 
 
+def test_a_run_written_before_a_field_existed_resumes_with_its_default(tmp_path):
+    """A config.json without `model.compression` (a model field: the module's default) or
+    `optimizer.clip_latent` (the table `BEFORE_THE_FIELD`) is the run today's config makes
+    when that config keeps the old value; a config that changes it is refused, naming the
+    value the run had."""
+    config = tiny_digits_config()
+    old = json.loads(config.to_json())
+    del old["model"]["compression"], old["optimizer"]["clip_latent"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    os.makedirs(tmp_path / "checkpoints" / "4")  # a run that trained: its config binds
+    config.model.compression, config.optimizer.clip_latent = False, False
+    assert run_dir.check_resume(config, str(tmp_path), overwrite=False) == {}
+    config.model.compression = True
+    with pytest.raises(run_dir.ConfigMismatchError,
+                       match=re.escape("(model.compression: False -> True)")):
+        run_dir.check_resume(config, str(tmp_path), overwrite=False)
+
+
+def test_absent_model_fields_take_the_values_older_runs_had():
+    """The module defaults are the networks before each field existed (a default that
+    changed would silently change every older run's meaning on resume and in reproduce)."""
+    before = {"model.bn_momentum": 0.999, "model.bn_epsilon": 0.001,
+              "model.bn_running_var": "biased", "model.clique_conv": "bottleneck",
+              "model.stage_two_kernels": "shared", "model.transition_kernel": 1,
+              "model.transition_width": "next", "model.attention": False,
+              "model.head_input": "x0_and_stage2", "model.variant": "II+II", "model.x": 0,
+              "model.compression": False}
+    assert {field: run_dir.absent_value({"model.name": "mbcliquenet"}, field)
+            for field in before} == before
+    assert run_dir.absent_value({"model.name": "cliquenet"}, "model.head_input") == \
+        run_dir.ABSENT  # not a field of CliqueNet: no default to take
+    assert run_dir.absent_value({}, "data.augment") == "cifar"
+
+
 def test_remat_auto_compares_as_the_policy_it_resolves_to():
     """A run written with train.remat=layer on a CPU (before `auto` existed) is the run
     today's config file (`auto`) makes here; another policy is still a change."""

@@ -242,7 +242,7 @@ def test_a_field_absent_from_an_old_run_takes_the_default_of_its_time(tmp_path):
     assert row["run"] is None
     assert "model.bn_epsilon=0.001 (absent: the default before the field existed; " \
            "recipe: 1e-05)" in row["other_runs"][0]["differences"]
-    defaults = reproduce.historical_defaults()
+    defaults = run_dir.BEFORE_THE_FIELD  # the table resume reads too
     assert defaults["data.augment"] == "cifar" and defaults["schedule.sgdr_restarts"] == "summed"
 
 

@@ -52,6 +52,18 @@ LOCATION_KEYS = ("file", "folder")
 # written before the field existed) counts as a difference there, and not elsewhere.
 RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
                  "train.epochs", "train.compute_dtype", "train.remat")
+# A field that a config.json written before the field existed lacks had the value in force
+# then: for a model field, its module's default (a field is added with the default that
+# reproduces the network before it, so it needs no entry here); for other fields, or a model
+# field whose old value is not its default, this table. Resume, evaluation and `reproduce`
+# read absent fields through `absent_value`, so an old run is the run it was.
+BEFORE_THE_FIELD = {
+    "data.augment": "cifar",  # flip + pad-and-crop, the only augmentation then
+    "schedule.sgdr_restarts": "summed",
+    "optimizer.kwargs": "",
+    "optimizer.clip_latent": False,
+}
+ABSENT = "<unset>"  # a field neither side has, nor a default for
 CHANGES_FILE = "changes.jsonl"
 LOCK_FILE = "run.lock"
 DATA_FILE = "data.json"  # what the run read: shapes, classes, normalisation, fingerprint
@@ -144,16 +156,39 @@ def _comparable(tree: dict) -> dict:
     return {**tree, "optimizer": {**optimizer, "kwargs": kwargs}}
 
 
+def absent_value(flat_config: dict, field: str):
+    """The value of `field` in a run whose flattened config.json (`flat_config`) lacks it:
+    `BEFORE_THE_FIELD`, else for a model field its module's default, else `ABSENT`."""
+    if field in BEFORE_THE_FIELD:
+        return BEFORE_THE_FIELD[field]
+    name = flat_config.get("model.name")
+    if not field.startswith("model.") or not isinstance(name, str):
+        return ABSENT
+    from cliquejax import models  # imported here: `reproduce` starts without flax
+
+    try:
+        module = models.get_model(name)
+    except ValueError:
+        return ABSENT
+    default = {f.name: f.default for f in dataclasses.fields(module)}.get(
+        field.removeprefix("model."), dataclasses.MISSING)
+    if default is dataclasses.MISSING:
+        return ABSENT
+    return list(default) if isinstance(default, tuple) else default  # as JSON holds it
+
+
 def config_differences(old: dict, new: dict) -> tuple[list[str], dict]:
     """(refused, allowed) between two config dicts: `refused` lists the fields that change
-    the run as `name: old -> new`; `allowed` maps the other changed fields to [old, new]."""
+    the run as `name: old -> new`; `allowed` maps the other changed fields to [old, new]. A
+    field the old config lacks (written before it existed) has its `absent_value`."""
     flat_old, flat_new = flatten(_comparable(old)), flatten(_comparable(new))
     refused, allowed = [], {}
     for key in sorted(set(flat_old) | set(flat_new)):
-        before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        before = flat_old[key] if key in flat_old else absent_value(flat_old, key)
+        after = flat_new.get(key, ABSENT)
         if before == after:
             continue
-        one_sided = key not in flat_old or key not in flat_new
+        one_sided = before == ABSENT or after == ABSENT
         if _in(key, ALLOWED_CHANGES) or (one_sided and not _in(key, RESULT_GROUPS)):
             allowed[key] = [before, after]
         elif key == "train.epochs" and not one_sided:
