@@ -173,7 +173,7 @@ def npz_config(tmp_path):
               "x_test": rng.integers(0, 256, (10, 12, 12, 3), dtype=np.uint8),
               "y_test": np.arange(10)}
     np.savez(tmp_path / "data.npz", **arrays)
-    return data_config(name="npz", path=str(tmp_path / "data.npz"), data_dir=str(tmp_path))
+    return data_config(name="npz", path=str(tmp_path / "data.npz"))
 
 
 def take(iterator, count):

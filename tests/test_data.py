@@ -60,7 +60,7 @@ def write_npz(path, num_train=96, num_test=37, shape=(6, 6, 3), seed=0):
 @pytest.fixture
 def npz_config(tmp_path):
     write_npz(tmp_path / "data.npz")
-    return data_config(name="npz", path=str(tmp_path / "data.npz"), data_dir=str(tmp_path))
+    return data_config(name="npz", path=str(tmp_path / "data.npz"))
 
 
 def test_digits_builds_once_through_tfds_and_reads_back(tmp_path):

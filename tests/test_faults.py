@@ -277,12 +277,19 @@ def test_one_class_huge_labels_and_fields_a_source_ignores_are_refused(tmp_path)
         changed[field] = value
         with pytest.raises(ValueError, match=re.escape(expected)):
             sources.load_source(type(config.data)(changed), "train")
+    npz = dict(json.loads(config.data.to_json()), name="npz", path=str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.data_dir={DATA_DIR!r} is read with TFDS data sets (and digits) only, not "
+            "with data.name='npz' (which reads data.path); allowed: data.data_dir=''")):
+        sources.load_source(type(config.data)(npz), "train")
 
 
 @pytest.mark.parametrize("given, first", [
     (["--config.train.batch_size=0", "--config.train.epochs=0"], "train.batch_size=0 "),
     (["--config.optimizer.lr=-1.0", "--config.model.widths=0"], "optimizer.lr=-1.0 "),
-    (["--config.model.widths=16,0,32", "--config.train.epochs=0"], "model.widths=16,0,32 ")])
+    (["--config.model.widths=16,0,32", "--config.train.epochs=0"], "model.widths=16,0,32 "),
+    (["--config.data.num_classes=1", "--config.optimizer.lr=-1.0"], "data.num_classes=1;"),
+    (["--config.model.K=0", "--config.data.num_train=100"], "model.K=0")])
 def test_two_errors_at_once_name_the_first_as_given(given, first):
     """The code's order (train before optimizer before model) used to decide which."""
     from cliquejax.train import preflight
@@ -333,7 +340,7 @@ def test_a_run_file_that_is_json_but_no_config_is_named(text, tmp_path):
 
 def test_images_too_small_for_the_network_are_refused(tmp_path):
     config = tiny_digits_config()
-    config.data.name = "npz"
+    config.data.name, config.data.data_dir = "npz", ""
     config.data.path = str(labelled_npz(tmp_path / "tiny.npz", np.arange(64) % 10,
                                         np.arange(10), size=2))
     with pytest.raises(ValueError, match=r"images of 2x2 are too small for model mbcliquenet"):
@@ -509,6 +516,33 @@ def image_folder(root, classes=("a", "b"), per_class=2):
                 Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(
                     root / split / name / f"{index}.png")
     return root
+
+
+def test_an_image_folder_is_identified_by_its_content(tmp_path):
+    """The same files copied to another path (new modification times) are the same data; a
+    file rewritten with other bytes of the same size is a change, named by its class; a
+    record from before content hashing compares by file and byte counts."""
+    folder = image_folder(tmp_path / "folder")
+    record = {split: local_sources.ImageFolderSource(str(folder), split).fingerprint()
+              for split in ("train", "test")}
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # times not kept
+    os.utime(copy / "train" / "a" / "0.png", ns=(1, 1))
+    moved = {split: local_sources.ImageFolderSource(str(copy), split).fingerprint()
+             for split in ("train", "test")}
+    assert run_dir.data_differences(record, moved) == []
+    image = copy / "train" / "b" / "1.png"
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF  # inside the IEND-preceding chunk: the size is unchanged
+    image.write_bytes(bytes(data))
+    changed = {split: local_sources.ImageFolderSource(str(copy), split).fingerprint()
+               for split in ("train", "test")}
+    assert [entry.split(":")[0] for entry in run_dir.data_differences(record, changed)] == [
+        "train.content.b"]
+    legacy = json.loads(json.dumps(record))
+    for split in legacy:
+        legacy[split]["classes"] = legacy[split].pop("content")
+    assert run_dir.data_differences(legacy, moved) == []  # an older run still resumes
 
 
 @pytest.mark.slow

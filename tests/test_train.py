@@ -167,7 +167,7 @@ def test_npz_and_synthetic_runs(tmp_path):
     assert results["steps"] == 12 and np.isfinite(results["final_test_loss"])
     config = tiny_digits_config(epochs=1, batch_size=16, eval_batch_size=16, max_steps=3)
     config.data.update(dict(name="synthetic", image_size=8, num_classes=5, num_train=64,
-                            num_test=32, crop_padding=0))
+                            num_test=32, crop_padding=0, data_dir=""))
     results = loop.train_and_evaluate(config, str(tmp_path / "synthetic_run"))
     assert results["steps"] == 3
 

@@ -125,7 +125,7 @@ def info_from_sources(data_config, train_source, test_source, stats=None) -> Dat
 
 def fingerprint(train_source, test_source) -> dict:
     """What was read, split by split (each source's `fingerprint()`: an npz file's size and
-    sha256, an image folder's files with sizes and times, a TFDS split's name, version and
+    sha256, an image folder's files by name and content, a TFDS split's name, version and
     size): recorded with a run, so a change to the data after training is found."""
     return {"train": train_source.fingerprint(), "test": test_source.fingerprint()}
 

@@ -65,19 +65,14 @@ def _synthetic_source(data_config, split: str) -> local_sources.SyntheticSource:
     )
 
 
-def load_source(data_config, split: str):
-    """Opens `split` ('train' or 'test') of the data set named by `data_config.name`.
-
-    Every source has `__len__`, `__getitem__(i) -> {"image": uint8 HxWxC, "label": int}` and
-    a `num_classes` attribute.
-    """
+def check_fields(data_config) -> None:
+    """The checks of `config.data`'s fields on their own (cheap: nothing is read), so a bad
+    choice stops a run before it writes anything, in the order the user gave it
+    (`preflight.check_fields_in_given_order`)."""
     name = config_value(data_config, "name")
     if not name or not isinstance(name, str):
         raise ValueError(f"data.name={name!r} is not a data set name; allowed: "
                          f"{', '.join(SOURCE_NAMES)} or another prepared TFDS data set")
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not known; allowed: {', '.join(SPLITS)}")
-    # checked here too, so a bad choice stops a run before it writes anything
     augment.check_settings(config_value(data_config, "augment", "cifar"),
                            config_value(data_config, "flip", False),
                            config_value(data_config, "crop_padding", 0))
@@ -94,6 +89,15 @@ def load_source(data_config, split: str):
         what = "npz file" if name == "npz" else "image folder"
         raise ValueError(f"data.path={config_value(data_config, 'path', '')!r} is empty; "
                          f"allowed: the {what} that data.name={name!r} reads")
+    local = ("npz", "image_folder", "synthetic")
+    given_dir = config_value(data_config, "data_dir", "")
+    # "data/tfds": the default every config had before data_dir could be empty, which older
+    # npz and folder runs' config.json still hold; anything else set for them is ignored.
+    if name in local and given_dir and given_dir != "data/tfds":
+        raise ValueError(
+            f"data.data_dir={given_dir!r} is read with TFDS data sets (and digits) only, not "
+            f"with data.name={name!r} (which reads data.path); allowed: data.data_dir='' "
+            f"with {name!r}")
     for field, readers in _FIELD_READERS:
         value = config_value(data_config, field)
         if value and name not in readers:
@@ -101,6 +105,20 @@ def load_source(data_config, split: str):
                 f"data.{field}={value!r} is read with data.name={' or '.join(readers)} only, "
                 f"not with data.name={name!r} (which would ignore it); allowed: "
                 f"data.{field}={type(value)()!r} with {name!r}")
+
+
+def load_source(data_config, split: str):
+    """Opens `split` ('train' or 'test') of the data set named by `data_config.name`.
+
+    Every source has `__len__`, `__getitem__(i) -> {"image": uint8 HxWxC, "label": int}` and
+    a `num_classes` attribute.
+    """
+    check_fields(data_config)
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not known; allowed: {', '.join(SPLITS)}")
+    name = config_value(data_config, "name")
+    image_size = config_value(data_config, "image_size", 0)
+    num_classes = config_value(data_config, "num_classes", 0) or 0
     if name == "synthetic":
         source = _synthetic_source(data_config, split)
     elif name == "npz":

@@ -35,8 +35,8 @@ def check_seed(seed) -> None:
 
 
 def check_fields_in_given_order(config, given: list[str]) -> None:
-    """The checks of single fields (seed, train, optimizer, schedule, model: cheap, nothing
-    read or traced), each run on its own, the first error raised in the order of the
+    """The checks of single fields (seed, train, optimizer, schedule, model, data: cheap,
+    nothing read or traced), each run on its own, the first error raised in the order of the
     `--config.<field>` overrides `given` (then in the code's order): two wrong values on one
     command line are named as the user wrote them, not as the code happens to check them."""
     from cliquejax import models
@@ -49,7 +49,8 @@ def check_fields_in_given_order(config, given: list[str]) -> None:
                     for field in loop.TRAIN_COUNTS),
                   lambda: optim._validate_optimizer(config.optimizer),
                   lambda: optim.check_schedule(config.schedule, float(config.optimizer.lr)),
-                  lambda: models.check(config.model)):
+                  lambda: models.check(config.model),
+                  lambda: sources.check_fields(config.data)):
         try:
             check()
         except ValueError as error:
