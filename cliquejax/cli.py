@@ -246,4 +246,9 @@ def run_app(main) -> None:
             fail(f"error: {text.rstrip('.')}; allowed: the flags --helpshort lists")
         if "Error whilst parsing config file" in text or not overrides:
             fail(config_file_error(_config_argument(), error))
-        fail(f"error: bad config override {' '.join(overrides)}: {text}")
+        # the override the error is about (absl names it, or its last key quoted), else all
+        field = lambda override: override.split("=", 1)[0]  # noqa: E731
+        named = ([o for o in overrides if field(o) + "=" in text]
+                 or [o for o in overrides if repr(field(o).rsplit(".", 1)[-1]) in text]
+                 or overrides)
+        fail(f"error: bad config override {' '.join(named)}: {text}")

@@ -302,6 +302,21 @@ def test_two_errors_at_once_name_the_first_as_given(given, first):
         preflight.check_fields_in_given_order(config, given[::-1])
 
 
+@pytest.mark.parametrize("field, value, allowed", [
+    ("lr", float("nan"), "a finite rate > 0"), ("lr", float("inf"), "a finite rate > 0"),
+    ("weight_decay", float("inf"), "a finite decay >= 0"),
+    ("momentum", 1.0, "0 <= momentum < 1")])
+def test_optimizer_values_that_cannot_train_are_refused(field, value, allowed):
+    """An infinite rate or decay passed the checks (inf > 0) and failed at the first step."""
+    from cliquejax.train import optim
+
+    config = tiny_digits_config()
+    config.optimizer[field] = value
+    with pytest.raises(ValueError, match=re.escape(
+            f"optimizer.{field}={value!r}; allowed: {allowed}")):
+        optim._validate_optimizer(config.optimizer)
+
+
 def test_a_file_that_is_no_npz_and_an_empty_path_are_named(tmp_path):
     """A text file was answered with numpy's advice to unpickle it (allow_pickle=True: an
     unsafe action), an empty data.path as the working directory."""
@@ -623,6 +638,10 @@ def test_malformed_inputs_of_every_command_are_one_line(tmp_path):
                             module="cliquejax.summary")) == (
         "error: --config.model.widths is given more than once; allowed: each list field once "
         "(repeated, the lists are joined: --config.model.widths=16,16,32,32)")
+    # the one bad override of several is named, not every override given
+    assert one_line(run_env(config, "--config.model.K=4", "--config.train.epoch=3",
+                            module="cliquejax.summary")).startswith(
+        "error: bad config override --config.train.epoch=3: 'epoch' Did you mean \"epochs\"")
     # a bad command-line flag: absl's two lines (FATAL ..., Pass --helpshort ...), exit 1
     assert one_line(run_env(f"--workdir={tmp_path / 'w'}", "--mode=bogus")) == (
         "error: flag --mode=bogus: value should be one of <train|eval>; allowed: the flags "

@@ -160,12 +160,13 @@ def weight_decay_mask(params, on: str):
 
 
 def _validate_optimizer(opt) -> None:
-    if not opt.lr > 0:
-        raise ValueError(f"optimizer.lr={opt.lr!r} must be > 0")
+    if not 0 < opt.lr < math.inf:
+        raise ValueError(f"optimizer.lr={opt.lr!r}; allowed: a finite rate > 0")
     if opt.name == "sgd" and not 0 <= opt.momentum < 1:
-        raise ValueError(f"optimizer.momentum={opt.momentum!r} must be in [0, 1)")
-    if not opt.weight_decay >= 0:
-        raise ValueError(f"optimizer.weight_decay={opt.weight_decay!r} must be >= 0")
+        raise ValueError(f"optimizer.momentum={opt.momentum!r}; allowed: 0 <= momentum < 1")
+    if not 0 <= opt.weight_decay < math.inf:
+        raise ValueError(f"optimizer.weight_decay={opt.weight_decay!r}; allowed: a finite "
+                         "decay >= 0")
     if opt.weight_decay_on not in WEIGHT_DECAY_TARGETS:
         raise _not_one_of("optimizer.weight_decay_on", opt.weight_decay_on, WEIGHT_DECAY_TARGETS)
 
