@@ -286,7 +286,7 @@ def test_one_class_huge_labels_and_fields_a_source_ignores_are_refused(tmp_path)
 
 @pytest.mark.parametrize("given, first", [
     (["--config.train.batch_size=0", "--config.train.epochs=0"], "train.batch_size=0 "),
-    (["--config.optimizer.lr=-1.0", "--config.model.widths=0"], "optimizer.lr=-1.0 "),
+    (["--config.optimizer.lr=-1.0", "--config.model.widths=0"], "optimizer.lr=-1.0;"),
     (["--config.model.widths=16,0,32", "--config.train.epochs=0"], "model.widths=16,0,32 "),
     (["--config.data.num_classes=1", "--config.optimizer.lr=-1.0"], "data.num_classes=1;"),
     (["--config.model.K=0", "--config.data.num_train=100"], "model.K=0")])

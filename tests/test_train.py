@@ -162,7 +162,7 @@ def test_npz_and_synthetic_runs(tmp_path):
     np.savez(path, x_train=images[:64], y_train=labels[:64], x_test=images[64:],
              y_test=labels[64:])
     config = tiny_digits_config(epochs=3, batch_size=16, eval_batch_size=16)
-    config.data.name, config.data.path = "npz", str(path)
+    config.data.name, config.data.path, config.data.data_dir = "npz", str(path), ""
     results = loop.train_and_evaluate(config, str(tmp_path / "npz_run"))
     assert results["steps"] == 12 and np.isfinite(results["final_test_loss"])
     config = tiny_digits_config(epochs=1, batch_size=16, eval_batch_size=16, max_steps=3)
