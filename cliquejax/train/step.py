@@ -178,9 +178,10 @@ def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int
     if binary_mask is not None:
         binary_leaves = lambda tree: [leaf for leaf, is_binary in zip(
             jax.tree.leaves(tree), jax.tree.leaves(binary_mask), strict=True) if is_binary]
-        if binary_leaves(state["params"]):
-            metrics["flip_ratio"] = binary.flip_ratio(binary_leaves(state["params"]),
-                                                      binary_leaves(new_state["params"]))
+        if binary_leaves(state["params"]):  # one reduction over the concatenated leaves
+            flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in binary_leaves(tree)])
+            metrics["flip_ratio"] = binary.flip_ratio(flat(state["params"]),
+                                                      flat(new_state["params"]))
     return new_state, metrics
 
 
