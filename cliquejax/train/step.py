@@ -40,7 +40,7 @@ def bn_statistics(train) -> str:
     """`train.bn_statistics`, checked; `global` where the field is absent (older runs)."""
     value = train.get("bn_statistics", "global")
     if value not in BN_STATISTICS:
-        raise ValueError(f"train.bn_statistics={value!r} is not one of: "
+        raise ValueError(f"train.bn_statistics={value!r} is not a choice; allowed: "
                          f"{', '.join(BN_STATISTICS)}")
     return value
 
