@@ -223,11 +223,18 @@ def test_bad_profile_steps_is_one_line():
 
 def test_bn_statistics_is_checked_and_global_where_absent():
     """An older run's config.json has no `train.bn_statistics`: it trained with the global
-    batch's statistics, and resumes so."""
+    batch's statistics, and resumes so; another value changes the run (refused)."""
     train = tiny_digits_config().train
     assert step.bn_statistics(train) == "global"
     del train["bn_statistics"]
     assert step.bn_statistics(train) == "global"
+    old = run_dir._config_dict(tiny_digits_config())
+    del old["train"]["bn_statistics"]
+    assert run_dir.config_differences(old, run_dir._config_dict(tiny_digits_config())) == \
+        ([], {})
+    refused, _ = run_dir.config_differences(
+        old, run_dir._config_dict(tiny_digits_config(bn_statistics="per_device")))
+    assert refused == ["train.bn_statistics: 'global' -> 'per_device'"]
     with pytest.raises(ValueError, match=r"^train.bn_statistics='sync' is not a choice; "
                                          r"allowed: global, per_device$"):
         loop.validate_train(tiny_digits_config(bn_statistics="sync").train)

@@ -51,7 +51,8 @@ LOCATION_KEYS = ("file", "folder")
 # Groups whose every field shapes the result: a field present on one side only (a config
 # written before the field existed) counts as a difference there, and not elsewhere.
 RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
-                 "train.epochs", "train.compute_dtype", "train.remat")
+                 "train.epochs", "train.compute_dtype", "train.remat",
+                 "train.bn_statistics")
 CHANGES_FILE = "changes.jsonl"
 LOCK_FILE = "run.lock"
 DATA_FILE = "data.json"  # what the run read: shapes, classes, normalisation, fingerprint
@@ -126,10 +127,14 @@ def _comparable(tree: dict) -> dict:
     (`"b1=0.9"`, `""`) equals the dict an older run's config.json holds (`{"b1": 0.9}`, `{}`),
     and `train.remat=auto` / `train.compute_dtype=auto` as what they resolve to on this
     backend, so that a run written before `auto` existed (`layer` on a CPU) or recorded
-    what ran (`resolve_auto`) is the run today's config file makes."""
+    what ran (`resolve_auto`) is the run today's config file makes; an absent
+    `train.bn_statistics` (a run written before it) as the global statistics it trained with."""
     train = tree.get("train")
     if isinstance(train, dict) and train.get("remat") == "auto":
         tree = {**tree, "train": {**train, "remat": kernels.remat("auto")}}
+    train = tree.get("train")
+    if isinstance(train, dict) and "bn_statistics" not in train:
+        tree = {**tree, "train": {**train, "bn_statistics": "global"}}
     train = tree.get("train")
     if isinstance(train, dict) and train.get("compute_dtype") == "auto":
         tree = {**tree, "train": {**train, "compute_dtype": kernels.compute_dtype("auto")}}
