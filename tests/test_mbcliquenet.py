@@ -305,8 +305,11 @@ def test_the_step_equals_the_per_leaf_formulation():
     """Three steps (momentum, weight decay, the latent clip, the alternating update) of the
     step and of `per_leaf_step`, each from the same state in one program (so that both use
     the same forward and backward pass), then a non-finite batch, which keeps the whole
-    state. The reference operations (what accelerators run): the gradient norm sums in
-    another order (float32, 1e-6); nothing else depends on it."""
+    state. The reference operations (what accelerators run). Only the gradient norm and the
+    flip ratio are computed otherwise, but XLA:CPU fuses the gradients' last sums with
+    their consumers, and float32 sums in another order move the M-filters (shared by a
+    block: their gradient sums over all its filters) by up to 3e-4 relative (measured
+    2.6e-4 on inputs scaled by 3), 1e-3 allowed; the other leaves within 1e-6."""
     config = small_config(update_order="alternating")
     net = build_model(config, 10).clone(ops=ops.REFERENCE)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
@@ -324,8 +327,12 @@ def test_the_step_equals_the_per_leaf_formulation():
                                                               "label": jnp.arange(8) % 10})
         for name, value in old_metrics.items():
             np.testing.assert_allclose(new_metrics[name], value, rtol=1e-5, err_msg=name)
-        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(old),
+                                strict=True):
+            m_filter = "M_filter" in jax.tree_util.keystr(path)
+            np.testing.assert_allclose(a, b, rtol=1e-3 if m_filter else 1e-6,
+                                       atol=1e-4 if m_filter else 1e-7,
+                                       err_msg=jax.tree_util.keystr(path))
         before, state = state, new
     assert float(new_metrics["finite"]) == 0.0
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(before), strict=True):
