@@ -78,12 +78,17 @@ def _eqn_macs(eqn) -> int:
 
 def jaxpr_macs(jaxpr, prefix: str = "", counts=None, times: int = 1) -> dict[str, int]:
     """MACs per name scope (the scope path below the root module) of a jaxpr, recursing into
-    sub-jaxprs (jit, custom_vjp, remat; scan bodies times their length)."""
+    sub-jaxprs (jit, custom_vjp, remat; scan bodies times their length; shard_map bodies,
+    whose shapes are one device's, times the devices they run on)."""
     counts = collections.Counter() if counts is None else counts
     for eqn in jaxpr.eqns:
         scope = "/".join(filter(None, [prefix, str(eqn.source_info.name_stack)]))
         counts[scope] += _eqn_macs(eqn) * times  # zero entries keep the order of first use
         repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        if eqn.primitive.name == "shard_map":
+            axes = next((eqn.params[key] for key in ("newly_manual_axes", "manual_axes",
+                                                     "axis_names") if key in eqn.params), ())
+            repeat = math.prod(eqn.params["mesh"].shape[axis] for axis in axes)
         for sub in _sub_jaxprs(eqn):
             jaxpr_macs(sub, scope, counts, times * repeat)
     return counts

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cliquejax import lower
+from cliquejax import lower, summary
 from configs import cliquenet_cifar10, cliquenet_imagenet, mbclique_cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +114,19 @@ def test_flops_per_image_is_the_summary_figure():
 
 
 @pytest.mark.slow
+def test_macs_of_a_shard_map_count_every_device():
+    """Under `jax.shard_map` (`train.bn_statistics=per_device`) the body's shapes are one
+    device's: its MACs count once per device, so the logged MFU and the report's FLOPs are
+    the global batch's, as with the sharded `jit`."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.AbstractMesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    matmul = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("data"), P()),
+                           out_specs=P("data"), check_vma=False)
+    traced = jax.make_jaxpr(matmul)(jnp.ones((8, 3)), jnp.ones((3, 5)))
+    assert sum(summary.jaxpr_macs(traced.jaxpr).values()) == 8 * 3 * 5
+
+
 def test_command_line_json_and_bad_platform():
     base = [sys.executable, "-m", "cliquejax.lower", "--config=configs/mbclique_digits.py"]
     done = subprocess.run([*base, "--platform=tpu", "--json"], capture_output=True, text=True,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cliquejax import report
-from cliquejax.train import loop, run_dir
+from cliquejax.train import loop, run_dir, step
 from configs import cliquenet_cifar10
 from tests.conftest import DATA_DIR, tiny_digits_config
 
@@ -219,3 +219,22 @@ def test_bad_profile_steps_is_one_line():
     for steps in ((3, 2), (0, 1), (1, 2, 3)):
         with pytest.raises(ValueError, match=r"train.profile_steps=.*allowed: START,END"):
             loop.validate_train(tiny_digits_config(profile_steps=steps).train)
+
+
+def test_bn_statistics_is_checked_and_global_where_absent():
+    """An older run's config.json has no `train.bn_statistics`: it trained with the global
+    batch's statistics, and resumes so; another value changes the run (refused)."""
+    train = tiny_digits_config().train
+    assert step.bn_statistics(train) == "global"
+    del train["bn_statistics"]
+    assert step.bn_statistics(train) == "global"
+    old = run_dir._config_dict(tiny_digits_config())
+    del old["train"]["bn_statistics"]
+    assert run_dir.config_differences(old, run_dir._config_dict(tiny_digits_config())) == \
+        ([], {})
+    refused, _ = run_dir.config_differences(
+        old, run_dir._config_dict(tiny_digits_config(bn_statistics="per_device")))
+    assert refused == ["train.bn_statistics: 'global' -> 'per_device'"]
+    with pytest.raises(ValueError, match=r"^train.bn_statistics='sync' is not a choice; "
+                                         r"allowed: global, per_device$"):
+        loop.validate_train(tiny_digits_config(bn_statistics="sync").train)

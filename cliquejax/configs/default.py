@@ -53,6 +53,13 @@ def get_config():
     # kernels of cliquejax/cpu/ when JAX runs on the CPU, else the stock JAX operations) |
     # reference (stock JAX operations on every backend) | cpu. Same values and gradients.
     config.train.kernels = "auto"
+    # Whose statistics BatchNorm normalises with on several devices (cliquejax/train/step.py):
+    # global (the whole batch's, as on one device; older runs without the field ran this) |
+    # per_device (each device's shard, as PyTorch DataParallel/DDP without SyncBN computes;
+    # MBCliqueNet section 3.1: "We implement our models in the Pytorch platform and training
+    # it on two 1080Ti GPUs", which names no synchronised BN; one gradient all-reduce per
+    # update). The default keeps the one-device numbers on any number of devices.
+    config.train.bn_statistics = "global"
     config.train.log_every_steps = 50  # the `train_step` rows (TensorBoard, metrics.jsonl)
     # Peak FLOP/s of one device for the logged MFU; 0: the device kind's (cliquejax/targets),
     # and no MFU where it is not known (a CPU)

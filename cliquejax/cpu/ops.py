@@ -11,9 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jax.flatten_util import ravel_pytree
 
-from cliquejax import ops
+from cliquejax import kernels, ops
 from cliquejax.cpu import conv
 
 # ----------------------------------------------------------------------------- remat names
@@ -213,11 +212,7 @@ def dropout_bits(rng, shape) -> jax.Array:
 # ----------------------------------------------------------------------------- training step
 
 
-def global_norm(tree):
-    """`optax.tree.norm` as one reduction over the concatenated leaves: one kernel, not one
-    per parameter (the training step's, `cliquejax.kernels.grad_norm`)."""
-    flat = ravel_pytree(tree)[0].astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(flat)))
+global_norm = kernels.global_norm  # the training step's (`kernels.grad_norm`)
 
 
 OPS = ops.Ops(name="cpu", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,

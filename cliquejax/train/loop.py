@@ -107,6 +107,7 @@ TRAIN_COUNTS = ("epochs", "batch_size", "eval_batch_size", "log_every_steps",
 def validate_train(train) -> None:
     for field in TRAIN_COUNTS:
         check_range(f"train.{field}", train[field], 1)
+    step.bn_statistics(train)
     check_range("train.peak_flops", train.get("peak_flops", 0.0), 0)
     check_range("train.checkpoint_every_steps", train.get("checkpoint_every_steps", 0), 0)
     steps = tuple(train.get("profile_steps", ()))

@@ -51,7 +51,8 @@ LOCATION_KEYS = ("file", "folder")
 # Groups whose every field shapes the result: a field present on one side only (a config
 # written before the field existed) counts as a difference there, and not elsewhere.
 RESULT_GROUPS = ("model", "data", "optimizer", "schedule", "seed", "train.batch_size",
-                 "train.epochs", "train.compute_dtype", "train.remat")
+                 "train.epochs", "train.compute_dtype", "train.remat",
+                 "train.bn_statistics")
 # A field that a config.json written before the field existed lacks had the value in force
 # then: for a model field, its module's default (a field is added with the default that
 # reproduces the network before it, so it needs no entry here); for other fields, or a model
@@ -62,6 +63,7 @@ BEFORE_THE_FIELD = {
     "schedule.sgdr_restarts": "summed",
     "optimizer.kwargs": "",
     "optimizer.clip_latent": False,
+    "train.bn_statistics": "global",  # one BatchNorm over the global batch, as 8 devices = 1
 }
 ABSENT = "<unset>"  # a field neither side has, nor a default for
 CHANGES_FILE = "changes.jsonl"

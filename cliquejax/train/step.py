@@ -4,12 +4,16 @@ The state is a plain dict `{"step", "params", "batch_stats", "opt_state"}` (what
 saves). Steps are pure: the loop around them owns every side effect. The mesh has one
 `data` axis over every device of every host; the batch is sharded on it and the state is
 replicated, so BatchNorm sees the statistics of the global batch (the mean over the
-sharded batch axis is a cross-device reduction inserted by XLA).
+sharded batch axis is a cross-device reduction inserted by XLA). With
+`train.bn_statistics="per_device"` the step runs per device under `jax.shard_map` instead:
+each device normalises with the statistics of its own shard, and the step's only
+collectives are ours (`train_step`'s `axis_name`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,6 +24,25 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cliquejax import binary, kernels, names, platform
+
+# `train.bn_statistics`: whose batch BatchNorm normalises with on several devices.
+# global: the whole global batch's (the default, and what every run before the field ran: an
+# absent field reads as global, so a run resumes as it trained; 8 devices equal 1).
+# per_device: each device's own shard, as PyTorch DataParallel/DDP without SyncBN computes,
+# which is what MBCliqueNet's two-GPU PyTorch runs did (section 3.1), and Flax's ImageNet
+# example; the running statistics are averaged over the devices after each step, and the
+# step's collectives are one all-reduce of the gradients (with the loss, accuracy and those
+# statistics) per update.
+BN_STATISTICS = ("global", "per_device")
+
+
+def bn_statistics(train) -> str:
+    """`train.bn_statistics`, checked; `global` where the field is absent (older runs)."""
+    value = train.get("bn_statistics", "global")
+    if value not in BN_STATISTICS:
+        raise ValueError(f"train.bn_statistics={value!r} is not a choice; allowed: "
+                         f"{', '.join(BN_STATISTICS)}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,38 +140,48 @@ def keep_if(finite, new, old):
 
 
 def train_step(state, batch, *, model, transforms, schedule: Callable, seed: int,
-               binary_mask=None, clip_mask=None):
+               binary_mask=None, clip_mask=None, axis_name=None):
     """One SGD step. A non-finite loss or gradient leaves the state unchanged and reports
     `finite = 0`, so a bad update is never kept (or saved). `clip_mask` (None: no clip):
-    the latent weights `clip_latent` keeps in [-1, 1] after each update."""
+    the latent weights `clip_latent` keeps in [-1, 1] after each update. `axis_name` (under
+    `jax.shard_map`, `train.bn_statistics="per_device"`): `batch` is this device's shard;
+    its gradients, loss, accuracy and new BatchNorm statistics are averaged over the axis
+    in one `pmean` per update, so the state stays the same on every device."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    if axis_name is not None:  # each shard its own dropout masks
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     loss = _loss_fn(model, state, batch, rng)
     global_norm = kernels.grad_norm(model)
     params, opt_states, finite = state["params"], [], jnp.array(True)
     for idx, tx in enumerate(transforms):  # one pass, or C then M (alternating update)
         (ce, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        if axis_name is not None:  # the one all-reduce of this update
+            grads, ce, accuracy, batch_stats = jax.lax.pmean(
+                (grads, ce, accuracy, batch_stats), axis_name)
         grad_norm = global_norm(grads)
         if idx == 0:
-            first = ce, logits, batch_stats, grad_norm
+            first = ce, accuracy, batch_stats, grad_norm
         updates, opt_state = tx.update(grads, state["opt_state"][idx], params)
         params = optax.apply_updates(params, updates)
         if clip_mask is not None:  # after each update: the M step sees the clipped C
             params = clip_latent(params, clip_mask)
         opt_states.append(opt_state)
         finite &= jnp.isfinite(ce) & jnp.isfinite(grad_norm)
-    ce, logits, batch_stats, grad_norm = first
+    ce, accuracy, batch_stats, grad_norm = first
     new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
                  "opt_state": tuple(opt_states)}
     new_state = keep_if(finite, new_state, state)
-    metrics = {"loss": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+    metrics = {"loss": ce, "accuracy": accuracy,
                "lr": schedule(state["step"]), "grad_norm": grad_norm,
                "finite": finite.astype(jnp.float32)}
     if binary_mask is not None:
         binary_leaves = lambda tree: [leaf for leaf, is_binary in zip(
             jax.tree.leaves(tree), jax.tree.leaves(binary_mask), strict=True) if is_binary]
-        if binary_leaves(state["params"]):
-            metrics["flip_ratio"] = binary.flip_ratio(binary_leaves(state["params"]),
-                                                      binary_leaves(new_state["params"]))
+        if binary_leaves(state["params"]):  # one reduction over the concatenated leaves
+            flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in binary_leaves(tree)])
+            metrics["flip_ratio"] = binary.flip_ratio(flat(state["params"]),
+                                                      flat(new_state["params"]))
     return new_state, metrics
 
 
@@ -168,14 +201,23 @@ def jit_steps(model, transforms, schedule, config, shardings: Shardings, state,
     `binary_mask` (`bits.binary_mask`: the 1-bit parameters; None: none) adds the flip
     ratio. `train_view` / `eval_view` (`loop.device_views`) turn the pipeline's uint8 batch
     into the network's input inside the same program. `config.optimizer.clip_latent` clips
-    the 1-bit layers' latent weights after each update (`clip_latent`)."""
+    the 1-bit layers' latent weights after each update (`clip_latent`).
+    `config.train.bn_statistics` (`BN_STATISTICS`): per_device runs `train_step` per device
+    under `jax.shard_map`."""
     clip_mask = binary_mask if config.optimizer.get("clip_latent", False) else None
     state_sharding = jax.tree.map(lambda _: shardings.replicated, state)
+    per_device = bn_statistics(config.train) == "per_device"
+    step_fn = functools.partial(
+        train_step, model=model, transforms=transforms, schedule=schedule, seed=config.seed,
+        binary_mask=binary_mask, clip_mask=clip_mask, axis_name="data" if per_device else None)
+    if per_device:  # the state replicated in and out, the batch split on `data`; not
+        # checked for replication (`check_vma`): the CPU kernels' custom VJPs do not carry
+        # the varying-axes types, and the step makes its outputs equal by its one pmean
+        step_fn = jax.shard_map(step_fn, mesh=shardings.mesh, in_specs=(P(), P("data")),
+                                out_specs=(P(), P()), check_vma=False)
 
     def train(s, b):  # named: a profile (`train.profile_steps`) shows "train" per step
-        return train_step(s, train_view(b), model=model, transforms=transforms,
-                          schedule=schedule, seed=config.seed, binary_mask=binary_mask,
-                          clip_mask=clip_mask)
+        return step_fn(s, train_view(b))
 
     train = jax.jit(
         train, in_shardings=(state_sharding, shardings.batch),
