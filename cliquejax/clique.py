@@ -283,6 +283,12 @@ def _remat_if(policy, fn, **static):
 # ----------------------------------------------------------------------------- unrolled
 
 
+def _concat_layer(features, pieces, bn, bottleneck, seed, train, spec):
+    """`_layer` on the concatenation of `features`, with the matching kernel `pieces`."""
+    x, kernel = jnp.concatenate(features, axis=-1), jnp.concatenate(pieces, axis=2)
+    return _layer(x, kernel, bn, bottleneck, seed, train, spec)
+
+
 def _pieces_layer(features, moments, pieces, bn, bottleneck, seed, train, spec):
     """`_layer` on the concatenation of `features` with the batch statistics of each piece,
     `moments` [(mean, var)], computed once per feature and shared by every layer that reads
@@ -306,20 +312,25 @@ def _pieces_layer(features, moments, pieces, bn, bottleneck, seed, train, spec):
 
 def _update_unrolled(params, stats, stage, i, inputs, features, moments, seed, train, spec):
     """Layer i of `stage` from `features[j]`, j in `inputs`; writes new BN stats into `stats`.
-    `moments[j]` is feature j's batch (mean, var), computed here if it is missing."""
+    With `spec.ops.share_statistics`, `moments[j]` is feature j's batch (mean, var),
+    computed here if it is missing (`_pieces_layer`)."""
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
     bott = ((params[b_name], stats[b_name], params[spec.bottleneck_name(stage, i)])
             if spec.bottleneck else None)
-    if train:
-        for j in inputs:
-            if j not in moments:
-                moments[j] = spec.ops.moments(features[j])
-    layer = _remat_if(_layer_policy(spec), _pieces_layer, train=train, spec=spec)
-    y, stats[name], new_b = layer([features[j] for j in inputs],
-                                  [moments[j] for j in inputs] if train else None,
-                                  [params[spec.clique_name(stage, j, i)] for j in inputs],
-                                  (params[name], stats[name]), bott,
-                                  spec.ops.fold_in(seed, stage, i))
+    args = ([params[spec.clique_name(stage, j, i)] for j in inputs], (params[name], stats[name]),
+            bott, spec.ops.fold_in(seed, stage, i))
+    features = [features[j] for j in inputs]
+    if spec.ops.share_statistics:
+        if train:
+            for j, feature in zip(inputs, features, strict=True):
+                if j not in moments:
+                    moments[j] = spec.ops.moments(feature)
+        layer = _remat_if(_layer_policy(spec), _pieces_layer, train=train, spec=spec)
+        y, stats[name], new_b = layer(features, [moments[j] for j in inputs] if train else None,
+                                      *args)
+    else:
+        layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
+        y, stats[name], new_b = layer(features, *args)
     if spec.bottleneck:
         stats[b_name] = new_b
     return y
@@ -335,7 +346,8 @@ def stage_unrolled(params, stats, features, stage, seed, train, spec: BlockSpec,
     """Stage I (eq. 1) or II (eq. 2, CliqueNet's alternate update) on [X0, X1..Xn] (None: not
     computed yet): the wiring's updates, in order, in place. `moments` {j: batch (mean, var)
     of feature j}, kept across the stages, is updated in place: an updated feature's are
-    dropped, to be computed once when a layer first reads it. Returns (features, stats)."""
+    dropped, to be computed once when a layer first reads it (`Ops.share_statistics`).
+    Returns (features, stats)."""
     stats, features = dict(stats), list(features)
     moments = {} if moments is None else moments
     for i, inputs in _updates(spec, stage):

@@ -174,6 +174,10 @@ class Ops:
     fold_in(rng, *data): the dropout rng of stream `data`; `dropout` takes what it returns.
     moments(x): `batch_moments` with the backend's remat name; normalize_relu(x, mean, var,
     scale, bias, epsilon): `bn_relu` with given statistics (together: `bn_relu` in training).
+    share_statistics: the unrolled clique layers normalise their concatenated input with its
+    pieces' batch statistics, each computed once per feature (`clique._pieces_layer`), not
+    with the concatenation's own. Off for XLA:GPU: compiled for an H100 it gave more
+    kernels (benchmarks/README.md, issue 34).
     """
 
     name: str
@@ -185,6 +189,7 @@ class Ops:
     fold_in: Callable
     moments: Callable
     normalize_relu: Callable
+    share_statistics: bool = False
 
 
 REFERENCE = Ops(name="reference", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,

@@ -113,9 +113,8 @@ def test_equal_shaped_layers_are_traced_once(monkeypatch, remat):
     """With remat, the n Stage-II layers of a block (equal shapes) share one traced layer
     function: the block traces n + 1 layers, not 2n (Stage I's n have n shapes)."""
     traced = []
-    real_layer = clique._pieces_layer
-    monkeypatch.setattr(clique, "_pieces_layer",
-                        lambda *a, **kw: traced.append(1) or real_layer(*a, **kw))
+    real_layer = clique._layer
+    monkeypatch.setattr(clique, "_layer", lambda *a, **kw: traced.append(1) or real_layer(*a, **kw))
     # odd sizes, so that no earlier test has traced these shapes already
     spec = clique.BlockSpec(in_channels=5, channels=3, num_layers=4, dropout_rate=0.0,
                             remat=remat)

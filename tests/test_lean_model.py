@@ -1,15 +1,17 @@
 """The lean model side of the step (issue 34): each feature's batch statistics computed once
-and shared by the clique layers that read it, and a block's weight transforms batched, give
-the values, running statistics and gradients of today's formulation (each layer's BN over
-its concatenated input, each weight transformed on its own), kept here as the reference;
-the parameter tree does not change."""
+and shared by the clique layers that read it (`Ops.share_statistics`), and a block's weight
+transforms batched, give the values, running statistics and gradients of today's
+formulation (each layer's BN over its concatenated input, each weight transformed on its
+own); the parameter tree does not change."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cliquejax import clique, layers
+from cliquejax import clique, layers, ops
 from cliquejax.models import build_model
 from configs import cliquenet_cifar10
 from tests.test_clique import random_block, run_block
@@ -19,21 +21,9 @@ from tests.test_mbcliquenet import small_config
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
-def concatenated_layer(features, moments, pieces, bn, bottleneck, seed, train, spec):
-    """Today's layer: BN-ReLU over the concatenation of its inputs, with that
-    concatenation's own batch statistics (the shared `moments` are not used)."""
-    return clique._layer(jnp.concatenate(features, -1), jnp.concatenate(pieces, 2), bn,
-                         bottleneck, seed, train, spec)
-
-
 def one_by_one(latents, transform):
     """Today's weight transforms: one per weight."""
     return {name: transform(latent) for name, latent in latents.items()}
-
-
-def today(monkeypatch):
-    monkeypatch.setattr(clique, "_pieces_layer", concatenated_layer)
-    monkeypatch.setattr(layers, "transform_stacked", one_by_one)
 
 
 # A whole network, per leaf: |new - old| <= 1e-4 |old| (Euclidean norms). Element by element
@@ -58,16 +48,17 @@ VARIANTS = [(variant, 1 if variant == "X" else 0) for variant in clique.VARIANTS
 
 @pytest.mark.parametrize("bottleneck", [False, True])
 @pytest.mark.parametrize("variant,x", VARIANTS)
-def test_shared_statistics_equal_the_concatenations(monkeypatch, variant, x, bottleneck):
+def test_shared_statistics_equal_the_concatenations(variant, x, bottleneck):
     """One block, every variant: outputs, new running statistics and gradients (of the
     parameters and the input), in training and in inference."""
-    spec = clique.BlockSpec(in_channels=5, channels=4, num_layers=3, variant=variant, x=x,
-                            bottleneck=bottleneck, dropout_rate=0.2)
-    params, stats = random_block(spec)
+    today = clique.BlockSpec(in_channels=5, channels=4, num_layers=3, variant=variant, x=x,
+                             bottleneck=bottleneck, dropout_rate=0.2)
+    shared = dataclasses.replace(today, ops=dataclasses.replace(ops.REFERENCE,
+                                                                share_statistics=True))
+    params, stats = random_block(today)
     x0 = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 5))
-    new = [run_block(spec, params, stats, x0, train) for train in (True, False)]
-    today(monkeypatch)
-    assert_close_trees(new, [run_block(spec, params, stats, x0, train) for train in (True, False)])
+    run = lambda spec: [run_block(spec, params, stats, x0, train) for train in (True, False)]
+    assert_close_trees(run(shared), run(today))
 
 
 def model_config(name, variant, x):
@@ -78,10 +69,11 @@ def model_config(name, variant, x):
     return small_config(variant=variant, x=x)
 
 
-def run_model(config):
+def run_model(config, share_statistics):
     """(init variables, (logits, new batch_stats) in training, their gradients w.r.t. the
     params, logits in inference)."""
     model = build_model(config, 10)
+    model = model.clone(ops=dataclasses.replace(model.ops, share_statistics=share_statistics))
     images = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
     variables = model.init(jax.random.PRNGKey(1), images)
     # away from the init's unit scale and zero running stats, so every piece matters
@@ -105,8 +97,8 @@ def test_models_equal_todays_formulation(monkeypatch, name, variant, x):
     """CliqueNet and MBCliqueNet (their batched 1-bit weight transforms too): the same
     parameter tree and init, the same logits, running statistics and gradients."""
     config = model_config(name, variant, x)
-    new = run_model(config)
-    today(monkeypatch)
-    old = run_model(config)
+    new = run_model(config, share_statistics=True)
+    monkeypatch.setattr(layers, "transform_stacked", one_by_one)
+    old = run_model(config, share_statistics=False)
     jax.tree.map(np.testing.assert_array_equal, new[0], old[0])  # tree, shapes, values
     assert_close_trees(new[1:], old[1:], normwise=True)
