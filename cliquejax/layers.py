@@ -234,8 +234,7 @@ def transform_stacked(latents: dict, transform: Callable) -> dict:
     """{name: transform(latent)} for a dict of latent weights, computed once per group of
     same-shaped ones: stacked, transformed (`jax.vmap`) and split again. The same numbers
     as one `transform` per weight (it is applied to each independently), in a few kernels
-    instead of one chain per weight: a block's sign, STE mask and modulation were ~35
-    kernels of the forward pass and ~88 of the backward on an H100 (benchmarks/README.md,
+    of an accelerator's program instead of a chain per weight (benchmarks/README.md,
     issue 34); the parameters stay separate leaves."""
     groups: dict[tuple, list[str]] = {}
     for name, latent in latents.items():

@@ -176,8 +176,8 @@ class Ops:
     scale, bias, epsilon): `bn_relu` with given statistics (together: `bn_relu` in training).
     share_statistics: the unrolled clique layers normalise their concatenated input with its
     pieces' batch statistics, each computed once per feature (`clique._pieces_layer`), not
-    with the concatenation's own. Off for XLA:GPU: compiled for an H100 it gave more
-    kernels (benchmarks/README.md, issue 34).
+    with the concatenation's own. Off in both namespaces: compiled for an H100 it gave more
+    kernels, not fewer (benchmarks/README.md, issue 34).
     """
 
     name: str
