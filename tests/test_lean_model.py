@@ -102,3 +102,18 @@ def test_models_equal_todays_formulation(monkeypatch, name, variant, x):
     old = run_model(config, share_statistics=False)
     jax.tree.map(np.testing.assert_array_equal, new[0], old[0])  # tree, shapes, values
     assert_close_trees(new[1:], old[1:], normwise=True)
+
+
+def test_transform_stacked_is_one_transform_per_weight():
+    """Same-shaped latents are transformed together, others alone; every result is the
+    weight's own transform (elementwise here, so exactly) under its own name, in order."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    latents = {"W_a": jax.random.normal(keys[0], (1, 1, 3, 2)),
+               "W_b": jax.random.normal(keys[1], (3, 3, 2, 2)),
+               "W_c": jax.random.normal(keys[2], (1, 1, 3, 2)),
+               "W_d": jax.random.normal(keys[3], (1, 1, 3, 2))}
+    transform = lambda w: jnp.where(w >= 0, 1.0, -1.0) * 0.5 + w * w
+    out = layers.transform_stacked(latents, transform)
+    assert list(out) == list(latents)
+    for name, latent in latents.items():
+        np.testing.assert_array_equal(out[name], transform(latent))
