@@ -218,9 +218,35 @@ def quantized_param(module, name: str, init, shape, quantize: Callable | None):
     its storage (1 bit when quantized, else 32) in the `bits` collection at the same path:
     every binary weight is made here, so `summary` and `export` count exactly the weights
     the forward pass binarises (`cliquejax.bits`)."""
-    latent = module.param(name, init, shape)
-    bits.record(module, name, bits.FLOAT_BITS if quantize is None else 1)
+    latent = latent_param(module, name, init, shape, quantize is not None)
     return latent if quantize is None else quantize(latent)
+
+
+def latent_param(module, name: str, init, shape, binarised: bool):
+    """`quantized_param`'s latent parameter, declared and recorded, for a caller that
+    transforms it itself (`transform_stacked`)."""
+    latent = module.param(name, init, shape)
+    bits.record(module, name, 1 if binarised else bits.FLOAT_BITS)
+    return latent
+
+
+def transform_stacked(latents: dict, transform: Callable) -> dict:
+    """{name: transform(latent)} for a dict of latent weights, computed once per group of
+    same-shaped ones: stacked, transformed (`jax.vmap`) and split again. The same numbers
+    as one `transform` per weight (it is applied to each independently), in a few kernels
+    of an accelerator's program instead of a chain per weight (benchmarks/README.md,
+    issue 34); the parameters stay separate leaves."""
+    groups: dict[tuple, list[str]] = {}
+    for name, latent in latents.items():
+        groups.setdefault(latent.shape, []).append(name)
+    out = {}
+    for group in groups.values():
+        if len(group) == 1:
+            out[group[0]] = transform(latents[group[0]])
+            continue
+        stacked = jax.vmap(transform)(jnp.stack([latents[name] for name in group]))
+        out.update(zip(group, stacked, strict=True))
+    return {name: out[name] for name in latents}
 
 
 def binary_kernel(weight, binarised: bool):

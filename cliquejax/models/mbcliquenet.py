@@ -73,18 +73,24 @@ class ModulatedCliqueBlock(layers.CliqueBlock):
         m_filter = self.param(names.M_FILTER,
                               binary.m_filter_init(binary.unified_fan_in(3, width)), (K, 3, 3))
         latent_std = None if self.quantize else U_LATENT_STD
-        out = {}
+        quantize = self.quantize or (lambda w: w)
+        binary_1x1 = self.quantize if self.binarize_1x1 else None
+        modulated, plain = {}, {}
         for name, shape in shapes.items():
             if is_modulated(name, self.spec.bottleneck):
-                weight = layers.quantized_param(self, name, layers.latent_init(latent_std),
-                                                (*shape[:3], width // K), self.quantize)
-                out[name] = binary.modulate(weight, m_filter)
+                modulated[name] = layers.latent_param(
+                    self, name, layers.latent_init(latent_std), (*shape[:3], width // K),
+                    self.quantize is not None)
             else:
-                quantize = self.quantize if self.binarize_1x1 else None
-                weight = layers.quantized_param(self, name, binary.binary_kernel_init, shape,
-                                                quantize)
-                out[name] = layers.binary_kernel(weight, quantize is not None)
-        return out
+                plain[name] = layers.latent_param(self, name, binary.binary_kernel_init, shape,
+                                                  binary_1x1 is not None)
+        # each transform once per block and shape (`layers.transform_stacked`)
+        out = layers.transform_stacked(modulated,
+                                       lambda w: binary.modulate(quantize(w), m_filter))
+        if binary_1x1 is not None:
+            plain = layers.transform_stacked(
+                plain, lambda w: layers.binary_kernel(binary_1x1(w), True))
+        return {name: out[name] if name in out else plain[name] for name in shapes}
 
 
 class MBCliqueNet(Model):
