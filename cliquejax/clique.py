@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 from collections.abc import Callable
 
 import jax
@@ -246,22 +245,16 @@ def _layer(x, kernel, bn, bottleneck, seed, train, spec: BlockSpec):
     """BN -> ReLU -> conv -> dropout [-> BN -> ReLU -> 3x3 conv -> dropout] on a concatenated
     input. `bn` is (params, stats); `bottleneck` is (params, stats, kernel) or None.
     Returns (output, new BN stats, new bottleneck BN stats or None)."""
-    y, new_bn = spec.ops.bn_relu(x, bn[0], bn[1], train, spec.bn)
-    y, new_b = _conv_on(y, kernel, bottleneck, seed, train, spec)
-    return y, new_bn, new_b
-
-
-def _conv_on(y, kernel, bottleneck, seed, train, spec: BlockSpec):
-    """The layer after its first BN-ReLU (`_layer`): (output, new bottleneck BN stats)."""
     k = spec.ops
+    y, new_bn = k.bn_relu(x, bn[0], bn[1], train, spec.bn)
     y = k.conv2d(y, kernel, dtype=spec.dtype, name=None if bottleneck is None else ops.CLIQUE_1X1)
     y = k.dropout(y, spec.dropout_rate, k.fold_in(seed, 0), train)
     if bottleneck is None:
-        return y, None
+        return y, new_bn, None
     b_params, b_stats, b_kernel = bottleneck
     y, new_b = k.bn_relu(y, b_params, b_stats, train, spec.bn)
     y = k.conv2d(y, b_kernel, dtype=spec.dtype)
-    return k.dropout(y, spec.dropout_rate, k.fold_in(seed, 1), train), new_b
+    return k.dropout(y, spec.dropout_rate, k.fold_in(seed, 1), train), new_bn, new_b
 
 
 def _layer_policy(spec: BlockSpec):
@@ -289,48 +282,16 @@ def _concat_layer(features, pieces, bn, bottleneck, seed, train, spec):
     return _layer(x, kernel, bn, bottleneck, seed, train, spec)
 
 
-def _pieces_layer(features, moments, pieces, bn, bottleneck, seed, train, spec):
-    """`_layer` on the concatenation of `features` with the batch statistics of each piece,
-    `moments` [(mean, var)], computed once per feature and shared by every layer that reads
-    it (`stage_unrolled`): those of a concatenation are its pieces', channel by channel, so
-    no layer reduces over its whole input again. The running statistics are updated as
-    `ops.statistics` does; inference reads them as `_layer` does. The normalisation itself
-    stays one elementwise pass over the concatenation, which XLA fuses with it: normalising
-    each piece on its own, then concatenating, compiled to more kernels and more bytes for
-    an H100 (issue 34, benchmarks/README.md)."""
-    params, stats = bn
-    x = jnp.concatenate(features, axis=-1)
-    if train:
-        mean, var = (jnp.concatenate(m) for m in zip(*moments, strict=True))
-        new_bn = ops.update_running(stats, mean, var, math.prod(x.shape[:-1]), spec.bn)
-    else:
-        mean, var, new_bn = stats[MEAN], stats[VAR], stats
-    y = spec.ops.normalize_relu(x, mean, var, params[SCALE], params[BIAS], spec.bn.epsilon)
-    y, new_b = _conv_on(y, jnp.concatenate(pieces, axis=2), bottleneck, seed, train, spec)
-    return y, new_bn, new_b
-
-
-def _update_unrolled(params, stats, stage, i, inputs, features, moments, seed, train, spec):
-    """Layer i of `stage` from `features[j]`, j in `inputs`; writes new BN stats into `stats`.
-    With `spec.ops.share_statistics`, `moments[j]` is feature j's batch (mean, var),
-    computed here if it is missing (`_pieces_layer`)."""
+def _update_unrolled(params, stats, stage, i, inputs, features, seed, train, spec):
+    """Layer i of `stage` from `features[j]`, j in `inputs`; writes new BN stats into `stats`."""
     name, b_name = bn_name(stage, i), bn_name(stage, i, True)
     bott = ((params[b_name], stats[b_name], params[spec.bottleneck_name(stage, i)])
             if spec.bottleneck else None)
-    args = ([params[spec.clique_name(stage, j, i)] for j in inputs], (params[name], stats[name]),
-            bott, spec.ops.fold_in(seed, stage, i))
-    features = [features[j] for j in inputs]
-    if spec.ops.share_statistics:
-        if train:
-            for j, feature in zip(inputs, features, strict=True):
-                if j not in moments:
-                    moments[j] = spec.ops.moments(feature)
-        layer = _remat_if(_layer_policy(spec), _pieces_layer, train=train, spec=spec)
-        y, stats[name], new_b = layer(features, [moments[j] for j in inputs] if train else None,
-                                      *args)
-    else:
-        layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
-        y, stats[name], new_b = layer(features, *args)
+    layer = _remat_if(_layer_policy(spec), _concat_layer, train=train, spec=spec)
+    y, stats[name], new_b = layer([features[j] for j in inputs],
+                                  [params[spec.clique_name(stage, j, i)] for j in inputs],
+                                  (params[name], stats[name]), bott,
+                                  spec.ops.fold_in(seed, stage, i))
     if spec.bottleneck:
         stats[b_name] = new_b
     return y
@@ -341,19 +302,13 @@ def _updates(spec: BlockSpec, stage: int):
     return list(enumerate(spec.wiring.stage_one, 1)) if stage == 1 else spec.wiring.stage_two
 
 
-def stage_unrolled(params, stats, features, stage, seed, train, spec: BlockSpec,
-                   moments: dict | None = None):
+def stage_unrolled(params, stats, features, stage, seed, train, spec: BlockSpec):
     """Stage I (eq. 1) or II (eq. 2, CliqueNet's alternate update) on [X0, X1..Xn] (None: not
-    computed yet): the wiring's updates, in order, in place. `moments` {j: batch (mean, var)
-    of feature j}, kept across the stages, is updated in place: an updated feature's are
-    dropped, to be computed once when a layer first reads it (`Ops.share_statistics`).
-    Returns (features, stats)."""
+    computed yet): the wiring's updates, in order, in place. Returns (features, stats)."""
     stats, features = dict(stats), list(features)
-    moments = {} if moments is None else moments
     for i, inputs in _updates(spec, stage):
-        features[i] = _update_unrolled(params, stats, stage, i, inputs, features, moments,
-                                       seed, train, spec)
-        moments.pop(i, None)
+        features[i] = _update_unrolled(params, stats, stage, i, inputs, features, seed, train,
+                                       spec)
     return features, stats
 
 
@@ -457,8 +412,7 @@ def clique_block(params, stats, x0, rng, train: bool, spec: BlockSpec):
 
 
 def _block(params, stats, x0, seed, train: bool, spec: BlockSpec):
-    # the unrolled stages share the features' batch statistics (`stage_unrolled`)
-    stage = functools.partial(stage_unrolled, moments={}) if spec.unroll else stage_loop
+    stage = stage_unrolled if spec.unroll else stage_loop
     first, stats = stage(params, stats, [x0] + [None] * spec.num_layers, 1, seed, train, spec)
     second, stats = stage(params, stats, first, 2, seed, train, spec)
     after = {1: first, 2: second}

@@ -77,17 +77,11 @@ def statistics(x, stats, train: bool, bn: BNSpec, name=checkpoint_name):
     if not train:
         return stats["mean"], stats["var"], stats
     mean, var = batch_moments(x, name)
-    return mean, var, update_running(stats, mean, var, math.prod(x.shape[:-1]), bn)
-
-
-def update_running(stats, mean, var, count: int, bn: BNSpec):
-    """The running statistics after a batch of `count` values per channel with batch `mean`
-    and (biased) `var`: per channel, so those of a concatenation are the concatenation of
-    its pieces' (`clique`'s layers share their inputs' batch statistics)."""
+    count = math.prod(x.shape[:-1])
     running_var = var * (count / max(count - 1, 1)) if bn.unbiased_running_var else var
     m = bn.momentum
-    return {"mean": m * stats["mean"] + (1 - m) * mean,
-            "var": m * stats["var"] + (1 - m) * running_var}
+    return mean, var, {"mean": m * stats["mean"] + (1 - m) * mean,
+                       "var": m * stats["var"] + (1 - m) * running_var}
 
 
 def normalize(x, mean, var, scale, bias, epsilon):
@@ -108,12 +102,6 @@ def bn_relu(x, params, stats, train: bool, bn: BNSpec = TF_BN):
     2018: BN-ReLU-conv, after DenseNet). Returns (y, new_stats)."""
     y, new_stats = batch_norm(x, params, stats, train, bn)
     return jax.nn.relu(y), new_stats
-
-
-def normalize_relu(x, mean, var, scale, bias, epsilon):
-    """ReLU(`normalize`) in the dtype of `x`: `bn_relu` with given statistics (a clique
-    layer's, computed once per feature and shared by the layers that read it)."""
-    return jax.nn.relu(normalize(x, mean, var, scale, bias, epsilon)).astype(x.dtype)
 
 
 def conv2d(x, kernel, stride: int = 1, padding: str | tuple = "SAME", dtype=None,
@@ -172,12 +160,6 @@ class Ops:
     backend it runs on: `REFERENCE` below, or `cliquejax.cpu.ops.OPS`.
 
     fold_in(rng, *data): the dropout rng of stream `data`; `dropout` takes what it returns.
-    moments(x): `batch_moments` with the backend's remat name; normalize_relu(x, mean, var,
-    scale, bias, epsilon): `bn_relu` with given statistics (together: `bn_relu` in training).
-    share_statistics: the unrolled clique layers normalise their concatenated input with its
-    pieces' batch statistics, each computed once per feature (`clique._pieces_layer`), not
-    with the concatenation's own. Off in both namespaces: compiled for an H100 it gave more
-    kernels, not fewer (benchmarks/README.md, issue 34).
     """
 
     name: str
@@ -187,11 +169,7 @@ class Ops:
     max_pool: Callable
     dropout: Callable
     fold_in: Callable
-    moments: Callable
-    normalize_relu: Callable
-    share_statistics: bool = False
 
 
 REFERENCE = Ops(name="reference", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,
-                max_pool=max_pool, dropout=dropout, fold_in=fold_in, moments=batch_moments,
-                normalize_relu=normalize_relu)
+                max_pool=max_pool, dropout=dropout, fold_in=fold_in)

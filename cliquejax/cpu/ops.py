@@ -216,9 +216,7 @@ global_norm = kernels.global_norm  # the training step's (`kernels.grad_norm`)
 
 
 OPS = ops.Ops(name="cpu", conv2d=conv2d, batch_norm=batch_norm, bn_relu=bn_relu,
-              max_pool=max_pool, dropout=dropout, fold_in=fold_in,
-              moments=functools.partial(ops.batch_moments, name=saved_name),
-              normalize_relu=normalize_relu)
+              max_pool=max_pool, dropout=dropout, fold_in=fold_in)
 # `config.train.remat=auto` on the CPU (`cliquejax.kernels.remat`): recomputing each layer
 # was both faster and far smaller than keeping everything (benchmarks/README.md).
 REMAT = "layer"
