@@ -1,6 +1,6 @@
 """What the host costs per training step, against what an accelerator would consume.
 
-    python benchmarks/bench_host.py [--quick] [--out runs/bench_host.json]
+    python benchmarks/bench_host.py [--quick] [--out runs/bench_host.json] [--short_epochs]
 
 Prints, on this machine:
 1. The input pipeline's training images/s (`data.make_train_iterator`):
@@ -13,7 +13,8 @@ Prints, on this machine:
 2. The training loop (`loop.run_epochs`: iterator, placement, logging, finite-loss check,
    signals, progress bar) against the bare compiled step over pre-placed batches, on a tiny
    MBCliqueNet (digits, widths 4-4-8, layers 2-2-2, batch 64), in alternating rounds:
-   steps/s of each, their ratio, and the host's cost per step.
+   steps/s of each, their ratio, and the host's cost per step. `--short_epochs` instead:
+   a whole run of 30 epochs of 22 steps, results.json's images/s against the bare step.
 3. The accelerator budget: the training images/s one H100 consumes at 40% of its dense
    bfloat16 peak, from the FLOPs `python -m cliquejax.lower` counts for the config.
 """
@@ -184,6 +185,32 @@ def loop_against_bare_step(steps: int, rounds: int) -> dict:
     return result
 
 
+def short_epochs_against_bare_step(epochs: int = 30) -> dict:
+    """The whole run on short epochs (the digits: 22 steps each, evaluated after each, as
+    `launch.py` runs it): results.json's images/s against the bare compiled step over two
+    pre-placed batches, timed after it in the same process."""
+    config = tiny_config()
+    config.train.update(epochs=epochs, eval_every_epochs=1, checkpoint_every_epochs=epochs,
+                        log_every_steps=50)
+    with tempfile.TemporaryDirectory() as workdir:
+        results = loop.train_and_evaluate(config, workdir)
+        trainer = loop.Trainer(config, os.path.join(workdir, "bare"))
+        iterator = data.make_train_iterator(config.data, global_batch_size=64, seed=0)
+        placed = [step.global_batch(next(iterator), trainer.shardings) for _ in range(2)]
+        state, metrics = trainer.train_step(trainer.state, placed[0])  # compiles
+        jax.block_until_ready(state)
+        steps = results["steps"]
+        start = time.perf_counter()
+        for index in range(steps):
+            state, metrics = trainer.train_step(state, placed[index % 2])
+        jax.block_until_ready((state, metrics))
+        bare = 64 * steps / (time.perf_counter() - start)
+    return {"case": f"tiny MBCliqueNet, digits, {epochs} epochs of "
+                    f"{steps // epochs} steps, batch 64",
+            "run_images_per_s": results["images_per_second"], "bare_images_per_s": bare,
+            "ratio": results["images_per_second"] / bare}
+
+
 def accelerator_budget(name: str) -> dict:
     import importlib
 
@@ -201,7 +228,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="fewer batches and rounds, one budget config (about a minute)")
     parser.add_argument("--out", default="runs/bench_host.json", help="JSON results path")
+    parser.add_argument("--short_epochs", action="store_true",
+                        help="only the whole run on 30 short epochs against the bare step")
     args = parser.parse_args(argv)
+    if args.short_epochs:
+        row = short_epochs_against_bare_step()
+        print(f"{row['case']}: run {row['run_images_per_s']:,.0f} images/s (results.json), "
+              f"bare step {row['bare_images_per_s']:,.0f} images/s, run / bare "
+              f"{row['ratio']:.2f}")
+        return row
     quick = args.quick
     results = {"cifar": cifar_pipeline(50 if quick else 300),
                "imagenet": imagenet_pipeline(6 if quick else 20, (0, 1, 2)),

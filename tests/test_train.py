@@ -238,3 +238,17 @@ def test_bn_statistics_is_checked_and_global_where_absent():
     with pytest.raises(ValueError, match=r"^train.bn_statistics='sync' is not a choice; "
                                          r"allowed: global, per_device$"):
         loop.validate_train(tiny_digits_config(bn_statistics="sync").train)
+
+
+def test_throughput_leaves_out_each_sessions_compiling_step(trained_digits_run):
+    """results.json's images/s counted the session's first step, which compiles the step:
+    on 30 epochs of 22 steps of a tiny model it read half the bare step's rate
+    (benchmarks/bench_host.py --short_epochs). The checkpoint's meta carries the steps timed."""
+    config, workdir, results = trained_digits_run
+    trainer = loop.Trainer(config, workdir, create_checkpoints=False)
+    assert trainer.restore_latest(move_aside=False)
+    steps = int(trainer.state["step"])
+    assert trainer.meta["timed_steps"] == steps - 1  # one session: its first step compiled
+    assert results["images_per_second"] == pytest.approx(
+        config.train.batch_size * (steps - 1) / trainer.meta["train_seconds"], rel=1e-6)
+    trainer.checkpoints.close()

@@ -206,7 +206,8 @@ class Trainer:
         self.meta = {"best_accuracy": -1.0, "best_loss": None, "epoch": 0}
         # Seconds of this session; the meta carries those of earlier sessions.
         self.session_started, self.session_train_seconds = time.perf_counter(), 0.0
-        self._base_seconds = {"train_seconds": 0.0, "wall_seconds": 0.0}
+        self.session_timed_steps = 0  # the steps in session_train_seconds
+        self._base_seconds = {"train_seconds": 0.0, "wall_seconds": 0.0, "timed_steps": 0.0}
 
     @property
     def checkpoints(self) -> checkpoint.Checkpointer:
@@ -231,11 +232,15 @@ class Trainer:
                                                          move_aside=move_aside)
         self.meta.update(meta)
         self._base_seconds = {key: float(self.meta.get(key, 0.0)) for key in self._base_seconds}
+        if "timed_steps" not in self.meta:  # saved before the first step went untimed
+            self._base_seconds["timed_steps"] = float(int(self.state["step"]))
         return True
 
     def seconds(self) -> dict:
-        """train_seconds (in steps) and wall_seconds of the run so far, over all sessions."""
+        """train_seconds (in the steps timed: each session's but its first), timed_steps and
+        wall_seconds of the run so far, over all sessions."""
         return {"train_seconds": self._base_seconds["train_seconds"] + self.session_train_seconds,
+                "timed_steps": self._base_seconds["timed_steps"] + self.session_timed_steps,
                 "wall_seconds": self._base_seconds["wall_seconds"]
                 + time.perf_counter() - self.session_started}
 
@@ -508,7 +513,9 @@ def run_epochs(trainer: Trainer, flag: SignalFlag, writer, bar, profile=None) ->
         pending = metrics
         means.add(metrics)
         bar.update(1, **shown)
-        trainer.session_train_seconds += time.perf_counter() - tick
+        if current > start:  # a session's first step compiles the step: no step's time
+            trainer.session_train_seconds += time.perf_counter() - tick
+            trainer.session_timed_steps += 1
         if done % spe == 0 or last:
             _check_finite(pending, current + 1, trainer)
             if done % log_every == 0:  # its window, now: the epoch's end waits for it anyway
@@ -630,7 +637,8 @@ def _train(trainer: Trainer, config, workdir: str, resumed: bool, changes: dict,
                 raise save_failed(trainer, error) from None
         writer.close()
     seconds = trainer.seconds()
-    trainer.meta["train_seconds"] = seconds["train_seconds"]
+    trainer.meta.update(train_seconds=seconds["train_seconds"],
+                        timed_steps=seconds["timed_steps"])
     results = run_dir.results(trainer, resumed, start, seconds["wall_seconds"])
     if trainer.is_main:
         run_dir.finish(workdir, results)

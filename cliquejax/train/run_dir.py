@@ -538,11 +538,12 @@ def results(trainer, resumed: bool, start_step: int, wall_seconds: float) -> dic
     final = trainer.meta.get("final", {})
     steps = int(trainer.state["step"])
     train_seconds = trainer.meta.get("train_seconds", 0.0)
+    timed = trainer.meta.get("timed_steps", steps)  # each session's first step compiles
     trained_now = steps - start_step
     measured = {
         "wall_seconds": wall_seconds,
-        "images_per_second": trainer.global_batch * steps / train_seconds
-        if steps and train_seconds > 0 else None,
+        "images_per_second": trainer.global_batch * timed / train_seconds
+        if timed and train_seconds > 0 else None,
     }
     fingerprint = trainer.fingerprint()
     if not trained_now:
